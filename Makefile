@@ -1,0 +1,47 @@
+# The two commands of the README: `make run` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
+
+.PHONY: run test venv lint typecheck unit e2e bench system-deps clean
+
+## run: the proxy on 127.0.0.1:8080 in front of the built-in demo origin
+run: $(VENV)/.installed
+	@echo
+	@echo "  persistproxy listens on http://127.0.0.1:8080/ in front of a demo origin."
+	@echo "  Try:   curl -sv http://127.0.0.1:8080/        (Ctrl-C stops it)"
+	@echo
+	$(BIN)/twistd --nodaemon --pidfile= persistproxy --demo
+
+## test: lint, type-check, unit tests and end-to-end tests against real processes
+test: $(VENV)/.installed-test system-deps
+	$(BIN)/ruff check persistproxy tests twisted bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q tests
+
+venv: $(VENV)/.installed-test
+
+# A real (non-editable) install, as a user gets it: the twistd plugin is found only that way.
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir .
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+$(VENV)/.installed-test: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir '.[test]'
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@ $(VENV)/.installed
+
+system-deps:
+	bash scripts/system-deps.sh
+
+bench: $(VENV)/.installed
+	bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,361 @@
+# -*- test-case-name: tests.unit.test_config -*-
+"""
+Loading and validating the TOML configuration.
+
+The file is read once, checked completely and turned into frozen objects before anything
+binds a port, so the process never starts half-configured. Every problem is reported as a
+single line naming the file, the key and what is wrong, which is what an operator reading a
+journal needs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ListenerConfig",
+    "ProxyConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem, already phrased as one line for the operator.
+    """
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """
+    One named group of origin servers and how connections to them are kept.
+    """
+
+    name: str
+    servers: tuple[tuple[str, int], ...]
+    pool_size: int = 256
+    idle_timeout: float = 60.0
+    max_requests: int = 1000
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    keepalive_margin: float = 1.0
+    max_connections: int = 0
+    queue_size: int = 1024
+    queue_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """
+    One listening endpoint and the policy of the client connections it accepts.
+
+    ``extra`` keeps keys that belong to the listener's protocol plugin (for example a TCP
+    plugin's own settings) so plugins can validate them without this module knowing them.
+    """
+
+    name: str
+    bind: str
+    protocol: str = "http"
+    upstream: str = ""
+    keepalive_timeout: float = 75.0
+    max_requests: int = 1000
+    max_head_size: int = 16384
+    max_body_size: int = 0
+    add_via: bool = True
+    add_forwarded: bool = True
+    access_log: bool = True
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_lifetime: float = 0.0
+    max_connections: int = 10000
+    max_connections_per_client: int = 0
+    max_idle_per_client: int = 0
+    send_408_on_idle: bool = False
+    tcp_keepalive: Mapping[str, int] | None = None
+    tls: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """
+    The whole, validated configuration of one persistproxy process.
+    """
+
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: Mapping[str, UpstreamConfig]
+    log_level: str = "info"
+    metrics_bind: str = ""
+    drain_timeout: float = 30.0
+    source: str = "<built-in>"
+
+
+
+class _Section:
+    """
+    Typed access to one table of the file, recording which keys were used so that
+    unknown keys can be reported by name.
+    """
+
+    def __init__(self, source: str, path: str, table: Mapping[str, Any]) -> None:
+        self._source = source
+        self._path = path
+        self._table = table
+        self._used: set[str] = set()
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        where = f"{self._path}.{key}" if self._path else key
+        return ConfigError(f"{self._source}: {where}: {problem}")
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str, default: Any) -> Any:
+        self._used.add(key)
+        if key not in self._table:
+            return default
+        value = self._table[key]
+        # bool is an int subclass; a boolean is never a valid number here.
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.fail(key, f"expected {what}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.fail(key, f"expected {what}, got {value!r}")
+        return value
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self._get(key, (str,), "a string", default)
+        if value is None:
+            raise self.fail(key, "required key is missing")
+        return str(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, (bool,), "true or false", default))
+
+    def integer(self, key: str, default: int, minimum: int = 0) -> int:
+        value = int(self._get(key, (int,), "an integer", default))
+        if value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: float) -> float:
+        value = float(self._get(key, (int, float), "a number of seconds", default))
+        if value < 0:
+            raise self.fail(key, f"must be >= 0, got {value:g}")
+        return value
+
+    def table(self, key: str) -> Mapping[str, Any] | None:
+        return self._get(key, (dict,), "a table", None)  # type: ignore[no-any-return]
+
+    def string_list(self, key: str) -> list[str]:
+        value = self._get(key, (list,), "a list of strings", None)
+        if value is None:
+            raise self.fail(key, "required key is missing")
+        if not value or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"expected a non-empty list of strings, got {value!r}")
+        return list(value)
+
+    def unused(self) -> dict[str, Any]:
+        return {k: v for k, v in self._table.items() if k not in self._used}
+
+    def reject_unknown(self) -> None:
+        for key in self._table:
+            if key not in self._used:
+                raise self.fail(key, "unknown key")
+
+
+def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise section.fail(key, f"expected host:port, got {text!r}")
+    return host, int(port_text)
+
+
+def _check_endpoint(section: _Section, key: str, description: str) -> None:
+    """
+    Parse a Twisted server endpoint string without binding it, so a typo is a config error
+    and not a traceback after half of the listeners are already up.
+    """
+    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+    try:
+        _parseServer(description, None)
+    except (ValueError, TypeError, KeyError) as e:
+        raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
+
+
+def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: upstream[{index}]: expected a table")
+    s = _Section(source, f"upstream[{index}]", table)
+    name = s.string("name")
+    s = _Section(source, f"upstream.{name}", table)
+    s.string("name")
+    servers = tuple(_parse_hostport(s, "servers", t) for t in s.string_list("servers"))
+    result = UpstreamConfig(
+        name=name,
+        servers=servers,
+        pool_size=s.integer("pool_size", 256),
+        idle_timeout=s.seconds("idle_timeout", 60.0),
+        max_requests=s.integer("max_requests", 1000),
+        connect_timeout=s.seconds("connect_timeout", 5.0),
+        response_timeout=s.seconds("response_timeout", 60.0),
+        keepalive_margin=s.seconds("keepalive_margin", 1.0),
+        max_connections=s.integer("max_connections", 0),
+        queue_size=s.integer("queue_size", 1024),
+        queue_timeout=s.seconds("queue_timeout", 10.0),
+    )
+    s.reject_unknown()
+    return result
+
+
+_PluginValidator = Callable[[ListenerConfig], None]
+
+
+def _listener(
+    source: str,
+    index: int,
+    table: Any,
+    upstreams: Mapping[str, UpstreamConfig],
+    protocols: Mapping[str, _PluginValidator] | None,
+) -> ListenerConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: listener[{index}]: expected a table")
+    s = _Section(source, f"listener[{index}]", table)
+    name = s.string("name", f"listener{index}")
+    s = _Section(source, f"listener.{name}", table)
+    s.string("name", name)
+    bind = s.string("bind")
+    _check_endpoint(s, "bind", bind)
+    protocol = s.string("protocol", "http")
+    upstream = s.string("upstream", "")
+    if upstream and upstream not in upstreams:
+        raise s.fail("upstream", f"no [[upstream]] is named {upstream!r}")
+    tcp_keepalive = s.table("tcp_keepalive")
+    if tcp_keepalive is not None:
+        ks = _Section(source, f"listener.{name}.tcp_keepalive", tcp_keepalive)
+        tcp_keepalive = {
+            "idle": ks.integer("idle", 7200, 1),
+            "interval": ks.integer("interval", 75, 1),
+            "count": ks.integer("count", 10, 1),
+        }
+        ks.reject_unknown()
+    listener = ListenerConfig(
+        name=name,
+        bind=bind,
+        protocol=protocol,
+        upstream=upstream,
+        keepalive_timeout=s.seconds("keepalive_timeout", 75.0),
+        max_requests=s.integer("max_requests", 1000),
+        max_head_size=s.integer("max_head_size", 16384, 256),
+        max_body_size=s.integer("max_body_size", 0),
+        add_via=s.boolean("add_via", True),
+        add_forwarded=s.boolean("add_forwarded", True),
+        access_log=s.boolean("access_log", True),
+        header_timeout=s.seconds("header_timeout", 10.0),
+        body_timeout=s.seconds("body_timeout", 60.0),
+        send_timeout=s.seconds("send_timeout", 60.0),
+        max_lifetime=s.seconds("max_lifetime", 0.0),
+        max_connections=s.integer("max_connections", 10000),
+        max_connections_per_client=s.integer("max_connections_per_client", 0),
+        max_idle_per_client=s.integer("max_idle_per_client", 0),
+        send_408_on_idle=s.boolean("send_408_on_idle", False),
+        tcp_keepalive=tcp_keepalive,
+        tls=s.table("tls"),
+        extra=s.unused(),
+    )
+    if protocols is not None:
+        if protocol not in protocols:
+            known = ", ".join(sorted(protocols))
+            raise s.fail("protocol", f"unknown protocol {protocol!r} (known: {known})")
+        try:
+            protocols[protocol](listener)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: listener.{name}.{e}") from None
+    elif listener.extra:
+        s.reject_unknown()
+    return listener
+
+
+_TOP_KEYS = {"listener", "upstream", "log", "metrics", "drain_timeout"}
+
+
+def parse_config(
+    document: Mapping[str, Any],
+    source: str = "<built-in>",
+    protocols: Mapping[str, _PluginValidator] | None = None,
+) -> ProxyConfig:
+    """
+    Validate a decoded TOML document.
+
+    @param protocols: the validator of each known listener protocol, by name. A validator
+        raises L{ConfigError} with C{"key: problem"} for a key of its own it dislikes and
+        rejects keys it does not know. With L{None}, only the built-in keys are accepted.
+    """
+    top = _Section(source, "", document)
+    for key in document:
+        if key not in _TOP_KEYS:
+            raise top.fail(key, "unknown key")
+    raw_upstreams = top._get("upstream", (list,), "an array of tables [[upstream]]", [])
+    upstreams: dict[str, UpstreamConfig] = {}
+    for i, table in enumerate(raw_upstreams):
+        up = _upstream(source, i, table)
+        if up.name in upstreams:
+            raise ConfigError(f"{source}: upstream[{i}].name: duplicate name {up.name!r}")
+        upstreams[up.name] = up
+    raw_listeners = top._get("listener", (list,), "an array of tables [[listener]]", None)
+    if not raw_listeners:
+        raise top.fail("listener", "at least one [[listener]] is required")
+    listeners: list[ListenerConfig] = []
+    for i, table in enumerate(raw_listeners):
+        lc = _listener(source, i, table, upstreams, protocols)
+        if any(other.name == lc.name for other in listeners):
+            raise ConfigError(f"{source}: listener[{i}].name: duplicate name {lc.name!r}")
+        listeners.append(lc)
+    log = _Section(source, "log", top.table("log") or {})
+    log_level = log.string("level", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
+    log.reject_unknown()
+    metrics = _Section(source, "metrics", top.table("metrics") or {})
+    metrics_bind = metrics.string("bind", "")
+    if metrics_bind:
+        _check_endpoint(metrics, "bind", metrics_bind)
+    metrics.reject_unknown()
+    return ProxyConfig(
+        listeners=tuple(listeners),
+        upstreams=upstreams,
+        log_level=log_level,
+        metrics_bind=metrics_bind,
+        drain_timeout=top.seconds("drain_timeout", 30.0),
+        source=source,
+    )
+
+
+def load_config(
+    path: str | Path, protocols: Mapping[str, _PluginValidator] | None = None
+) -> ProxyConfig:
+    """
+    Read and validate a TOML file; every failure is a one-line L{ConfigError}.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return parse_config(document, source, protocols)
+
+
+def dataclass_keys(cls: type[Any]) -> list[str]:
+    """
+    The public key names of a config dataclass, for documentation and tests.
+    """
+    return [f.name for f in fields(cls) if f.name != "extra"]

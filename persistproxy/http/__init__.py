@@ -1,0 +1,3 @@
+"""
+The HTTP/1.x reverse proxy: client connections, exchanges and upstream connections.
+"""

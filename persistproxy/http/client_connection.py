@@ -1,0 +1,589 @@
+# -*- test-case-name: tests.unit.test_client_connection -*-
+"""
+The client's hop: one accepted connection, parsed with llhttp (httptools), answered in order.
+
+Requests are parsed as they arrive. The first one in the pipeline is forwarded at once; the
+ones pipelined behind it wait, with their bodies, in a bounded buffer (reading pauses past
+it) until the responses before them are complete. The connection stays open between
+requests for the listener's keep-alive timeout and closes gracefully: half-close, then
+drain the client's input for a moment, so a response already sent is not destroyed by a
+reset.
+
+@ivar _phase: C{"idle"} between requests (keep-alive timer), C{"head"} while a request head
+    is incomplete (header timer), C{"body"} while a request body is incomplete (body timer),
+    C{"busy"} while only responses are outstanding, C{"closing"} once no further request
+    will be read, C{"lingering"} after our half-close, C{"closed"} once the transport is gone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httptools
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from persistproxy.http.errors import error_response
+from persistproxy.http.exchange import Exchange
+from persistproxy.http.headers import HOP_BY_HOP, connection_tokens
+from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
+
+if TYPE_CHECKING:
+    from persistproxy.config import ListenerConfig
+    from persistproxy.http.headers import Header
+    from persistproxy.logs import EventLog
+    from persistproxy.metrics import ListenerStats
+    from persistproxy.router import UpstreamGroup
+
+__all__ = ["ClientConnection", "ListenerContext"]
+
+#: Bytes of pipelined requests (and bodies waiting for a connection) held before reading pauses.
+PIPELINE_BUFFER = 256 * 1024
+#: Seconds the input is drained after our half-close before the socket is closed outright.
+LINGER_SECONDS = 2.0
+
+_PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
+_PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
+_PAUSE_CLOSING = 4  # nothing more will be read
+
+
+@dataclass
+class ListenerContext:
+    """
+    Everything a client connection of one listener needs, passed in rather than looked up.
+    """
+
+    config: ListenerConfig
+    clock: IReactorTime
+    group: UpstreamGroup
+    log: EventLog
+    stats: ListenerStats
+    scheme: bytes = b"http"
+    keepalive: KeepAlivePolicy = field(init=False)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    keepalive_header: bytes = field(init=False)
+    name: str = field(init=False)
+    #: Whether the proxy is draining: responses then say C{Connection: close}.
+    is_draining: Callable[[], bool] = lambda: False
+    #: Called with the connection when it closes; the listener's registry hooks in here.
+    on_close: Callable[[ClientConnection], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.keepalive = KeepAlivePolicy(self.config.keepalive_timeout, self.config.max_requests)
+        self.keepalive_header = self.keepalive.header()
+        self.name = self.config.name
+
+    @staticmethod
+    def log_path(target: bytes) -> str:
+        """The request target without its query string, which may carry credentials."""
+        return target.partition(b"?")[0].decode("latin-1")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class ClientConnection(Protocol):
+    """
+    One client's persistent HTTP/1.x connection to a listener.
+    """
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self._ctx = ctx
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Exchange] = deque()
+        self._current: Exchange | None = None
+        self._served = 0
+        self._phase = "idle"
+        self._pause = 0
+        self._timer = Deadline(ctx.clock, self._timed_out)
+        self._peer = b""
+        self._peer_str = ""
+        self._quiet = 0
+        self._reset_head()
+
+    def _reset_head(self) -> None:
+        self._url = b""
+        self._headers: list[Header] = []
+        self._tokens: set[bytes] | None = None
+        self._xff: list[bytes] | None = None
+        self._hosts = 0
+        self._length: bytes | None = None
+        self._te: bytes | None = None
+        self._upgrade = False
+        self._head_size = 0
+        self._progress = True
+
+    # -- Twisted protocol ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        peer = transport.getPeer()  # type: ignore[union-attr]
+        self._peer_str = getattr(peer, "host", "") or str(peer)
+        self._peer = self._peer_str.encode("latin-1")
+        ctx = self._ctx
+        ctx.stats.connections_total += 1
+        ctx.stats.connections_open += 1
+        # A new connection must start its first request as promptly as a head must complete.
+        self._timer.arm(ctx.config.header_timeout or ctx.config.keepalive_timeout or 60)
+
+    def dataReceived(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == "closing" or phase == "lingering" or phase == "closed":
+            return
+        if phase == "idle":
+            self._phase = "head"
+            config = self._ctx.config
+            if config.header_timeout:
+                self._timer.arm(config.header_timeout)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgraded(data, e)
+        except _BadRequest as e:
+            self._reject(e.status, str(e))
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _BadRequest):
+                self._reject(cause.status, str(cause))
+            else:
+                raise
+        except httptools.HttpParserInvalidMethodError:
+            self._reject(501, "method not implemented")
+        except httptools.HttpParserError as e:
+            self._reject(400, str(e) or "malformed request")
+        else:
+            if self._phase == "head":
+                # httptools keeps a header line that has not ended to itself: count the bytes
+                # of reads that completed no part of the head, so a never-ending line is bounded.
+                if self._progress:
+                    self._progress = False
+                    self._quiet = 0
+                else:
+                    self._quiet += len(data)
+                    if self._head_size + self._quiet > self._ctx.config.max_head_size:
+                        self._reject(431, "request head too large")
+
+    def readConnectionLost(self) -> None:
+        """
+        The client half-closed: answer what it already sent, then close.
+        """
+        if self._phase in ("lingering", "closed"):
+            self._close_now()
+            return
+        self._phase = "closing"
+        if self._current is not None:
+            # The request being received can never be completed.
+            exchange = self._current
+            self._current = None
+            if exchange in self._queue and not exchange.response_started:
+                self._drop_from(exchange)
+        if not self._queue:
+            self._close_now()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN is out: drain the client's input until it closes, for a moment at most.
+        """
+        if self._phase != "closed":
+            self._timer.arm(LINGER_SECONDS)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._phase = "closed"
+        self._timer.cancel()
+        self._current = None
+        queue = self._queue
+        while queue:
+            queue.popleft().cancel()
+        ctx = self._ctx
+        ctx.stats.connections_open -= 1
+        if ctx.on_close is not None:
+            ctx.on_close(self)
+
+    # -- IPushProducer: the upstream transport pauses us while it cannot take the body ------
+
+    def pauseProducing(self) -> None:
+        self._pause_reading(_PAUSE_UPSTREAM)
+
+    def resumeProducing(self) -> None:
+        self._resume_reading(_PAUSE_UPSTREAM)
+
+    def stopProducing(self) -> None:
+        """The upstream went away; the exchange reports that."""
+
+    # -- parser callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        self._progress = True
+        if self._head_size > self._ctx.config.max_head_size:
+            raise _BadRequest(431, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        self._progress = True
+        if self._head_size > self._ctx.config.max_head_size:
+            raise _BadRequest(431, "request head too large")
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                if self._tokens is None:
+                    self._tokens = set()
+                connection_tokens(value, self._tokens)
+            elif lower == b"transfer-encoding":
+                self._te = value if self._te is None else self._te + b"," + value
+            elif lower == b"upgrade":
+                self._upgrade = True
+            return
+        if lower == b"host":
+            self._hosts += 1
+        elif lower == b"content-length":
+            self._length = value
+        elif lower == b"x-forwarded-for" and self._ctx.config.add_forwarded:
+            if self._xff is None:
+                self._xff = []
+            self._xff.append(value)
+            return
+        elif lower == b"x-forwarded-proto" and self._ctx.config.add_forwarded:
+            return
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._phase in ("closing", "lingering", "closed"):
+            return  # pipelined after a request that closes the connection: never answered
+        parser = self._parser
+        ctx = self._ctx
+        config = ctx.config
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _BadRequest(505, f"HTTP/{version} is not supported")
+        http11 = version == "1.1"
+        method: bytes = parser.get_method()
+        if method == b"CONNECT":
+            raise _BadRequest(501, "CONNECT is not supported on this listener")
+        if http11 and self._hosts != 1:
+            raise _BadRequest(400, "exactly one Host header is required")
+        if self._hosts > 1:
+            raise _BadRequest(400, "more than one Host header")
+        te = self._te
+        chunked = False
+        if te is not None:
+            if te.strip().lower() != b"chunked":
+                raise _BadRequest(501, "only the chunked transfer coding is implemented")
+            if not http11:
+                raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+            chunked = True
+        has_body = chunked
+        if self._length is not None:
+            length = int(self._length)
+            has_body = length > 0
+            if config.max_body_size and length > config.max_body_size:
+                raise _BadRequest(413, "request body too large")
+        if has_body and parser.should_upgrade():
+            # llhttp would take the body for the upgraded protocol's bytes.
+            raise _BadRequest(501, "Upgrade with a request body is not supported")
+        headers = self._headers
+        tokens = self._tokens
+        if tokens and tokens - {b"close", b"keep-alive"}:
+            headers = [h for h in headers if h[0].lower() not in tokens]
+        extra = []
+        if not self._hosts:
+            extra.append(b"Host: %s\r\n" % ctx.group.pools[0].address.encode("latin-1"))
+        if config.add_via:
+            extra.append(b"Via: %s persistproxy\r\n" % version.encode())
+        if config.add_forwarded:
+            xff = self._xff
+            if xff:
+                extra.append(b"X-Forwarded-For: %s, %s\r\n" % (b", ".join(xff), self._peer))
+            else:
+                extra.append(b"X-Forwarded-For: %s\r\n" % self._peer)
+            extra.append(b"X-Forwarded-Proto: %s\r\n" % ctx.scheme)
+        if chunked:
+            extra.append(b"Transfer-Encoding: chunked\r\n")
+        url = self._url
+        head = b"".join(
+            [
+                b"%s %s HTTP/1.1\r\n" % (method, url),
+                *[b"%s: %s\r\n" % h for h in headers],
+                *extra,
+                b"\r\n",
+            ]
+        )
+        self._served += 1
+        exchange = Exchange(
+            self, ctx, method, url, head, http11, parser.should_keep_alive(), has_body, chunked,
+            self._served,
+        )
+        ctx.stats.requests_total += 1
+        self._current = exchange
+        if has_body:
+            self._phase = "body"
+            if config.body_timeout:
+                self._timer.arm(config.body_timeout)
+        else:
+            self._phase = "busy"
+            self._timer.cancel()
+        queue = self._queue
+        queue.append(exchange)
+        if len(queue) == 1:
+            exchange.start()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._current
+        if exchange is None:
+            return
+        if self._ctx.config.body_timeout:
+            self._timer.arm(self._ctx.config.body_timeout)
+        buffered = exchange.request_body(body)
+        if buffered > PIPELINE_BUFFER:
+            self._pause_reading(_PAUSE_BACKLOG)
+
+    def on_message_complete(self) -> None:
+        exchange = self._current
+        self._current = None
+        if exchange is None:
+            return
+        exchange.request_complete()
+        if self._phase == "body":
+            self._phase = "busy"
+            self._timer.cancel()
+        if not exchange.client_keep_alive or (
+            self._ctx.keepalive.max_requests and self._served >= self._ctx.keepalive.max_requests
+        ):
+            # Nothing after this request will be answered; stop reading it.
+            self._phase = "closing"
+            self._pause_reading(_PAUSE_CLOSING)
+        elif len(self._queue) > 1:
+            self._pause_reading(_PAUSE_BACKLOG)
+        if not self._queue:
+            # The response was complete before the request was (an early answer).
+            if self._phase == "busy":
+                self._go_idle()
+            elif self._phase == "closing":
+                self._close_gracefully()
+
+    # -- used by the exchange -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def write_sequence(self, data: Sequence[bytes]) -> None:
+        self.transport.writeSequence(data)  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        self._phase = "closed"
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def may_keep_alive(self, client_wants: bool, ordinal: int) -> bool:
+        """
+        Whether the response to the C{ordinal}-th request may leave the connection open.
+        """
+        if self._phase in ("lingering", "closed") or self._ctx.is_draining():
+            return False
+        return self._ctx.keepalive.keep_alive(client_wants, ordinal)
+
+    def request_body_drained(self) -> None:
+        if len(self._queue) <= 1:
+            self._resume_reading(_PAUSE_BACKLOG)
+
+    def resume_from_upstream(self) -> None:
+        self._resume_reading(_PAUSE_UPSTREAM)
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        """
+        The response of the first exchange in the pipeline is complete.
+        """
+        queue = self._queue
+        if queue and queue[0] is exchange:
+            queue.popleft()
+        ctx = self._ctx
+        ctx.stats.count_response(exchange.status)
+        if ctx.config.access_log:
+            ctx.log.info(
+                "access",
+                listener=ctx.name,
+                client=self._peer_str,
+                method=exchange.method.decode("latin-1"),
+                path=ctx.log_path(exchange.target),
+                status=exchange.status,
+                bytes=exchange.bytes_out,
+                duration_ms=round((ctx.clock.seconds() - exchange.started) * 1000, 3),
+                upstream_reused=exchange.reused,
+                retries=exchange.retries + exchange.stale,
+            )
+        if self._phase == "closed":
+            return
+        if not exchange.keep_alive:
+            self._close_gracefully()
+            return
+        if queue:
+            if len(queue) == 1:
+                self._resume_reading(_PAUSE_BACKLOG)
+            queue[0].start()
+            return
+        self._resume_reading(_PAUSE_BACKLOG)
+        if self._phase == "busy":
+            self._go_idle()
+        elif self._phase == "closing":
+            self._close_gracefully()
+
+    def close_if_idle(self) -> bool:
+        """
+        For a graceful drain: close now if nothing is in flight, else after the response.
+        """
+        if self._phase == "idle":
+            self._close_gracefully()
+            return True
+        return False
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _go_idle(self) -> None:
+        if self._ctx.is_draining():
+            self._close_gracefully()
+            return
+        self._phase = "idle"
+        timeout = self._ctx.config.keepalive_timeout
+        if timeout:
+            self._timer.arm(timeout)
+        else:
+            self._close_gracefully()
+
+    def _pause_reading(self, reason: int) -> None:
+        if not self._pause and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pause |= reason
+
+    def _resume_reading(self, reason: int) -> None:
+        if self._pause & reason:
+            self._pause &= ~reason
+            if not self._pause and self.transport is not None and self._phase != "closed":
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _drop_from(self, exchange: Exchange) -> None:
+        """Forget C{exchange} and everything pipelined after it (never answered)."""
+        queue = self._queue
+        while queue and queue[-1] is not exchange:
+            queue.pop().cancel()
+        if queue:
+            queue.pop().cancel()
+
+    def _reject(self, status: int, detail: str) -> None:
+        """
+        Answer a malformed request after the responses owed before it, then close. Nothing
+        of it, nor anything pipelined after it, reaches the origin.
+        """
+        ctx = self._ctx
+        ctx.stats.bad_requests += 1
+        ctx.log.warning(
+            "request.rejected", listener=ctx.name, client=self._peer_str, status=status,
+            reason=detail,
+        )
+        current = self._current
+        self._current = None
+        self._phase = "closing"
+        self._pause_reading(_PAUSE_CLOSING)
+        self._timer.cancel()
+        if current is not None and current.response_started:
+            # Its response is already streaming: all that can be done is to stop.
+            current.cancel()
+            self.abort()
+            return
+        if current is not None:
+            self._drop_from(current)
+        failed = Exchange.failed(self, ctx, error_response(status, detail), status)
+        self._queue.append(failed)
+        if len(self._queue) == 1:
+            failed.start()
+
+    def _upgraded(self, data: bytes, error: httptools.HttpParserUpgrade) -> None:
+        """
+        llhttp stops at a request carrying C{Upgrade} (we have dropped the header and send it
+        as an ordinary request) or at CONNECT; go on with a fresh parser after it.
+        """
+        if self._phase in ("closing", "closed"):
+            return
+        offset = error.args[0] if error.args and isinstance(error.args[0], int) else len(data)
+        if self._current is not None:
+            # CONNECT stops before its "body": refused in on_headers_complete already.
+            return
+        self._parser = httptools.HttpRequestParser(self)
+        rest = data[offset:]
+        if rest:
+            self.dataReceived(rest)
+
+    def _close_gracefully(self) -> None:
+        """
+        Half-close and drain: a client whose pipelined requests are still in our receive
+        buffer would otherwise get a reset and lose the responses it was reading.
+        """
+        if self._phase in ("lingering", "closed"):
+            return
+        self._phase = "lingering"
+        queue = self._queue
+        while queue:
+            queue.pop().cancel()
+        transport = self.transport
+        if transport is None:
+            return
+        # Until our FIN is out, the client must keep reading; after it, linger briefly.
+        self._timer.arm(self._ctx.config.send_timeout or 60)
+        lose_write = getattr(transport, "loseWriteConnection", None)
+        if lose_write is not None:
+            if self._pause:
+                self._pause = 0
+                transport.resumeProducing()  # type: ignore[attr-defined]
+            lose_write()
+        else:
+            transport.loseConnection()
+
+    def _close_now(self) -> None:
+        self._timer.cancel()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _timed_out(self) -> None:
+        phase = self._phase
+        ctx = self._ctx
+        if phase == "lingering":
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if phase == "idle":
+            ctx.log.debug("client.idle_timeout", listener=ctx.name, client=self._peer_str)
+            if ctx.config.send_408_on_idle:
+                self.write(error_response(408, "idle timeout"))
+            self._close_gracefully()
+            return
+        if phase in ("head", "body"):
+            ctx.stats.timeouts += 1
+            partial = True
+            ctx.log.info(
+                "client.timeout", listener=ctx.name, client=self._peer_str, phase=phase,
+            )
+            if phase == "body" and self._current is not None:
+                exchange = self._current
+                self._current = None
+                if exchange.response_started:
+                    exchange.cancel()
+                    self.abort()
+                    return
+                self._drop_from(exchange)
+            if partial and not self._queue:
+                self._phase = "closing"
+                self.write(error_response(408, f"no complete request {phase} in time"))
+            self._close_gracefully()

@@ -1,0 +1,356 @@
+# -*- test-case-name: tests.unit.test_client_connection -*-
+"""
+One request and its response: the glue between a client connection and the upstream
+connection lent to it.
+
+The exchange asks the pool for a connection, streams the request body to it (buffering only
+what arrives before the connection is ready), relays the response with the framing the
+client's hop needs, and hands the upstream connection back when the response is complete.
+It decides nothing about timeouts or retries by itself: it asks the listener's policies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from persistproxy.http.errors import error_response
+from persistproxy.http.upstream_connection import (
+    FRAMING_CHUNKED,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    UpstreamConnection,
+)
+
+if TYPE_CHECKING:
+    from persistproxy.http.client_connection import ClientConnection, ListenerContext
+    from persistproxy.http.headers import Header
+    from persistproxy.pool import ServerPool
+
+__all__ = ["Exchange"]
+
+_CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Exchange:
+    """
+    The life of one request on its way through the proxy.
+
+    @ivar head: the request head as it is sent upstream, already serialized.
+    @ivar keep_alive: after the response head, whether the client connection survives it.
+    @ivar response_started: a byte of the final response went to the client; from then on
+        an upstream failure can only be reported by cutting the client connection.
+    """
+
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_feeding",
+        "_relaying",
+        "_client",
+        "_ctx",
+        "_framing",
+        "_pool",
+        "body_done",
+        "bytes_out",
+        "cancelled",
+        "chunked",
+        "client_http11",
+        "client_keep_alive",
+        "error",
+        "has_body",
+        "head",
+        "keep_alive",
+        "method",
+        "ordinal",
+        "response_started",
+        "retries",
+        "reused",
+        "stale",
+        "started",
+        "status",
+        "target",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        ctx: ListenerContext,
+        method: bytes,
+        target: bytes,
+        head: bytes,
+        client_http11: bool,
+        client_keep_alive: bool,
+        has_body: bool,
+        chunked: bool,
+        ordinal: int = 0,
+    ) -> None:
+        self._client = client
+        self.ordinal = ordinal
+        self._ctx = ctx
+        self.method = method
+        self.target = target
+        self.head = head
+        self.client_http11 = client_http11
+        self.client_keep_alive = client_keep_alive
+        self.has_body = has_body
+        self.chunked = chunked
+        self.body_done = not has_body
+        self._body: list[bytes] = []
+        self._buffered = 0
+        self._feeding = False  # the client's transport is the producer of the upstream's
+        self._relaying = False  # the upstream's transport is the producer of the client's
+        self._pool: ServerPool | None = None
+        self._framing = FRAMING_NONE
+        self.upstream: UpstreamConnection | None = None
+        self.cancelled = False
+        self.error: bytes = b""
+        self.response_started = False
+        self.keep_alive = False
+        self.status = 0
+        self.bytes_out = 0
+        self.retries = 0
+        self.stale = 0
+        self.reused = False
+        self.started = ctx.clock.seconds()
+
+    @classmethod
+    def failed(cls, client: ClientConnection, ctx: ListenerContext, response: bytes,
+               status: int) -> Exchange:
+        """
+        A placeholder that answers with a ready-made error response and closes, keeping its
+        place in the pipeline so that earlier requests are still answered first.
+        """
+        exchange = cls(client, ctx, b"-", b"-", b"", False, False, False, False)
+        exchange.error = response
+        exchange.status = status
+        return exchange
+
+    # -- driven by the client connection ----------------------------------------------------
+
+    def start(self) -> None:
+        """
+        The exchange reached the head of the pipeline: fetch a connection for it.
+        """
+        if self.error:
+            self._client.write(self.error)
+            self.response_started = True
+            self.bytes_out = len(self.error)
+            self._client.exchange_finished(self)
+            return
+        self._pool = self._ctx.group.pick()
+        self._pool.acquire(self)
+
+    def request_body(self, data: bytes) -> int:
+        """
+        Forward or buffer a piece of the request body; returns the bytes now buffered.
+        """
+        upstream = self.upstream
+        if upstream is not None and upstream.state == "ACTIVE":
+            if self.chunked:
+                upstream.send_body(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                upstream.send_body(data)
+            return 0
+        if self.cancelled or (self.upstream is None and self.response_started):
+            return 0  # answered already (early response or error): the rest is discarded
+        self._body.append(data)
+        self._buffered += len(data)
+        return self._buffered
+
+    def request_complete(self) -> None:
+        self.body_done = True
+        upstream = self.upstream
+        if upstream is not None and upstream.state == "ACTIVE" and self.has_body:
+            upstream.finish_request(_LAST_CHUNK if self.chunked else b"")
+            self._unregister_request_producer(upstream)
+
+    def cancel(self) -> None:
+        """
+        The client connection is gone: give the upstream connection back or drop it.
+        """
+        self.cancelled = True
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            self._detach(upstream)
+            upstream.abort()
+            if self._pool is not None:
+                self._pool.forget(upstream)
+
+    # -- ConnectionWaiter -------------------------------------------------------------------
+
+    def connection_ready(self, connection: UpstreamConnection, reused: bool) -> None:
+        self.upstream = connection
+        self.reused = reused
+        complete = self.body_done and not self._body
+        head = self.head
+        if self.has_body and not self.chunked and self.body_done and self._body:
+            # A small body that arrived whole: one write for the whole request.
+            head = b"".join([head, *self._body])
+            self._body = []
+            self._buffered = 0
+            complete = True
+        connection.send_head(self, head, self.method, complete and not self.chunked)
+        if self._body:
+            body, self._body = self._body, []
+            self._buffered = 0
+            for piece in body:
+                self.request_body(piece)
+            self._client.request_body_drained()
+        if self.has_body:
+            if self.body_done:
+                connection.finish_request(_LAST_CHUNK if self.chunked else b"")
+            else:
+                connection.transport.registerProducer(self._client, True)  # type: ignore[union-attr]
+                self._feeding = True
+        self._client.transport.registerProducer(connection, True)  # type: ignore[union-attr]
+        self._relaying = True
+
+    def connection_failed(self, reason: str, status: int) -> None:
+        self._ctx.stats.upstream_errors += 1
+        self._ctx.log.error(
+            "upstream.error", listener=self._ctx.name, method=self.method.decode("latin-1"),
+            path=self._ctx.log_path(self.target), reason=reason, status=status,
+        )
+        self._respond_error(status, reason)
+
+    # -- ResponseSink -----------------------------------------------------------------------
+
+    def response_interim(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        if self.client_http11:
+            self._client.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
+
+    def response_head(
+        self, status: int, reason: bytes, headers: list[Header], framing: int
+    ) -> None:
+        ctx = self._ctx
+        client = self._client
+        self.status = status
+        extra = []
+        keep_alive = client.may_keep_alive(self.client_keep_alive, self.ordinal)
+        if framing == FRAMING_NONE or framing == FRAMING_LENGTH:
+            self._framing = framing
+        elif self.client_http11:
+            self._framing = FRAMING_CHUNKED
+            extra.append(_CHUNKED_HEADER)
+        else:
+            self._framing = FRAMING_CLOSE
+            keep_alive = False
+        self.keep_alive = keep_alive
+        if keep_alive:
+            if not self.client_http11:
+                extra.append(b"Connection: keep-alive\r\n")
+            extra.append(ctx.keepalive_header)
+        else:
+            extra.append(b"Connection: close\r\n")
+        head = b"".join(
+            [
+                b"HTTP/1.1 %d %s\r\n" % (status, reason),
+                *[b"%s: %s\r\n" % header for header in headers],
+                *extra,
+                b"\r\n",
+            ]
+        )
+        self.response_started = True
+        self.bytes_out += len(head)
+        client.write(head)
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self._framing == FRAMING_CHUNKED:
+            self._client.write_sequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self._client.write(data)
+
+    def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
+        if self._framing == FRAMING_CHUNKED:
+            self._client.write(_LAST_CHUNK)
+        self.upstream = None
+        self._detach(connection)
+        pool = self._pool
+        if pool is not None:
+            pool.release(connection, reusable)
+        self._client.exchange_finished(self)
+
+    def upstream_failed(self, reason: str, timeout: bool) -> None:
+        connection = self.upstream
+        self.upstream = None
+        pool = self._pool
+        if connection is not None:
+            self._detach(connection)
+            if pool is not None:
+                pool.forget(connection)
+        if self.cancelled:
+            return
+        ctx = self._ctx
+        if not timeout and pool is not None and ctx.retry.may_retry(
+            self.method, self.has_body, self.response_started, self.reused,
+            self.retries, self.stale,
+        ):
+            if self.reused:
+                self.stale += 1
+            else:
+                self.retries += 1
+            ctx.stats.retries += 1
+            ctx.log.info(
+                "upstream.retry", listener=ctx.name, server=pool.address,
+                method=self.method.decode("latin-1"), path=ctx.log_path(self.target),
+                reason=reason, stale_connection=self.reused,
+            )
+            if not self.reused:
+                pool = self._pool = ctx.group.pick()
+            pool.acquire(self, fresh=True)
+            return
+        ctx.stats.upstream_errors += 1
+        status = 504 if timeout else 502
+        ctx.log.error(
+            "upstream.error", listener=ctx.name,
+            server=pool.address if pool is not None else None,
+            method=self.method.decode("latin-1"), path=ctx.log_path(self.target),
+            reason=reason, status=status if not self.response_started else None,
+            stale_connection=self.reused,
+        )
+        if self.response_started:
+            # Part of the response is out: the only honest signal left is a cut connection.
+            self._client.abort()
+        else:
+            self._respond_error(status, reason)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _respond_error(self, status: int, reason: str) -> None:
+        self.status = status
+        keep_alive = (
+            self._client.may_keep_alive(self.client_keep_alive, self.ordinal) and self.body_done
+        )
+        self.keep_alive = keep_alive
+        extra = self._ctx.keepalive_header if keep_alive else b""
+        detail = "upstream timed out" if status == 504 else (
+            "service unavailable" if status == 503 else "bad gateway"
+        )
+        response = error_response(status, detail, keep_alive, extra)
+        if status == 503:
+            response = response.replace(b"\r\n\r\n", b"\r\nRetry-After: 1\r\n\r\n", 1)
+        self.response_started = True
+        self.bytes_out = len(response)
+        self._client.write(response)
+        self._client.exchange_finished(self)
+
+    def _detach(self, connection: UpstreamConnection) -> None:
+        if self._relaying:
+            self._relaying = False
+            transport = self._client.transport
+            if transport is not None:
+                transport.unregisterProducer()  # type: ignore[attr-defined]
+        self._unregister_request_producer(connection)
+
+    def _unregister_request_producer(self, connection: UpstreamConnection) -> None:
+        if self._feeding:
+            self._feeding = False
+            transport = connection.transport
+            if transport is not None:
+                transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._client.resume_from_upstream()

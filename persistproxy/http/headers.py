@@ -1,0 +1,81 @@
+# -*- test-case-name: tests.unit.test_headers -*-
+"""
+Header rules that apply at every hop (RFC 9110 section 7.6.1, RFC 9112 section 9).
+
+Headers travel as lists of C{(name, value)} byte pairs in their original case and order:
+repeated headers stay repeated, and nothing is folded into a dict. Names are compared in
+lower case; the lower-cased name is computed once per header, in the parser callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "HOP_BY_HOP",
+    "connection_tokens",
+    "keepalive_timeout_param",
+    "remove_nominated",
+    "serialize",
+]
+
+#: Headers that describe one connection and never cross a hop, whatever C{Connection} says.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+
+Header = tuple[bytes, bytes]
+
+
+def connection_tokens(value: bytes, into: set[bytes]) -> None:
+    """
+    Add the lower-cased, comma-separated tokens of one C{Connection} header value.
+    """
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token:
+            into.add(token)
+
+
+def remove_nominated(headers: list[Header], tokens: set[bytes]) -> list[Header]:
+    """
+    Drop the headers that C{Connection} named: they are hop-by-hop too (RFC 9110 7.6.1).
+    Neither nginx nor HAProxy does this; a proxy that forwards them leaks per-hop secrets.
+    """
+    return [h for h in headers if h[0].lower() not in tokens]
+
+
+def keepalive_timeout_param(value: bytes) -> float | None:
+    """
+    The C{timeout=N} parameter of a C{Keep-Alive} header, if any and valid.
+    """
+    for part in value.split(b","):
+        key, sep, number = part.strip().partition(b"=")
+        if sep and key.strip().lower() == b"timeout":
+            try:
+                seconds = float(number.strip().strip(b'"'))
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 else None
+    return None
+
+
+def serialize(first_line: bytes, headers: Iterable[Header], extra: bytes = b"") -> bytes:
+    """
+    Build a message head as one C{bytes}, so it goes to the transport in one write.
+
+    @param extra: already-serialized header lines (each ending in CRLF) to append.
+    """
+    return b"".join(
+        [first_line, *[b"%s: %s\r\n" % header for header in headers], extra, b"\r\n"]
+    )

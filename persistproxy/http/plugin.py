@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.unit.test_plugins -*-
+"""
+The HTTP/1.x reverse proxy as a protocol plugin: the seam between listeners and the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from persistproxy.config import ConfigError, ListenerConfig
+from persistproxy.http.client_connection import ClientConnection, ListenerContext
+from persistproxy.interfaces import IProtocolPlugin, IProxyContext
+
+__all__ = ["HTTPFactory", "HTTPProtocolPlugin"]
+
+
+class HTTPFactory(Factory):
+    """
+    Builds a L{ClientConnection} for each accepted connection, with its listener's context.
+    """
+
+    noisy = False
+
+    def __init__(self, ctx: ListenerContext, proxy: Any) -> None:
+        self.ctx = ctx
+        self._proxy = proxy
+        ctx.on_close = self._closed
+
+    def buildProtocol(self, addr: object) -> ClientConnection:
+        ctx = self.ctx
+        connection = ClientConnection(ctx)
+        self._proxy.register_connection(ctx.name, connection)
+        return connection
+
+    def _closed(self, connection: ClientConnection) -> None:
+        self._proxy.unregister_connection(self.ctx.name, connection)
+
+
+@implementer(IPlugin, IProtocolPlugin)
+class HTTPProtocolPlugin:
+    """
+    C{protocol = "http"}: HTTP/1.1 and 1.0 with keep-alive on both hops.
+    """
+
+    name = "http"
+
+    def validate(self, listener: ListenerConfig) -> None:
+        if not listener.upstream:
+            raise ConfigError("upstream: required key is missing")
+        for key in listener.extra:
+            raise ConfigError(f"{key}: unknown key")
+
+    def build_factory(self, listener: ListenerConfig, context: IProxyContext) -> HTTPFactory:
+        ctx = ListenerContext(
+            config=listener,
+            clock=context.reactor,
+            group=context.upstream(listener.upstream),  # type: ignore[arg-type]
+            log=context.log,
+            stats=context.stats(listener.name),  # type: ignore[arg-type]
+            scheme=b"https" if listener.tls else b"http",
+            is_draining=context.draining,
+        )
+        return HTTPFactory(ctx, context)

@@ -1,0 +1,301 @@
+# -*- test-case-name: tests.unit.test_upstream_connection -*-
+"""
+One persistent HTTP/1.1 connection from the proxy to an origin server.
+
+The connection knows nothing of pools or clients: it sends one request at a time for
+whichever L{ResponseSink} holds it, reports the response through that sink, and says at the
+end whether it may carry another request. The pool decides what happens next.
+
+@ivar state: C{"CONNECTING"} until the TCP connection is up; C{"IDLE"} while it waits in the
+    pool or between requests; C{"ACTIVE"} while a request is outstanding; C{"CLOSED"} once
+    the transport is gone. Nothing is sent in any state but C{"IDLE"}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from persistproxy.http.headers import HOP_BY_HOP, connection_tokens, keepalive_timeout_param
+from persistproxy.policy import Deadline
+
+if TYPE_CHECKING:
+    from persistproxy.http.headers import Header
+
+__all__ = ["ResponseSink", "UpstreamConnection"]
+
+# How the body of a response is delimited on the upstream link.
+FRAMING_NONE = 0
+FRAMING_LENGTH = 1
+FRAMING_CHUNKED = 2
+FRAMING_CLOSE = 3
+
+
+class ResponseSink(Protocol):
+    """
+    What an upstream connection reports to while it carries a request.
+    """
+
+    def response_interim(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        """A 1xx response other than 101 arrived."""
+
+    def response_head(
+        self, status: int, reason: bytes, headers: list[Header], framing: int
+    ) -> None:
+        """The final response head arrived; C{headers} are already free of hop-by-hop ones."""
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the (de-chunked) response body arrived."""
+
+    def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
+        """The response is complete; the connection no longer belongs to the sink."""
+
+    def upstream_failed(self, reason: str, timeout: bool) -> None:
+        """The connection broke (or timed out) before the response was complete."""
+
+
+@implementer(IPushProducer)
+class UpstreamConnection(TwistedProtocol):
+    """
+    An HTTP/1.1 client connection that the pool lends to one exchange at a time.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        response_timeout: float,
+        max_requests: int,
+    ) -> None:
+        self.state = "CONNECTING"
+        self.requests = 0
+        self.idle_since = 0.0
+        self.in_pool = False
+        #: Clock time after which the origin said it may close the connection.
+        self.expires_at = math.inf
+        self.on_lost: Callable[[UpstreamConnection], None] | None = None
+        self._clock = clock
+        self._response_timeout = response_timeout
+        self._max_requests = max_requests
+        self._timer = Deadline(clock, self._timed_out)
+        self._parser = httptools.HttpResponseParser(self)
+        self._sink: ResponseSink | None = None
+        self._paused = False
+        self._new_parser = False
+        self._reset_message()
+        self.request_sent = True
+        self.bytes_received = 0
+
+    def _reset_message(self) -> None:
+        self._is_head = False
+        self._interim = False
+        self._head_seen = False
+        self._reason = b""
+        self._headers: list[Header] = []
+        self._tokens: set[bytes] = set()
+        self._chunked = False
+        self._te = False
+        self._length = False
+        self._done = False
+
+    # -- used by the pool and the exchange -------------------------------------------------
+
+    def send_head(self, sink: ResponseSink, head: bytes, method: bytes, complete: bool) -> None:
+        """
+        Start a request; C{complete} is true when C{head} is the whole request.
+        """
+        if self.state != "IDLE":
+            raise RuntimeError(f"request on a connection in state {self.state}")
+        self.state = "ACTIVE"
+        self.requests += 1
+        self._sink = sink
+        self._reset_message()
+        self._is_head = method == b"HEAD"
+        self.request_sent = complete
+        self.bytes_received = 0
+        if self._response_timeout:
+            self._timer.arm(self._response_timeout)
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    def send_body(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def finish_request(self, trailer: bytes = b"") -> None:
+        if trailer:
+            self.transport.write(trailer)  # type: ignore[union-attr]
+        self.request_sent = True
+
+    def usable(self, now: float, margin: float) -> bool:
+        """
+        Whether the pool may hand this idle connection out without racing the origin's
+        own keep-alive timeout.
+        """
+        return self.state == "IDLE" and now + margin < self.expires_at
+
+    def close(self) -> None:
+        if self.transport is not None and self.state != "CLOSED":
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self._sink = None
+        if self.transport is not None and self.state != "CLOSED":
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- IPushProducer: the client's transport pauses us when it cannot keep up ------------
+
+    def pauseProducing(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """The client went away; the exchange deals with that."""
+
+    # -- Twisted protocol ---------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.state = "IDLE"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state != "ACTIVE":
+            # Bytes nobody asked for: the connection's framing can no longer be trusted.
+            self.abort()
+            return
+        self.bytes_received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("origin switched protocols unasked", False)
+        except httptools.HttpParserError as e:
+            self._fail(f"invalid response from origin: {e}", False)
+        if self._new_parser:
+            self._new_parser = False
+            self._parser = httptools.HttpResponseParser(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._timer.cancel()
+        was = self.state
+        self.state = "CLOSED"
+        sink = self._sink
+        if was == "ACTIVE" and sink is not None:
+            if self._head_seen and not self._length and not self._chunked and not self._done:
+                # Close-delimited body: the end of the connection is the end of the body.
+                self._sink = None
+                sink.response_complete(self, False)
+            else:
+                self._sink = None
+                sink.upstream_failed("origin closed the connection", False)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    # -- parser callbacks -------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                connection_tokens(value, self._tokens)
+            elif lower == b"transfer-encoding":
+                self._te = True
+                self._chunked = value.rstrip().lower().endswith(b"chunked")
+            elif lower == b"keep-alive":
+                seconds = keepalive_timeout_param(value)
+                if seconds is not None:
+                    self.expires_at = self._clock.seconds() + seconds
+            return
+        if lower == b"content-length":
+            self._length = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        headers = self._headers
+        tokens = self._tokens
+        if tokens - {b"close", b"keep-alive"}:
+            headers = [h for h in headers if h[0].lower() not in tokens]
+        sink = self._sink
+        if sink is None:
+            return
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+            sink.response_interim(status, self._reason, headers)
+            self._reason = b""
+            self._headers = []
+            self._tokens = set()
+            return
+        self._timer.cancel()
+        self._head_seen = True
+        if self._is_head or status in (204, 304):
+            framing = FRAMING_NONE
+        elif self._te:
+            framing = FRAMING_CHUNKED if self._chunked else FRAMING_CLOSE
+        elif self._length:
+            framing = FRAMING_LENGTH
+        else:
+            framing = FRAMING_CLOSE
+        sink.response_head(status, self._reason, headers, framing)
+        if self._is_head:
+            # llhttp cannot be told that a HEAD response has no body; finish here and give
+            # the next response a fresh parser.
+            self._new_parser = True
+            self._finish()
+
+    def on_body(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.response_body(data)
+        elif self._done:
+            self.abort()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if not self._done:
+            self._finish()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self._done = True
+        sink = self._sink
+        self._sink = None
+        reusable = (
+            self.request_sent
+            and b"close" not in self._tokens
+            and self._parser.should_keep_alive()
+            and (self._is_head or self._length or self._chunked or not self._te)
+            and not (self._max_requests and self.requests >= self._max_requests)
+        )
+        self.state = "IDLE"
+        if self._paused:
+            self.resumeProducing()
+        if sink is not None:
+            sink.response_complete(self, reusable)
+        if not reusable and self.state == "IDLE":
+            self.close()
+
+    def _fail(self, reason: str, timeout: bool) -> None:
+        sink = self._sink
+        self._sink = None
+        self.abort()
+        if sink is not None:
+            sink.upstream_failed(reason, timeout)
+
+    def _timed_out(self) -> None:
+        if self.state == "ACTIVE":
+            self._fail(f"no response head within {self._response_timeout:g}s", True)

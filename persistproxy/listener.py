@@ -1,0 +1,77 @@
+# -*- test-case-name: tests.unit.test_listener -*-
+"""
+A listening endpoint: where the path of every connection starts.
+
+The service binds in C{privilegedStartService}, so a low port is bound before twistd drops
+privileges, and a bind failure stops start-up loudly instead of leaving a proxy running
+without one of its listeners.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+
+from persistproxy.config import ListenerConfig
+from persistproxy.logs import EventLog
+
+__all__ = ["ListenerService"]
+
+
+class ListenerService(Service):
+    """
+    Binds one listener's endpoint to the factory its protocol plugin built.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ListenerConfig,
+        factory: IProtocolFactory,
+        log: EventLog,
+    ) -> None:
+        self.name = f"listener:{config.name}"
+        self.config = config
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._reactor = reactor
+        self._log = log
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        endpoint = serverFromString(self._reactor, self.config.bind)
+        d = endpoint.listen(self.factory)
+        result: list[Any] = []
+        d.addBoth(result.append)
+        if not result:
+            raise RuntimeError(f"listener {self.config.name}: endpoint did not listen at once")
+        outcome = result[0]
+        if not IListeningPort.providedBy(outcome):
+            outcome.raiseException()
+        self.port = outcome
+        address = outcome.getHost()
+        self._log.info(
+            "listener.started",
+            listener=self.config.name,
+            protocol=self.config.protocol,
+            host=getattr(address, "host", None),
+            port=getattr(address, "port", None),
+            tls=bool(self.config.tls),
+        )
+
+    def stop_listening(self) -> Deferred[None]:
+        """
+        Stop accepting; connections already open are left to the drain.
+        """
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)  # type: ignore[arg-type]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop_listening()

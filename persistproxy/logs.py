@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.unit.test_logs -*-
+"""
+Structured logs: one JSON object per line on standard output, for the proxy's own events
+and for Twisted's.
+
+The proxy's events go through structlog, built here and passed down to the objects that log
+(no logger is configured at import time, and no global logging state is changed). Twisted's
+own events reach the same output through L{twisted_observer}, which the twistd plugin
+installs as twistd's log observer, so a journal or a log shipper sees a single format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import provider
+
+__all__ = ["EventLog", "make_event_log", "twisted_observer"]
+
+EventLog = FilteringBoundLogger
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["ts"] = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return event
+
+
+def make_event_log(stream: IO[str] | None = None, level: str = "info") -> EventLog:
+    """
+    A logger writing JSON lines to C{stream} (standard output by default).
+
+    Filtered-out levels cost one method call, so debug events may stay in hot paths.
+    """
+    logger: EventLog = structlog.wrap_logger(
+        structlog.WriteLogger(stream or sys.stdout),
+        processors=[
+            structlog.processors.add_log_level,
+            _timestamp,
+            structlog.processors.JSONRenderer(default=str),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        cache_logger_on_first_use=True,
+    )
+    return logger
+
+
+_TWISTED_LEVELS = {
+    LogLevel.debug: "debug",
+    LogLevel.info: "info",
+    LogLevel.warn: "warning",
+    LogLevel.error: "error",
+    LogLevel.critical: "critical",
+}
+
+
+def twisted_observer(stream: IO[str] | None = None) -> Callable[[dict[str, Any]], None]:
+    """
+    A twistd log observer that renders Twisted's events in the proxy's JSON line format.
+    """
+    out = stream or sys.stdout
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        record: dict[str, Any] = {
+            "event": formatEvent(event),
+            "level": _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), "info"),
+            "ts": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "source": event.get("log_namespace", "twisted"),
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        out.write(json.dumps(record, default=str) + "\n")
+        out.flush()
+
+    return observe

@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.unit.test_metrics -*-
+"""
+Counters kept as plain integers on the hot path and exposed to Prometheus at scrape time.
+
+Incrementing an attribute costs nothing measurable; a prometheus_client counter takes a
+lock on every increment. So the proxy counts into L{ProxyStats} and a custom collector reads
+the numbers (and the pools' live gauges) only when someone scrapes C{/metrics}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["ListenerStats", "ProxyStats", "StatsCollector"]
+
+
+@dataclass
+class ListenerStats:
+    """
+    What happened on one listener, for the access-log-free view of its traffic.
+    """
+
+    connections_total: int = 0
+    connections_open: int = 0
+    connections_rejected: int = 0
+    requests_total: int = 0
+    responses: dict[int, int] = field(default_factory=dict)
+    bad_requests: int = 0
+    timeouts: int = 0
+    retries: int = 0
+    upstream_errors: int = 0
+    tls_handshakes: int = 0
+    tls_resumed: int = 0
+
+    def count_response(self, status: int) -> None:
+        key = status // 100
+        self.responses[key] = self.responses.get(key, 0) + 1
+
+
+@dataclass
+class ProxyStats:
+    listeners: dict[str, ListenerStats] = field(default_factory=dict)
+
+    def listener(self, name: str) -> ListenerStats:
+        return self.listeners.setdefault(name, ListenerStats())
+
+
+PoolGauges = Callable[[], Iterable[tuple[str, str, int, int, int, int]]]
+
+
+class StatsCollector(Collector):
+    """
+    Renders L{ProxyStats} and the pools' state for C{prometheus_client}.
+
+    @param pools: yields C{(upstream, server, active, idle, waiting, connects)} per pool.
+    """
+
+    def __init__(self, stats: ProxyStats, pools: PoolGauges) -> None:
+        self._stats = stats
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {
+            "connections": ("connections_total", "Client connections accepted"),
+            "connections_rejected": ("connections_rejected", "Client connections refused"),
+            "requests": ("requests_total", "Requests received"),
+            "bad_requests": ("bad_requests", "Malformed requests rejected"),
+            "timeouts": ("timeouts", "Client connections closed by a timeout"),
+            "retries": ("retries", "Requests retried on a new upstream connection"),
+            "upstream_errors": ("upstream_errors", "Requests failed upstream"),
+            "tls_handshakes": ("tls_handshakes", "TLS handshakes completed"),
+            "tls_resumed": ("tls_resumed", "TLS handshakes that resumed a session"),
+        }
+        for metric, (attr, help_text) in counters.items():
+            family = CounterMetricFamily(f"persistproxy_{metric}", help_text, labels=["listener"])
+            for name, ls in self._stats.listeners.items():
+                family.add_metric([name], getattr(ls, attr))
+            yield family
+        open_conns = GaugeMetricFamily(
+            "persistproxy_connections_open", "Client connections open", labels=["listener"]
+        )
+        responses = CounterMetricFamily(
+            "persistproxy_responses", "Responses sent by status class", labels=["listener", "code"]
+        )
+        for name, ls in self._stats.listeners.items():
+            open_conns.add_metric([name], ls.connections_open)
+            for klass, count in sorted(ls.responses.items()):
+                responses.add_metric([name, f"{klass}xx"], count)
+        yield open_conns
+        yield responses
+        labels = ["upstream", "server"]
+        active = GaugeMetricFamily(
+            "persistproxy_upstream_active", "Upstream connections lent out", labels=labels
+        )
+        idle = GaugeMetricFamily(
+            "persistproxy_upstream_idle", "Idle pooled upstream connections", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "persistproxy_upstream_waiting", "Requests queued for a connection", labels=labels
+        )
+        connects = CounterMetricFamily(
+            "persistproxy_upstream_connects", "Upstream connections opened", labels=labels
+        )
+        for upstream, server, n_active, n_idle, n_waiting, n_connects in self._pools():
+            active.add_metric([upstream, server], n_active)
+            idle.add_metric([upstream, server], n_idle)
+            waiting.add_metric([upstream, server], n_waiting)
+            connects.add_metric([upstream, server], n_connects)
+        yield from (active, idle, waiting, connects)

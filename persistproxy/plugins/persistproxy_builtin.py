@@ -1,0 +1,7 @@
+"""
+The protocols that ship with persistproxy, registered like any third-party plugin.
+"""
+
+from persistproxy.http.plugin import HTTPProtocolPlugin
+
+http = HTTPProtocolPlugin()

@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.unit.test_policy -*-
+"""
+Small policy objects: when a connection is kept alive, when a request may be retried, and
+one resettable timer per connection.
+
+Protocols ask these objects instead of holding the rules themselves, so the rules can be read
+in one place and tested without a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+__all__ = ["IDEMPOTENT_METHODS", "Deadline", "KeepAlivePolicy", "RetryPolicy"]
+
+#: RFC 9110 9.2.2; a request with a body is never replayed, whatever its method.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+@dataclass(frozen=True)
+class KeepAlivePolicy:
+    """
+    Whether a client connection survives a response.
+
+    @ivar timeout: seconds a kept-alive connection may idle; 0 closes after every response.
+    @ivar max_requests: requests served on one connection before it is closed; 0 = no limit.
+    """
+
+    timeout: float = 75.0
+    max_requests: int = 1000
+
+    def keep_alive(self, client_wants: bool, served: int) -> bool:
+        if not client_wants or self.timeout <= 0:
+            return False
+        return not (self.max_requests and served >= self.max_requests)
+
+    def header(self) -> bytes:
+        """
+        The C{Keep-Alive} line that lets clients retire the connection before we do.
+        """
+        return b"Keep-Alive: timeout=%d\r\n" % int(self.timeout)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """
+    When a request that failed upstream may be sent again.
+
+    A request is replayed only if replaying cannot do harm: the method is idempotent, there
+    is no body to resend, and not one byte of a response arrived. A failure on a connection
+    taken from the pool (the origin closed it as we wrote: the keep-alive race) is retried on
+    a new connection without spending the retry budget, up to C{max_stale} times; a failure
+    on a new connection spends one of C{retries}.
+    """
+
+    retries: int = 1
+    max_stale: int = 3
+
+    def may_retry(
+        self,
+        method: bytes,
+        has_body: bool,
+        response_started: bool,
+        reused: bool,
+        retries_done: int,
+        stale_done: int,
+    ) -> bool:
+        if response_started or has_body or method not in IDEMPOTENT_METHODS:
+            return False
+        if reused:
+            return stale_done < self.max_stale
+        return retries_done < self.retries
+
+
+class Deadline:
+    """
+    One timer that is re-armed many times; a connection owns one of these per purpose.
+
+    Re-arming to a later time moves the existing delayed call instead of creating a new one,
+    which costs almost nothing (Twisted only records the delay), so the per-request path does
+    not churn the reactor's timer heap.
+    """
+
+    __slots__ = ("_call", "_callback", "_clock")
+
+    def __init__(self, clock: IReactorTime, callback: Callable[[], object]) -> None:
+        self._clock = clock
+        self._callback = callback
+        self._call: IDelayedCall | None = None
+
+    def arm(self, seconds: float) -> None:
+        call = self._call
+        if call is not None and call.active():
+            if self._clock.seconds() + seconds >= call.getTime():
+                call.reset(seconds)
+                return
+            # Moving a call sooner makes the reactor search its heap; a fresh call is cheaper.
+            call.cancel()
+        self._call = self._clock.callLater(seconds, self._fire)
+
+    def cancel(self) -> None:
+        call = self._call
+        if call is not None:
+            self._call = None
+            if call.active():
+                call.cancel()
+
+    @property
+    def armed(self) -> bool:
+        return self._call is not None and self._call.active()
+
+    def _fire(self) -> None:
+        self._call = None
+        self._callback()

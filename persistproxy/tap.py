@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.unit.test_tap -*-
+"""
+The twistd plugin's command line and service tree: C{twistd -n persistproxy --config FILE}.
+
+Configuration is loaded and validated completely in L{Options.postOptions}, before twistd
+daemonizes or binds anything; a problem ends the process with one line naming the file, the
+key and the problem, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from persistproxy import __version__
+from persistproxy.config import ConfigError, ProxyConfig, load_config, parse_config
+from persistproxy.interfaces import IProtocolPlugin
+from persistproxy.logs import make_event_log
+
+__all__ = ["Options", "makeService", "protocol_plugins"]
+
+
+def protocol_plugins() -> dict[str, IProtocolPlugin]:
+    """
+    Every protocol plugin installed, by the name a listener uses.
+    """
+    import persistproxy.plugins
+
+    return {p.name: p for p in getPlugins(IProtocolPlugin, persistproxy.plugins)}
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE | --demo] [--check]"
+    longdesc = (
+        "persistproxy: a reverse proxy with independent keep-alive on the client and "
+        "upstream hops. --config names the TOML configuration (see etc/persistproxy.toml)."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+    ]
+    optFlags = [
+        ["demo", None, "Run on 127.0.0.1:8080 in front of a built-in demo origin."],
+        ["check", None, "Validate the configuration and exit (0 when valid), like nginx -t."],
+        ["version", None, "Print the version and exit."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"persistproxy {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        plugins = protocol_plugins()
+        validators = {name: plugin.validate for name, plugin in plugins.items()}
+        self.plugins = plugins
+        self.proxy_config: ProxyConfig | None = None
+        if self["config"] is None and not self["demo"]:
+            _fail("persistproxy: --config FILE is required (or --demo to try it out)")
+        if self["config"] is not None:
+            try:
+                self.proxy_config = load_config(self["config"], validators)
+            except ConfigError as e:
+                _fail(f"persistproxy: {e}")
+        elif self["demo"]:
+            # Validated here too, so that --demo --check proves the demo config is sound.
+            parse_config(_demo_document(8080, 1), "<demo>", validators)
+        if self["check"]:
+            config = self.proxy_config
+            what = "<demo>" if config is None else config.source
+            print(f"persistproxy: {what}: configuration OK")
+            sys.exit(0)
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger") and parent.get("logfile") in (
+            None,
+            "-",
+        ):
+            # Twisted's own events in the same JSON lines as ours.
+            parent["logger"] = "persistproxy.logs.twisted_observer"
+
+
+def _fail(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def _demo_document(port: int, origin_port: int) -> dict[str, Any]:
+    import tomllib
+
+    from persistproxy.demo import DEMO_CONFIG
+
+    return tomllib.loads(DEMO_CONFIG.format(port=port, origin_port=origin_port))
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from persistproxy.service import ProxyService
+
+    config = options.proxy_config
+    demo_port = None
+    if config is None:
+        from persistproxy.demo import demo_site
+
+        # The demo origin binds an ephemeral port now, so the proxy's config can name it.
+        demo_port = reactor.listenTCP(0, demo_site(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        validators = {name: p.validate for name, p in options.plugins.items()}
+        config = parse_config(
+            _demo_document(8080, demo_port.getHost().port), "<demo>", validators
+        )
+    log = make_event_log(level=config.log_level)
+    root = MultiService()
+    proxy = ProxyService(reactor, config, options.plugins, log)
+    proxy.setServiceParent(root)
+    if config.metrics_bind:
+        from persistproxy.metrics_service import metrics_service
+
+        metrics_service(reactor, config.metrics_bind, proxy).setServiceParent(root)
+    if demo_port is not None:
+        log.info("demo.origin", port=demo_port.getHost().port)
+    return root
