@@ -10,6 +10,7 @@ and on SIGTERM/SIGINT/SIGHUP, so nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import grp
 import json
@@ -250,10 +251,8 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
         pgid = None
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if pgid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
         try:
             proc.wait(timeout=grace)
             break
@@ -261,10 +260,8 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
             continue
     # The group may outlive its leader (nginx workers): make sure it is gone.
     if pgid is not None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def install_signal_handlers() -> None:
@@ -282,9 +279,7 @@ def install_signal_handlers() -> None:
         signal.signal(sig, handler)
 
 
-def wait_ready(
-    server: Server, timeout: float = READY_TIMEOUT, marker: str | None = None
-) -> None:
+def wait_ready(server: Server, timeout: float = READY_TIMEOUT, marker: str | None = None) -> None:
     """Wait until `server` accepts TCP connections on its port (or prints `marker`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -311,9 +306,7 @@ def wait_ready(
 
 
 def http_get(port: int, path: str = "/", timeout: float = 5.0) -> bytes:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", headers={"Host": "bench"}
-    )
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": "bench"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return bytes(resp.read())
 
@@ -338,9 +331,7 @@ def _nginx_user_line() -> str:
     return f"user {user} {group};"
 
 
-def _nginx_common(
-    prefix: Path, worker_connections: int, rlimit_nofile: int | None
-) -> str:
+def _nginx_common(prefix: Path, worker_connections: int, rlimit_nofile: int | None) -> str:
     rlimit = f"worker_rlimit_nofile {rlimit_nofile};" if rlimit_nofile else ""
     return f"""
 {_nginx_user_line()}
@@ -432,9 +423,7 @@ def write_proxy_nginx(
         ssl_session_tickets on;
 """
     (prefix / "nginx.conf").write_text(
-        _nginx_common(
-            prefix, worker_connections, rlimit_nofile or worker_connections * 2 + 64
-        )
+        _nginx_common(prefix, worker_connections, rlimit_nofile or worker_connections * 2 + 64)
         + f"""
 http {{
 {_nginx_http_common(prefix)}
@@ -462,7 +451,7 @@ def write_haproxy(path: Path, port: int, origin_port: int, maxconn: int = 4096) 
         f"""global
     nbthread 1
     maxconn {maxconn}
-    # Without CAP_SYS_RESOURCE the fd limit may be below 2 × maxconn: warn, do not refuse.
+    # Without CAP_SYS_RESOURCE the fd limit may be below 2 x maxconn: warn, do not refuse.
     no strict-limits
 
 defaults
@@ -572,9 +561,7 @@ def persistproxy_hint() -> str:
 # --------------------------------------------------------------------------- origin & reports
 
 
-def start_origin(
-    procs: Processes, workdir: Path, worker_connections: int = 4096
-) -> Server:
+def start_origin(procs: Processes, workdir: Path, worker_connections: int = 4096) -> Server:
     port = free_port()
     prefix = workdir / "origin"
     write_origin_nginx(prefix, port, worker_connections)
@@ -621,18 +608,22 @@ def fmt(value: float | None, digits: int = 1) -> str:
 def ratio(a: float | None, b: float | None, digits: int = 2) -> str:
     if a is None or b is None or b == 0:
         return "—"
-    return f"{a / b:.{digits}f}×"
+    return f"{a / b:.{digits}f}x"
 
 
 def _cmd_version(argv: Sequence[str]) -> str:
     try:
-        out = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "n/a"
     text = (out.stdout + out.stderr).strip().splitlines()
     return text[0].strip() if text else "n/a"
+
+
+_VERSION_SNIPPET = (
+    "import sys, persistproxy as p;"
+    " print(getattr(p, '__version__', '?'), 'on Python', sys.version.split()[0])"
+)
 
 
 def environment_lines(twistd: Path | None = None) -> list[str]:
@@ -662,10 +653,7 @@ def environment_lines(twistd: Path | None = None) -> list[str]:
                 [
                     str(py),
                     "-c",
-                    (
-                        "import sys, persistproxy as p;"
-                        " print(getattr(p, '__version__', '?'), 'on Python', sys.version.split()[0])"
-                    ),
+                    _VERSION_SNIPPET,
                 ]
             )
         )

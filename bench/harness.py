@@ -90,13 +90,9 @@ def run_wrk(port: int, duration: int, connections: int, threads: int) -> WrkResu
         "--latency",
         f"http://127.0.0.1:{port}/",
     ]
-    out = subprocess.run(
-        argv, capture_output=True, text=True, timeout=duration + 60, check=False
-    )
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if out.returncode != 0:
-        raise b.BenchError(
-            f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout}"
-        )
+        raise b.BenchError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout}")
     return parse_wrk(out.stdout)
 
 
@@ -156,9 +152,7 @@ class Bench:
         d.mkdir(exist_ok=True)
         conf = d / "haproxy.cfg"
         b.write_haproxy(conf, port, self.origin.port)
-        server = self.procs.spawn(
-            tag, b.haproxy_argv(conf, b.PROXY_CPU), port, d / "stdout.log", d
-        )
+        server = self.procs.spawn(tag, b.haproxy_argv(conf, b.PROXY_CPU), port, d / "stdout.log", d)
         b.wait_ready(server)
         return server
 
@@ -185,34 +179,24 @@ class Bench:
                 try:
                     server = start()
                 except b.BenchError as e:
-                    hint = (
-                        b.persistproxy_hint()
-                        if scenario.startswith("persistproxy")
-                        else ""
-                    )
+                    hint = b.persistproxy_hint() if scenario.startswith("persistproxy") else ""
                     self.broken[scenario] = f"did not start{hint}: {e}"
                     raise b.BenchError(self.broken[scenario]) from e
             port = server.port if server else self.origin.port
             body = b.http_get(port, "/")
             if len(body) != b.BODY_SIZE:
-                raise b.BenchError(
-                    f"GET / returned {len(body)} bytes, expected {b.BODY_SIZE}"
-                )
+                raise b.BenchError(f"GET / returned {len(body)} bytes, expected {b.BODY_SIZE}")
             time.sleep(0.2)
             accepts0 = b.origin_accepts(self.origin.port)
             origin0 = self.origin.cpu_ticks()
             cpu0 = server.cpu_ticks() if server else 0
-            run.wrk = run_wrk(
-                port, self.args.duration, self.args.connections, self.args.threads
-            )
+            run.wrk = run_wrk(port, self.args.duration, self.args.connections, self.args.threads)
             cpu1 = server.cpu_ticks() if server else 0
             origin1 = self.origin.cpu_ticks()
             # -1: the stub_status request of this second reading opened a connection too.
             run.accepts = b.origin_accepts(self.origin.port) - accepts0 - 1
             if server is not None and not server.alive():
-                raise b.BenchError(
-                    f"{scenario} died during the run; log:\n{server.log_tail()}"
-                )
+                raise b.BenchError(f"{scenario} died during the run; log:\n{server.log_tail()}")
             n = run.wrk.requests
             if n > 0:
                 us_per_tick = 1e6 / b.CLK_TCK
@@ -269,9 +253,7 @@ class Bench:
         med: dict[str, dict[str, float | None]] = {}
         rows = []
         for s in scenarios:
-            runs = [
-                r for r in self.runs if r.scenario == s and r.wrk and r.wrk.requests > 0
-            ]
+            runs = [r for r in self.runs if r.scenario == s and r.wrk and r.wrk.requests > 0]
             m = {
                 "rps": b.median([r.wrk.rps for r in runs if r.wrk]),
                 "p99": b.median([r.wrk.p99_ms for r in runs if r.wrk]),
@@ -321,11 +303,11 @@ class Bench:
             ),
             (
                 "persistproxy+accesslog / persistproxy, CPU µs per request",
-                b.ratio(
-                    med.get("persistproxy+accesslog", {}).get("cpu"), pp.get("cpu")
-                ),
+                b.ratio(med.get("persistproxy+accesslog", {}).get("cpu"), pp.get("cpu")),
             ),
         ]
+        wrk_cpus = os.environ.get("WRK_CPUS")
+        wrk_cpu = f"on CPU {wrk_cpus}" if wrk_cpus else "unpinned"
         raw_rows = []
         for r in self.runs:
             w = r.wrk
@@ -347,10 +329,9 @@ class Bench:
             "# persistproxy throughput benchmark",
             "",
             (
-                f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency, keep-alive, 1 KiB body;"
-                f" {a.rounds} interleaved round(s), medians shown. Proxy on CPU {b.PROXY_CPU},"
-                f" origin nginx (1 worker) on CPU {b.ORIGIN_CPU}, wrk"
-                f" {'on CPU ' + os.environ['WRK_CPUS'] if os.environ.get('WRK_CPUS') else 'unpinned'}."
+                f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency, keep-alive,"
+                f" 1 KiB body; {a.rounds} interleaved round(s), medians shown. Proxy on CPU"
+                f" {b.PROXY_CPU}, origin nginx (1 worker) on CPU {b.ORIGIN_CPU}, wrk {wrk_cpu}."
             ),
             "",
             b.markdown_table(
@@ -401,12 +382,8 @@ class Bench:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument(
-        "--twistd", type=Path, default=b.REPO_DIR / ".venv" / "bin" / "twistd"
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--twistd", type=Path, default=b.REPO_DIR / ".venv" / "bin" / "twistd")
     p.add_argument("--duration", type=int, default=b.env_int("DURATION", 10))
     p.add_argument("--rounds", type=int, default=b.env_int("ROUNDS", 3))
     p.add_argument("--connections", type=int, default=b.env_int("CONNECTIONS", 50))

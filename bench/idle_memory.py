@@ -84,9 +84,7 @@ async def open_one(port: int, sem: asyncio.Semaphore) -> Conn:
         return reader, writer
 
 
-async def open_idle(
-    port: int, n: int, concurrency: int, timeout: float
-) -> tuple[list[Conn], str]:
+async def open_idle(port: int, n: int, concurrency: int, timeout: float) -> tuple[list[Conn], str]:
     sem = asyncio.Semaphore(concurrency)
     tasks = [asyncio.ensure_future(open_one(port, sem)) for _ in range(n)]
     done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -103,10 +101,7 @@ async def open_idle(
         else:
             key = f"{type(exc).__name__}: {exc}"[:100]
             errors[key] = errors.get(key, 0) + 1
-    problems = [
-        f"{count}× {what}"
-        for what, count in sorted(errors.items(), key=lambda x: -x[1])
-    ]
+    problems = [f"{count} x {what}" for what, count in sorted(errors.items(), key=lambda x: -x[1])]
     if pending:
         problems.insert(0, f"{len(pending)} not set up within {timeout:.0f}s")
     return conns, "; ".join(problems[:4])
@@ -156,25 +151,17 @@ class IdleBench:
                 keepalive_timeout=300,
                 max_connections=self.args.connections + 1000,
             )
-            argv = b.twistd_argv(
-                self.args.twistd, conf, b.PROXY_CPU, self.server_nofile
-            )
-            server = self.procs.spawn(
-                target, argv, port, d / "stdout.log", d, env=b.twistd_env()
-            )
+            argv = b.twistd_argv(self.args.twistd, conf, b.PROXY_CPU, self.server_nofile)
+            server = self.procs.spawn(target, argv, port, d / "stdout.log", d, env=b.twistd_env())
         elif target == "nginx-proxy":
             b.write_proxy_nginx(
                 d, port, self.origin.port, self.worker_connections, self.server_nofile
             )
             argv = b.nginx_argv(d, b.PROXY_CPU, self.server_nofile)
-            server = self.procs.spawn(
-                target, argv, port, d / "stdout.log", d, workers_only=True
-            )
+            server = self.procs.spawn(target, argv, port, d / "stdout.log", d, workers_only=True)
         elif target == "haproxy":
             conf = d / "haproxy.cfg"
-            b.write_haproxy(
-                conf, port, self.origin.port, maxconn=self.worker_connections
-            )
+            b.write_haproxy(conf, port, self.origin.port, maxconn=self.worker_connections)
             argv = b.haproxy_argv(conf, b.PROXY_CPU, self.server_nofile)
             server = self.procs.spawn(target, argv, port, d / "stdout.log", d)
         else:
@@ -195,9 +182,7 @@ class IdleBench:
             asyncio.run(warm_up(server.port))
             time.sleep(a.settle)
             res.rss_before = server.rss_kib()
-            b.log(
-                f"{target}: RSS {res.rss_before} KiB; opening {a.connections} connections"
-            )
+            b.log(f"{target}: RSS {res.rss_before} KiB; opening {a.connections} connections")
             t0 = time.monotonic()
             res.rss_after, res.opened, res.still_open, res.error = asyncio.run(
                 self._hold(server, a.connections)
@@ -219,9 +204,7 @@ class IdleBench:
         return res
 
     async def _hold(self, server: b.Server, n: int) -> tuple[int, int, int, str]:
-        conns, problems = await open_idle(
-            server.port, n, self.args.concurrency, self.args.timeout
-        )
+        conns, problems = await open_idle(server.port, n, self.args.concurrency, self.args.timeout)
         try:
             await asyncio.sleep(self.args.settle)
             still_open = sum(1 for reader, _ in conns if not reader.at_eof())
@@ -308,21 +291,11 @@ class IdleBench:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument(
-        "--twistd", type=Path, default=b.REPO_DIR / ".venv" / "bin" / "twistd"
-    )
-    p.add_argument(
-        "--connections", type=int, default=b.env_int("IDLE_CONNECTIONS", 10000)
-    )
-    p.add_argument(
-        "--concurrency", type=int, default=b.env_int("IDLE_CONCURRENCY", 256)
-    )
-    p.add_argument(
-        "--timeout", type=float, default=float(b.env_int("IDLE_TIMEOUT", 180))
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--twistd", type=Path, default=b.REPO_DIR / ".venv" / "bin" / "twistd")
+    p.add_argument("--connections", type=int, default=b.env_int("IDLE_CONNECTIONS", 10000))
+    p.add_argument("--concurrency", type=int, default=b.env_int("IDLE_CONCURRENCY", 256))
+    p.add_argument("--timeout", type=float, default=float(b.env_int("IDLE_TIMEOUT", 180)))
     p.add_argument("--settle", type=float, default=float(b.env_int("IDLE_SETTLE", 2)))
     p.add_argument(
         "--targets",

@@ -47,11 +47,7 @@ class STime:
 
     @property
     def rate(self) -> float | None:
-        return (
-            self.connections / self.seconds
-            if self.connections and self.seconds
-            else None
-        )
+        return self.connections / self.seconds if self.connections and self.seconds else None
 
     @property
     def resumed_share(self) -> float | None:
@@ -109,9 +105,7 @@ def s_time(server: b.Server, version: str, mode: str, rnd: int, seconds: int) ->
         res.connections = int(m.group(1))
         res.bytes_per_conn = int(m.group(2))
     # The progress line(s): one character per connection, 'r' resumed, '*' full handshake.
-    progress = "".join(
-        line for line in text.splitlines() if line and set(line) <= {"r", "*"}
-    )
+    progress = "".join(line for line in text.splitlines() if line and set(line) <= {"r", "*"})
     res.resumed, res.fresh = progress.count("r"), progress.count("*")
     if res.connections:
         res.cpu_us = (cpu1 - cpu0) * 1e6 / b.CLK_TCK / res.connections
@@ -190,24 +184,23 @@ class TlsBench:
                     servers.append(self.start_persistproxy(origin, tls))
                 b.log(f"{target}: TLS listener on 127.0.0.1:{servers[-1].port}")
             except b.BenchError as e:
-                why = str(e)
+                first, _, rest = str(e).partition("\n")
                 if target == "persistproxy":
-                    why = (
-                        "persistproxy FAILED to start with the TLS listener ([listener.tls]) "
-                        "config — the TLS feature may not be finished yet"
-                        f"{b.persistproxy_hint()}:\n{why}"
+                    first = (
+                        "persistproxy FAILED with the TLS listener ([listener.tls]) config, the"
+                        f" TLS feature may not be finished yet{b.persistproxy_hint()}: {first}"
                     )
-                self.failures[target] = why
-                b.log(f"{target}: {why}")
+                else:
+                    first = f"{target} FAILED: {first}"
+                self.failures[target] = f"{first}\n{rest}"
+                b.log(self.failures[target])
         runs: list[STime] = []
         for rnd in range(1, a.rounds + 1):
             for version in a.versions:
                 for mode in MODES:
                     order = servers if rnd % 2 else list(reversed(servers))
                     for server in order:
-                        b.log(
-                            f"round {rnd}/{a.rounds}: {server.name} -{version} -{mode}"
-                        )
+                        b.log(f"round {rnd}/{a.rounds}: {server.name} -{version} -{mode}")
                         r = s_time(server, version, mode, rnd, a.time)
                         runs.append(r)
                         b.log(
@@ -224,11 +217,7 @@ class TlsBench:
         a = self.args
 
         def med(target: str, version: str, mode: str, attr: str) -> float | None:
-            sel = [
-                r
-                for r in runs
-                if (r.target, r.version, r.mode) == (target, version, mode)
-            ]
+            sel = [r for r in runs if (r.target, r.version, r.mode) == (target, version, mode)]
             return b.median([getattr(r, attr) for r in sel if not r.error])
 
         rows, ratios = [], []
@@ -245,7 +234,7 @@ class TlsBench:
                 cpu_resumed = med(target, version, "reuse", "cpu_us")
                 cpu_r = cpu_full / cpu_resumed if cpu_full and cpu_resumed else None
                 cpu_saving[(target, version)] = cpu_r
-                note = "FAILED to start (see below)" if target in self.failures else ""
+                note = "FAILED (see below)" if target in self.failures else ""
                 rows.append(
                     [
                         target,
@@ -321,8 +310,8 @@ class TlsBench:
             ),
             "",
             *[
-                f"**{target} FAILED: {b.summary(why, 240)}** (details under Failures below)\n"
-                for target, why in self.failures.items()
+                f"**{why.splitlines()[0]}** (details under Failures below)\n"
+                for why in self.failures.values()
             ],
             b.markdown_table(
                 [
@@ -375,9 +364,7 @@ class TlsBench:
         return "\n".join(lines)
 
 
-def _csv(
-    value: str, allowed: list[str], what: str, p: argparse.ArgumentParser
-) -> list[str]:
+def _csv(value: str, allowed: list[str], what: str, p: argparse.ArgumentParser) -> list[str]:
     items = [x.strip() for x in value.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
@@ -386,20 +373,12 @@ def _csv(
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument(
-        "--twistd", type=Path, default=b.REPO_DIR / ".venv" / "bin" / "twistd"
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--twistd", type=Path, default=b.REPO_DIR / ".venv" / "bin" / "twistd")
     p.add_argument("--time", type=int, default=b.env_int("TLS_TIME", 5))
     p.add_argument("--rounds", type=int, default=b.env_int("ROUNDS", 3))
-    p.add_argument(
-        "--versions", default=os.environ.get("TLS_VERSIONS") or ",".join(ALL_VERSIONS)
-    )
-    p.add_argument(
-        "--targets", default=os.environ.get("TLS_TARGETS") or ",".join(ALL_TARGETS)
-    )
+    p.add_argument("--versions", default=os.environ.get("TLS_VERSIONS") or ",".join(ALL_VERSIONS))
+    p.add_argument("--targets", default=os.environ.get("TLS_TARGETS") or ",".join(ALL_TARGETS))
     args = p.parse_args(argv)
     args.versions = _csv(args.versions, ALL_VERSIONS, "TLS_VERSIONS", p)
     args.targets = _csv(args.targets, ALL_TARGETS, "TLS_TARGETS", p)

@@ -98,7 +98,6 @@ class ProxyConfig:
     source: str = "<built-in>"
 
 
-
 class _Section:
     """
     Typed access to one table of the file, recording which keys were used so that

@@ -46,19 +46,23 @@ class DemoOrigin(Resource):
             for value in values:
                 lines.append(f"  {name.decode('latin-1')}: {value.decode('latin-1')}")
         transport: Any = request.channel.transport
-        lines += ["", f"Origin connection from port {transport.getPeer().port} "
-                      "(the same on every request: the upstream hop is kept alive).", ""]
+        lines += [
+            "",
+            f"Origin connection from port {transport.getPeer().port} "
+            "(the same on every request: the upstream hop is kept alive).",
+            "",
+        ]
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return "\n".join(lines).encode()
 
 
 class _QuietSite(Site):
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         """The proxy's access log already has every request."""
 
 
 def demo_site() -> Site:
-    site = _QuietSite(DemoOrigin())
+    site = _QuietSite(DemoOrigin())  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
@@ -42,7 +42,7 @@ class ListenerService(Service):
         self._log = log
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
         endpoint = serverFromString(self._reactor, self.config.bind)
         d = endpoint.listen(self.factory)
         result: list[Any] = []
@@ -70,8 +70,9 @@ class ListenerService(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)  # type: ignore[arg-type]
+        stopped = port.stopListening()
+        return stopped if isinstance(stopped, Deferred) else succeed(None)
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return self.stop_listening()

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -35,12 +35,12 @@ _LEVELS = {
 }
 
 
-def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event["ts"] = datetime.now(UTC).isoformat(timespec="milliseconds")
     return event
 
 
-def make_event_log(stream: IO[str] | None = None, level: str = "info") -> EventLog:
+def make_event_log(stream: TextIO | None = None, level: str = "info") -> EventLog:
     """
     A logger writing JSON lines to C{stream} (standard output by default).
 
@@ -68,7 +68,7 @@ _TWISTED_LEVELS = {
 }
 
 
-def twisted_observer(stream: IO[str] | None = None) -> Callable[[dict[str, Any]], None]:
+def twisted_observer(stream: TextIO | None = None) -> Callable[[dict[str, Any]], None]:
     """
     A twistd log observer that renders Twisted's events in the proxy's JSON line format.
     """
@@ -90,4 +90,4 @@ def twisted_observer(stream: IO[str] | None = None) -> Callable[[dict[str, Any]]
         out.write(json.dumps(record, default=str) + "\n")
         out.flush()
 
-    return observe
+    return observe  # type: ignore[no-any-return]

@@ -23,7 +23,7 @@ def metrics_service(reactor: Any, bind: str, proxy: Any) -> IService:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StatsCollector(proxy.proxy_stats, proxy.pool_gauges))
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))
+    root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
     site = Site(root)
     site.noisy = False
     return service(bind, site, reactor=reactor)

@@ -216,7 +216,7 @@ class ServerPool:
         def failed(failure: Failure) -> None:
             self.active -= 1
             self.connect_failures += 1
-            reason = failure.getErrorMessage() or failure.type.__name__
+            reason = failure.getErrorMessage() or repr(failure.value)
             self._log.warning("upstream.connect_failed", server=self.address, reason=reason)
             if not waiter.cancelled:
                 waiter.connection_failed(f"cannot connect to {self.address}: {reason}", 502)

@@ -101,7 +101,7 @@ def _connector(
     endpoint: IStreamClientEndpoint, factory: Factory
 ) -> Callable[[], Deferred[UpstreamConnection]]:
     def connect() -> Deferred[UpstreamConnection]:
-        d: Deferred[UpstreamConnection] = endpoint.connect(factory)
+        d: Deferred[UpstreamConnection] = endpoint.connect(factory)  # type: ignore[assignment]
 
         def nodelay(connection: UpstreamConnection) -> UpstreamConnection:
             set_nodelay = getattr(connection.transport, "setTcpNoDelay", None)

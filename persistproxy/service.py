@@ -44,7 +44,7 @@ class ProxyService(MultiService):
         log: EventLog,
         upstream_tls: EndpointWrapper | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.log = log
         self.config = config
@@ -62,7 +62,7 @@ class ProxyService(MultiService):
         for listener in config.listeners:
             factory: IProtocolFactory = plugins[listener.protocol].build_factory(listener, self)
             service = ListenerService(reactor, listener, factory, log)
-            service.setServiceParent(self)
+            service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(service)
 
     # -- IProxyContext ------------------------------------------------------------------------
@@ -73,10 +73,10 @@ class ProxyService(MultiService):
     def stats(self, listener: str) -> ListenerStats:
         return self.proxy_stats.listener(listener)
 
-    def register_connection(self, listener: str, connection: Drainable) -> None:
+    def register_connection(self, listener: str, connection: Any) -> None:
         self._connections.setdefault(listener, set()).add(connection)
 
-    def unregister_connection(self, listener: str, connection: Drainable) -> None:
+    def unregister_connection(self, listener: str, connection: Any) -> None:
         connections = self._connections.get(listener)
         if connections is not None:
             connections.discard(connection)
@@ -102,8 +102,7 @@ class ProxyService(MultiService):
     async def _drain(self) -> None:
         self._draining = True
         timeout = self.config.drain_timeout
-        self.log.info("drain.started", open_connections=self.open_connections(),
-                      timeout=timeout)
+        self.log.info("drain.started", open_connections=self.open_connections(), timeout=timeout)
         await DeferredList([listener.stop_listening() for listener in self.listeners])
         for connections in list(self._connections.values()):
             for connection in list(connections):

@@ -73,9 +73,14 @@ class Options(usage.Options):
             print(f"persistproxy: {what}: configuration OK")
             sys.exit(0)
         parent = getattr(self, "parent", None)
-        if parent is not None and not parent.get("logger") and parent.get("logfile") in (
-            None,
-            "-",
+        if (
+            parent is not None
+            and not parent.get("logger")
+            and parent.get("logfile")
+            in (
+                None,
+                "-",
+            )
         ):
             # Twisted's own events in the same JSON lines as ours.
             parent["logger"] = "persistproxy.logs.twisted_observer"
@@ -100,24 +105,22 @@ def makeService(options: Options) -> IService:
     from persistproxy.service import ProxyService
 
     config = options.proxy_config
-    demo_port = None
+    demo_port: Any = None
     if config is None:
         from persistproxy.demo import demo_site
 
         # The demo origin binds an ephemeral port now, so the proxy's config can name it.
-        demo_port = reactor.listenTCP(0, demo_site(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        demo_port = reactor.listenTCP(0, demo_site(), interface="127.0.0.1")  # type: ignore[attr-defined, arg-type]
         validators = {name: p.validate for name, p in options.plugins.items()}
-        config = parse_config(
-            _demo_document(8080, demo_port.getHost().port), "<demo>", validators
-        )
+        config = parse_config(_demo_document(8080, demo_port.getHost().port), "<demo>", validators)
     log = make_event_log(level=config.log_level)
     root = MultiService()
     proxy = ProxyService(reactor, config, options.plugins, log)
-    proxy.setServiceParent(root)
+    proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
     if config.metrics_bind:
         from persistproxy.metrics_service import metrics_service
 
-        metrics_service(reactor, config.metrics_bind, proxy).setServiceParent(root)
+        metrics_service(reactor, config.metrics_bind, proxy).setServiceParent(root)  # type: ignore[attr-defined]
     if demo_port is not None:
         log.info("demo.origin", port=demo_port.getHost().port)
     return root

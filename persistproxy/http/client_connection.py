@@ -28,6 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from persistproxy.fastwrite import writer_for
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
 from persistproxy.http.headers import HOP_BY_HOP, connection_tokens
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from persistproxy.logs import EventLog
     from persistproxy.metrics import ListenerStats
     from persistproxy.router import UpstreamGroup
+
+_CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
 __all__ = ["ClientConnection", "ListenerContext"]
 
@@ -84,6 +87,10 @@ class ListenerContext:
         return target.partition(b"?")[0].decode("latin-1")
 
 
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("write before the connection was made")
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -108,6 +115,7 @@ class ClientConnection(Protocol):
         self._peer = b""
         self._peer_str = ""
         self._quiet = 0
+        self._write: Callable[[bytes], None] = _not_connected
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -129,6 +137,7 @@ class ClientConnection(Protocol):
         set_nodelay = getattr(transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        self._write = writer_for(transport)
         peer = transport.getPeer()  # type: ignore[union-attr]
         self._peer_str = getattr(peer, "host", "") or str(peer)
         self._peer = self._peer_str.encode("latin-1")
@@ -199,7 +208,7 @@ class ClientConnection(Protocol):
         if self._phase != "closed":
             self._timer.arm(LINGER_SECONDS)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"
         self._timer.cancel()
         self._current = None
@@ -326,7 +335,15 @@ class ClientConnection(Protocol):
         )
         self._served += 1
         exchange = Exchange(
-            self, ctx, method, url, head, http11, parser.should_keep_alive(), has_body, chunked,
+            self,
+            ctx,
+            method,
+            url,
+            head,
+            http11,
+            parser.should_keep_alive(),
+            has_body,
+            chunked,
             self._served,
         )
         ctx.stats.requests_total += 1
@@ -380,10 +397,10 @@ class ClientConnection(Protocol):
     # -- used by the exchange -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        self._write(data)
 
     def write_sequence(self, data: Sequence[bytes]) -> None:
-        self.transport.writeSequence(data)  # type: ignore[union-attr]
+        self.write(b"".join(data))
 
     def abort(self) -> None:
         self._phase = "closed"
@@ -491,7 +508,10 @@ class ClientConnection(Protocol):
         ctx = self._ctx
         ctx.stats.bad_requests += 1
         ctx.log.warning(
-            "request.rejected", listener=ctx.name, client=self._peer_str, status=status,
+            "request.rejected",
+            listener=ctx.name,
+            client=self._peer_str,
+            status=status,
             reason=detail,
         )
         current = self._current
@@ -573,7 +593,10 @@ class ClientConnection(Protocol):
             ctx.stats.timeouts += 1
             partial = True
             ctx.log.info(
-                "client.timeout", listener=ctx.name, client=self._peer_str, phase=phase,
+                "client.timeout",
+                listener=ctx.name,
+                client=self._peer_str,
+                phase=phase,
             )
             if phase == "body" and self._current is not None:
                 exchange = self._current

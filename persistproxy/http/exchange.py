@@ -46,12 +46,12 @@ class Exchange:
     __slots__ = (
         "_body",
         "_buffered",
-        "_feeding",
-        "_relaying",
         "_client",
         "_ctx",
+        "_feeding",
         "_framing",
         "_pool",
+        "_relaying",
         "body_done",
         "bytes_out",
         "cancelled",
@@ -117,8 +117,9 @@ class Exchange:
         self.started = ctx.clock.seconds()
 
     @classmethod
-    def failed(cls, client: ClientConnection, ctx: ListenerContext, response: bytes,
-               status: int) -> Exchange:
+    def failed(
+        cls, client: ClientConnection, ctx: ListenerContext, response: bytes, status: int
+    ) -> Exchange:
         """
         A placeholder that answers with a ready-made error response and closes, keeping its
         place in the pipeline so that earlier requests are still answered first.
@@ -212,8 +213,12 @@ class Exchange:
     def connection_failed(self, reason: str, status: int) -> None:
         self._ctx.stats.upstream_errors += 1
         self._ctx.log.error(
-            "upstream.error", listener=self._ctx.name, method=self.method.decode("latin-1"),
-            path=self._ctx.log_path(self.target), reason=reason, status=status,
+            "upstream.error",
+            listener=self._ctx.name,
+            method=self.method.decode("latin-1"),
+            path=self._ctx.log_path(self.target),
+            reason=reason,
+            status=status,
         )
         self._respond_error(status, reason)
 
@@ -231,7 +236,7 @@ class Exchange:
         self.status = status
         extra = []
         keep_alive = client.may_keep_alive(self.client_keep_alive, self.ordinal)
-        if framing == FRAMING_NONE or framing == FRAMING_LENGTH:
+        if framing in (FRAMING_NONE, FRAMING_LENGTH):
             self._framing = framing
         elif self.client_http11:
             self._framing = FRAMING_CHUNKED
@@ -286,9 +291,17 @@ class Exchange:
         if self.cancelled:
             return
         ctx = self._ctx
-        if not timeout and pool is not None and ctx.retry.may_retry(
-            self.method, self.has_body, self.response_started, self.reused,
-            self.retries, self.stale,
+        if (
+            not timeout
+            and pool is not None
+            and ctx.retry.may_retry(
+                self.method,
+                self.has_body,
+                self.response_started,
+                self.reused,
+                self.retries,
+                self.stale,
+            )
         ):
             if self.reused:
                 self.stale += 1
@@ -296,9 +309,13 @@ class Exchange:
                 self.retries += 1
             ctx.stats.retries += 1
             ctx.log.info(
-                "upstream.retry", listener=ctx.name, server=pool.address,
-                method=self.method.decode("latin-1"), path=ctx.log_path(self.target),
-                reason=reason, stale_connection=self.reused,
+                "upstream.retry",
+                listener=ctx.name,
+                server=pool.address,
+                method=self.method.decode("latin-1"),
+                path=ctx.log_path(self.target),
+                reason=reason,
+                stale_connection=self.reused,
             )
             if not self.reused:
                 pool = self._pool = ctx.group.pick()
@@ -307,10 +324,13 @@ class Exchange:
         ctx.stats.upstream_errors += 1
         status = 504 if timeout else 502
         ctx.log.error(
-            "upstream.error", listener=ctx.name,
+            "upstream.error",
+            listener=ctx.name,
             server=pool.address if pool is not None else None,
-            method=self.method.decode("latin-1"), path=ctx.log_path(self.target),
-            reason=reason, status=status if not self.response_started else None,
+            method=self.method.decode("latin-1"),
+            path=ctx.log_path(self.target),
+            reason=reason,
+            status=status if not self.response_started else None,
             stale_connection=self.reused,
         )
         if self.response_started:
@@ -328,8 +348,10 @@ class Exchange:
         )
         self.keep_alive = keep_alive
         extra = self._ctx.keepalive_header if keep_alive else b""
-        detail = "upstream timed out" if status == 504 else (
-            "service unavailable" if status == 503 else "bad gateway"
+        detail = (
+            "upstream timed out"
+            if status == 504
+            else ("service unavailable" if status == 503 else "bad gateway")
         )
         response = error_response(status, detail, keep_alive, extra)
         if status == 503:

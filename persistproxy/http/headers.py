@@ -76,6 +76,4 @@ def serialize(first_line: bytes, headers: Iterable[Header], extra: bytes = b"") 
 
     @param extra: already-serialized header lines (each ending in CRLF) to append.
     """
-    return b"".join(
-        [first_line, *[b"%s: %s\r\n" % header for header in headers], extra, b"\r\n"]
-    )
+    return b"".join([first_line, *[b"%s: %s\r\n" % header for header in headers], extra, b"\r\n"])

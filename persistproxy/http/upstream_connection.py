@@ -23,11 +23,14 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from persistproxy.fastwrite import writer_for
 from persistproxy.http.headers import HOP_BY_HOP, connection_tokens, keepalive_timeout_param
 from persistproxy.policy import Deadline
 
 if TYPE_CHECKING:
     from persistproxy.http.headers import Header
+
+_CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
 __all__ = ["ResponseSink", "UpstreamConnection"]
 
@@ -36,6 +39,10 @@ FRAMING_NONE = 0
 FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3
+
+
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("write before the connection was made")
 
 
 class ResponseSink(Protocol):
@@ -88,6 +95,7 @@ class UpstreamConnection(TwistedProtocol):
         self._sink: ResponseSink | None = None
         self._paused = False
         self._new_parser = False
+        self._write: Callable[[bytes], None] = _not_connected
         self._reset_message()
         self.request_sent = True
         self.bytes_received = 0
@@ -121,14 +129,14 @@ class UpstreamConnection(TwistedProtocol):
         self.bytes_received = 0
         if self._response_timeout:
             self._timer.arm(self._response_timeout)
-        self.transport.write(head)  # type: ignore[union-attr]
+        self._write(head)
 
     def send_body(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        self._write(data)
 
     def finish_request(self, trailer: bytes = b"") -> None:
         if trailer:
-            self.transport.write(trailer)  # type: ignore[union-attr]
+            self._write(trailer)
         self.request_sent = True
 
     def usable(self, now: float, margin: float) -> bool:
@@ -166,6 +174,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self.state = "IDLE"
+        self._write = writer_for(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state != "ACTIVE":
@@ -183,7 +192,7 @@ class UpstreamConnection(TwistedProtocol):
             self._new_parser = False
             self._parser = httptools.HttpResponseParser(self)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._timer.cancel()
         was = self.state
         self.state = "CLOSED"
