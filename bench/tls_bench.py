@@ -163,9 +163,11 @@ class TlsBench:
             input="", capture_output=True, text=True, timeout=15, check=False,
         )  # fmt: skip
         if "Protocol version" not in check.stderr + check.stdout:
+            client = (check.stderr.strip() or check.stdout.strip()).splitlines() or ["?"]
             raise b.BenchError(
-                "it listens but a TLS handshake fails:\n"
-                + (check.stderr.strip() or check.stdout.strip())
+                f"it listens but a TLS handshake fails ({client[-1].strip()})\n"
+                + "openssl s_client said:\n"
+                + "\n".join(client)
                 + f"\nlog tail:\n{server.log_tail()}"
             )
         return server

@@ -9,6 +9,7 @@ server. Routing rules beyond "this listener forwards to that group" plug in here
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
@@ -19,7 +20,7 @@ from twisted.internet.protocol import Factory
 from persistproxy.config import UpstreamConfig
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.logs import EventLog
-from persistproxy.pool import ServerPool
+from persistproxy.pool import Connector, ServerPool
 
 __all__ = ["EndpointWrapper", "Router", "UpstreamGroup"]
 
@@ -66,24 +67,26 @@ class UpstreamGroup:
         config: UpstreamConfig,
         log: EventLog,
         wrap: EndpointWrapper | None = None,
+        connector: Callable[[str, int], Connector] | None = None,
     ) -> None:
+        """
+        @param connector: makes the function that opens a connection to C{(host, port)};
+            tests pass one that hands out in-memory connections.
+        """
         self.config = config
         self.pools: list[ServerPool] = []
         factory = _UpstreamFactory(reactor, config)
         for host, port in config.servers:
-            endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
-            if wrap is not None:
-                endpoint = wrap(endpoint, host)
+            if connector is not None:
+                connect = connector(host, port)
+            else:
+                endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
+                if wrap is not None:
+                    endpoint = wrap(endpoint, host)
+                connect = _connector(endpoint, factory)
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            self.pools.append(
-                ServerPool(
-                    reactor,  # type: ignore[arg-type]
-                    address,
-                    config,
-                    _connector(endpoint, factory),
-                    log,
-                )
-            )
+            clock: Any = reactor
+            self.pools.append(ServerPool(clock, address, config, connect, log))
         self._next = 0
 
     def pick(self) -> ServerPool:

@@ -17,6 +17,7 @@ reset.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ __all__ = ["ClientConnection", "ListenerContext"]
 PIPELINE_BUFFER = 256 * 1024
 #: Seconds the input is drained after our half-close before the socket is closed outright.
 LINGER_SECONDS = 2.0
+
+_UNKNOWN_METHOD = re.compile(rb"(?:^|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
 
 _PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 _PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
@@ -169,7 +172,12 @@ class ClientConnection(Protocol):
             else:
                 raise
         except httptools.HttpParserInvalidMethodError:
-            self._reject(501, "method not implemented")
+            # A well-formed request line with a method llhttp does not know is "not
+            # implemented"; anything else in its place is simply malformed.
+            if _UNKNOWN_METHOD.search(data):
+                self._reject(501, "method not implemented")
+            else:
+                self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
             self._reject(400, str(e) or "malformed request")
         else:

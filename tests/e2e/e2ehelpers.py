@@ -3,6 +3,7 @@ for the origin (tests/e2e/origin.py) and the real proxy (twistd persistproxy).""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -122,10 +123,8 @@ class RawConn:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -382,10 +381,8 @@ class ManagedProc:
             self.proc.wait(5)
         else:
             # The leader is gone; take any leftover of its session with it.
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 class Origin(ManagedProc):

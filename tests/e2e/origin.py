@@ -12,7 +12,7 @@ keep-alive, pipelining) and behaves by path:
 ``/__arm/drop-reused``     one shot: the next request arriving on a *reused* connection is read
                            completely (and counted) and then the connection is closed with no
                            answer -- a deterministic reproduction of the keep-alive race
-``/echo``                  JSON description of the request as received
+``/echo``, ``/echo/...``   JSON description of the request as received
 ``/bytes/N``               N bytes (byte i == i % 256), Content-Length, 64 KiB writes
 ``/chunked/N``             the same bytes, ``Transfer-Encoding: chunked``
 ``/closedelim/N``          HTTP/1.1, neither Content-Length nor chunked, close after N bytes
@@ -290,12 +290,10 @@ class Connection:
         except BadRequest as e:
             STATS.bad += 1
             log(f"conn {self.serial}: bad body: {e}")
-            try:
+            with contextlib.suppress(ConnectionError):
                 await self.send_simple(Request("GET", "/", (1, 1), []), 400, b"bad request\n",
                                        [("Connection", "close")])
-            except ConnectionError:
-                pass
-        except Exception as e:  # noqa: BLE001 - diagnostic, keep serving others
+        except Exception as e:
             log(f"conn {self.serial}: crashed: {e!r}")
         finally:
             if self.counted:
@@ -356,7 +354,7 @@ class Connection:
         parts = path.strip("/").split("/")
         head = req.method == "HEAD"
 
-        if path == "/echo":
+        if path == "/echo" or path.startswith("/echo/"):
             body = json.dumps({
                 "method": req.method, "path": req.target,
                 "version": f"HTTP/{req.version[0]}.{req.version[1]}",
@@ -376,13 +374,13 @@ class Connection:
             kind = parts[0]
             if kind == "bytes":
                 await self.send_head(200, [("Content-Type", "application/octet-stream"),
-                                           ("Content-Length", str(n))] + conn_hdr)
+                                           ("Content-Length", str(n)), *conn_hdr])
                 if not head:
                     await self.send_pattern(n, chunked=False)
                 return keep
             if kind == "chunked":
                 await self.send_head(200, [("Content-Type", "application/octet-stream"),
-                                           ("Transfer-Encoding", "chunked")] + conn_hdr)
+                                           ("Transfer-Encoding", "chunked"), *conn_hdr])
                 if not head:
                     await self.send_pattern(n, chunked=True)
                 return keep
@@ -415,7 +413,7 @@ class Connection:
         if len(parts) == 2 and parts[0] == "keepalive-timeout":
             timeout = float(parts[1])
             await self.send_simple(req, 200, b"keep-alive timeout\n",
-                                   [("Keep-Alive", f"timeout={parts[1]}")] + conn_hdr)
+                                   [("Keep-Alive", f"timeout={parts[1]}"), *conn_hdr])
             self.idle_timeout = timeout
             return keep
 
@@ -462,7 +460,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass

@@ -1,0 +1,145 @@
+"""
+In-memory plumbing for driving the proxy's protocols without sockets: a client connection on
+a StringTransport, an upstream group whose pools hand out upstream connections on
+StringTransports, and a Clock for every timer.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from persistproxy.config import ListenerConfig, UpstreamConfig
+from persistproxy.http.client_connection import ClientConnection, ListenerContext
+from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.logs import make_event_log
+from persistproxy.metrics import ListenerStats
+from persistproxy.router import UpstreamGroup
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that also records a half-close, like a TCP transport."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class FakeOrigin:
+    """
+    Hands out upstream connections over StringTransports and remembers them.
+    """
+
+    def __init__(self, clock: Clock, config: UpstreamConfig) -> None:
+        self.clock = clock
+        self.config = config
+        self.connections: list[UpstreamConnection] = []
+        self.refuse = False
+        self.pending: list[Deferred[UpstreamConnection]] | None = None
+
+    def connector(self, host: str, port: int) -> Any:
+        def connect() -> Deferred[UpstreamConnection]:
+            if self.refuse:
+                return fail(ConnectionRefusedError("connection refused"))
+            connection = UpstreamConnection(
+                self.clock, self.config.response_timeout, self.config.max_requests
+            )
+            connection.makeConnection(StringTransport())
+            self.connections.append(connection)
+            if self.pending is not None:
+                d: Deferred[UpstreamConnection] = Deferred()
+                self.pending.append(d)
+                d.addCallback(lambda _: connection)
+                return d
+            return succeed(connection)
+
+        return connect
+
+    def sent(self, index: int = -1) -> bytes:
+        transport = self.connections[index].transport
+        assert isinstance(transport, StringTransport)
+        return transport.value()
+
+    def clear(self, index: int = -1) -> None:
+        transport = self.connections[index].transport
+        assert isinstance(transport, StringTransport)
+        transport.clear()
+
+    def respond(self, data: bytes, index: int = -1) -> None:
+        self.connections[index].dataReceived(data)
+
+    def close(self, index: int = -1) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        connection = self.connections[index]
+        connection.connectionLost(Failure(ConnectionDone()))
+
+
+class Harness:
+    """
+    One listener's context with a fake origin, and helpers to open client connections.
+    """
+
+    def __init__(self, listener: dict[str, Any] | None = None,
+                 upstream: dict[str, Any] | None = None) -> None:
+        self.clock = Clock()
+        self.log_stream = io.StringIO()
+        self.log = make_event_log(self.log_stream, "debug")
+        up = {"name": "app", "servers": (("127.0.0.1", 8081),), **(upstream or {})}
+        self.upstream_config = UpstreamConfig(**up)
+        self.origin = FakeOrigin(self.clock, self.upstream_config)
+        self.group = UpstreamGroup(
+            self.clock, self.upstream_config, self.log, connector=self.origin.connector  # type: ignore[arg-type]
+        )
+        lc = {"name": "web", "bind": "tcp:0", "upstream": "app", **(listener or {})}
+        self.listener_config = ListenerConfig(**lc)
+        self.stats = ListenerStats()
+        self.ctx = ListenerContext(
+            config=self.listener_config,
+            clock=self.clock,
+            group=self.group,
+            log=self.log,
+            stats=self.stats,
+        )
+
+    def client(self) -> tuple[ClientConnection, HalfCloseTransport]:
+        connection = ClientConnection(self.ctx)
+        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
+        connection.makeConnection(transport)
+        return connection, transport
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        for line in self.log_stream.getvalue().splitlines():
+            event = json.loads(line)
+            if event.get("event") == name:
+                out.append(event)
+        return out
+
+    @property
+    def pool(self) -> Any:
+        return self.group.pools[0]
+
+
+def parse_response(data: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
+    """Status, headers (lower-cased names) and everything after the head."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status, headers, rest
+
+
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"

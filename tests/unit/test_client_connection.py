@@ -1,0 +1,453 @@
+"""
+The client hop, driven byte by byte over StringTransports with a Clock: keep-alive, pipelining,
+hop-by-hop headers, framing, bad input, retries and timeouts.
+"""
+
+from __future__ import annotations
+
+from fakes import OK_RESPONSE, Harness, parse_response
+
+GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
+
+
+def test_get_is_forwarded_with_forwarding_headers_and_relayed() -> None:
+    """A request reaches the origin rewritten for the hop; the response comes back intact."""
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    sent = h.origin.sent()
+    assert sent.startswith(b"GET /a HTTP/1.1\r\n")
+    assert b"Host: example\r\n" in sent
+    assert b"Via: 1.1 persistproxy\r\n" in sent
+    assert b"X-Forwarded-For: 10.1.2.3\r\n" in sent
+    assert b"X-Forwarded-Proto: http\r\n" in sent
+    h.origin.respond(OK_RESPONSE)
+    status, headers, body = parse_response(transport.value())
+    assert (status, body) == (200, b"hello")
+    assert headers[b"keep-alive"] == [b"timeout=75"]
+    assert b"connection" not in headers
+    assert not transport.disconnecting
+    assert h.pool.idle == 1
+
+
+def test_upstream_connection_is_reused_across_client_connections() -> None:
+    """Two client connections, one after the other, share one upstream connection."""
+    h = Harness()
+    for _ in range(3):
+        client, transport = h.client()
+        client.dataReceived(GET)
+        h.origin.respond(OK_RESPONSE)
+        assert parse_response(transport.value())[0] == 200
+    assert len(h.origin.connections) == 1
+    assert h.origin.connections[0].requests == 3
+
+
+def test_http10_closes_unless_keep_alive_asked() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+    assert b"Host: 127.0.0.1:8081\r\n" in h.origin.sent(), "HTTP/1.1 upstream needs a Host"
+    h.origin.respond(OK_RESPONSE)
+    status, headers, _ = parse_response(transport.value())
+    assert headers[b"connection"] == [b"close"]
+    assert transport.write_closed or transport.disconnecting
+
+    client, transport = h.client()
+    client.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.origin.respond(OK_RESPONSE)
+    status, headers, _ = parse_response(transport.value())
+    assert headers[b"connection"] == [b"keep-alive"]
+    assert headers[b"keep-alive"] == [b"timeout=75"]
+    assert not transport.write_closed and not transport.disconnecting
+
+
+def test_client_close_is_honoured_on_the_client_hop_only() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"onnection" not in h.origin.sent()
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[1][b"connection"] == [b"close"]
+    assert transport.write_closed
+    assert h.pool.idle == 1
+
+
+def test_idle_timeout_closes_after_and_not_before() -> None:
+    h = Harness(listener={"keepalive_timeout": 5})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[1][b"keep-alive"] == [b"timeout=5"]
+    h.clock.advance(4.9)
+    assert not transport.write_closed
+    h.clock.advance(0.2)
+    assert transport.write_closed
+    assert b"408" not in transport.value()
+
+
+def test_lingering_close_ends_when_client_closes_or_after_a_moment() -> None:
+    """After our FIN, input is drained until the client closes, for two seconds at most."""
+    h = Harness(listener={"keepalive_timeout": 1})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    h.clock.advance(1.1)
+    assert transport.write_closed and not transport.disconnecting
+    client.writeConnectionLost()
+    client.dataReceived(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")  # discarded
+    assert len(h.origin.connections) == 1 and h.origin.connections[0].requests == 1
+    h.clock.advance(1.9)
+    assert not transport.disconnecting
+    h.clock.advance(0.2)
+    assert transport.disconnecting
+
+
+def test_max_requests_closes_after_the_last_response() -> None:
+    h = Harness(listener={"max_requests": 2})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    assert b"connection" not in parse_response(transport.value())[1]
+    transport.clear()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[1][b"connection"] == [b"close"]
+    assert transport.write_closed
+
+
+def test_pipelined_requests_are_answered_in_order_one_at_a_time() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert h.origin.sent().count(b"HTTP/1.1\r\n") == 1, "only the first is in flight"
+    h.origin.clear()
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert h.origin.sent().startswith(b"POST /2 HTTP/1.1\r\n")
+    assert h.origin.sent().endswith(b"\r\n\r\nabc")
+    h.origin.clear()
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    assert h.origin.sent().startswith(b"GET /3 ")
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3")
+    out = transport.value()
+    assert out.count(b"HTTP/1.1 200 OK") == 3
+    assert out.index(b"\r\n\r\n1") < out.index(b"\r\n\r\n2") < out.index(b"\r\n\r\n3")
+    assert len(h.origin.connections) == 1
+
+
+def test_hop_by_hop_headers_and_connection_nominees_never_cross() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n"
+        b"Keep-Alive: 5\r\nTE: trailers\r\nProxy-Authorization: Basic x\r\n"
+        b"Proxy-Connection: keep-alive\r\nUpgrade: foo\r\nX-Kept: yes\r\n\r\n"
+    )
+    sent = h.origin.sent().lower()
+    for name in (b"connection", b"x-secret", b"keep-alive", b"te:", b"proxy-", b"upgrade"):
+        assert name not in sent, name
+    assert b"x-kept: yes" in sent
+    h.origin.respond(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: leak\r\nKeep-Alive: timeout=9\r\n"
+        b"Proxy-Authenticate: Basic\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-End: yes\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    _, headers, _ = parse_response(transport.value())
+    for name in (b"x-hop", b"proxy-authenticate", b"trailer", b"upgrade"):
+        assert name not in headers, name
+    assert headers[b"keep-alive"] == [b"timeout=75"], "ours, not the origin's"
+    assert headers[b"x-end"] == [b"yes"]
+
+
+def test_existing_x_forwarded_for_is_appended_to() -> None:
+    h = Harness()
+    client, _ = h.client()
+    client.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: ftp\r\n\r\n"
+    )
+    sent = h.origin.sent()
+    assert b"X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\n" in sent
+    assert sent.count(b"X-Forwarded-Proto") == 1 and b"X-Forwarded-Proto: http\r\n" in sent
+
+
+def test_chunked_request_body_is_streamed_rechunked() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(
+        b"POST /u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    assert b"Transfer-Encoding: chunked\r\n" in h.origin.sent()
+    assert h.origin.sent().endswith(b"3\r\nabc\r\n")
+    client.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+    assert h.origin.sent().endswith(b"2\r\nde\r\n0\r\n\r\n")
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[0] == 200
+    assert h.pool.idle == 1
+
+
+def test_close_delimited_response_is_rechunked_for_http11() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome")
+    h.origin.respond(b"data")
+    h.origin.close()
+    _, headers, body = parse_response(transport.value())
+    assert headers[b"transfer-encoding"] == [b"chunked"]
+    assert body == b"4\r\nsome\r\n4\r\ndata\r\n0\r\n\r\n"
+    assert not transport.write_closed, "the client connection outlives the upstream one"
+    assert h.pool.idle == 0
+
+
+def test_close_delimited_response_to_http10_ends_with_close() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.origin.respond(b"HTTP/1.1 200 OK\r\n\r\nbody")
+    h.origin.close()
+    _, headers, body = parse_response(transport.value())
+    assert headers[b"connection"] == [b"close"]
+    assert body == b"body"
+    assert transport.write_closed
+
+
+def test_head_response_has_no_body_and_connection_is_reused() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    _, headers, body = parse_response(transport.value())
+    assert headers[b"content-length"] == [b"1000"] and body == b""
+    transport.clear()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[2] == b"hello"
+    assert len(h.origin.connections) == 1
+
+
+def test_204_and_304_carry_no_body() -> None:
+    h = Harness()
+    client, transport = h.client()
+    for status in (204, 304):
+        transport.clear()
+        client.dataReceived(GET)
+        h.origin.respond(b"HTTP/1.1 %d X\r\n\r\n" % status)
+        got, headers, body = parse_response(transport.value())
+        assert (got, body) == (status, b"")
+        assert b"transfer-encoding" not in headers
+    assert len(h.origin.connections) == 1
+
+
+def test_100_continue_is_relayed_before_the_final_response() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(
+        b"PUT /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert b"Expect: 100-continue" in h.origin.sent()
+    h.origin.respond(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    client.dataReceived(b"ok")
+    assert h.origin.sent().endswith(b"ok")
+    h.origin.respond(OK_RESPONSE)
+    assert transport.value().count(b"HTTP/1.1 ") == 2
+
+
+def test_stale_pooled_connection_is_retried_for_idempotent_requests() -> None:
+    """The origin closed a pooled connection as we wrote to it: retry on a new one."""
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    transport.clear()
+    client.dataReceived(GET)
+    assert h.origin.connections[0].requests == 2
+    h.origin.close(0)  # no response byte arrived
+    assert len(h.origin.connections) == 2
+    h.origin.respond(OK_RESPONSE, 1)
+    assert parse_response(transport.value())[0] == 200
+    retry = h.events("upstream.retry")
+    assert len(retry) == 1 and retry[0]["stale_connection"] is True
+    assert h.events("access")[-1]["retries"] == 1
+
+
+def test_stale_pooled_connection_is_not_retried_for_post() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    transport.clear()
+    client.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+    h.origin.close(0)
+    assert len(h.origin.connections) == 1, "a POST is never replayed"
+    assert parse_response(transport.value())[0] == 502
+    assert not transport.write_closed, "an upstream failure does not cost the client its link"
+
+
+def test_failure_after_response_bytes_is_not_retried() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    h.origin.close()
+    assert len(h.origin.connections) == 1
+    assert transport.disconnecting, "a truncated response is signalled by a cut connection"
+
+
+def test_origin_keep_alive_timeout_is_honoured_by_the_pool() -> None:
+    h = Harness(upstream={"keepalive_margin": 1.0})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n")
+    h.clock.advance(3.5)
+    client.dataReceived(GET)
+    assert len(h.origin.connections) == 1, "3.5 s idle is within timeout=5 minus the margin"
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n")
+    h.clock.advance(4.2)
+    client.dataReceived(GET)
+    assert len(h.origin.connections) == 2, "4.2 s is too close to the origin's 5 s"
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+
+
+def test_connect_failure_is_502_and_response_timeout_is_504() -> None:
+    h = Harness(upstream={"response_timeout": 2})
+    h.origin.refuse = True
+    client, transport = h.client()
+    client.dataReceived(GET)
+    status, headers, body = parse_response(transport.value())
+    assert status == 502 and b"Bad Gateway" in body
+    assert int(headers[b"content-length"][0]) == len(body)
+    h.origin.refuse = False
+    transport.clear()
+    client.dataReceived(GET)
+    h.clock.advance(1.9)
+    assert transport.value() == b""
+    h.clock.advance(0.2)
+    assert parse_response(transport.value())[0] == 504
+    assert len(h.events("upstream.error")) == 2
+
+
+def test_origin_close_retires_upstream_but_not_client() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    assert b"connection" not in parse_response(transport.value())[1]
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+    assert h.pool.idle == 0
+    client.dataReceived(GET)
+    assert len(h.origin.connections) == 2
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _rejected(request: bytes, status: int, **listener: object) -> bytes:
+    h = Harness(listener=dict(listener))
+    client, transport = h.client()
+    client.dataReceived(request)
+    got, headers, _ = parse_response(transport.value())
+    assert got == status, transport.value()
+    assert headers[b"connection"] == [b"close"]
+    assert transport.write_closed
+    assert not h.origin.connections, "nothing of a rejected request reaches the origin"
+    return transport.value()
+
+
+def test_malformed_requests_get_400_and_close() -> None:
+    _rejected(b"GARBAGE\r\n\r\n", 400)
+    _rejected(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400)
+    _rejected(b"GET / HTTP/1.1\r\n\r\n", 400)  # no Host
+    _rejected(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
+    _rejected(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+    )
+    _rejected(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400)
+    _rejected(b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n folded\r\n\r\n", 400)
+
+
+def test_unsupported_things_get_501_and_505() -> None:
+    _rejected(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501)
+    _rejected(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501)
+    _rejected(b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n", 501)
+    _rejected(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505)
+
+
+def test_oversized_head_gets_431_whole_or_trickled() -> None:
+    _rejected(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2000 + b"\r\n\r\n", 431,
+              max_head_size=1024)
+    h = Harness(listener={"max_head_size": 1024})
+    client, transport = h.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX: ")
+    for _ in range(20):
+        client.dataReceived(b"a" * 100)  # a header line that never ends
+    assert parse_response(transport.value())[0] == 431
+
+
+def test_bad_chunk_mid_body_aborts_upstream_and_answers_400() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    client.dataReceived(b"zz\r\n")
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+    assert parse_response(transport.value())[0] == 400
+
+
+def test_pipelined_bad_request_is_answered_after_the_good_one_and_nothing_after() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    client.dataReceived(b"BAD REQUEST\r\n\r\n" + GET)
+    h.origin.respond(OK_RESPONSE)
+    out = transport.value()
+    assert out.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 400 Bad Request" in out
+    assert h.origin.connections[0].requests == 1
+    assert transport.write_closed
+
+
+# -- request timeouts ------------------------------------------------------------------------
+
+
+def test_partial_head_gets_408_at_header_timeout() -> None:
+    h = Harness(listener={"header_timeout": 10})
+    client, transport = h.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHo")
+    h.clock.advance(9.9)
+    assert transport.value() == b""
+    h.clock.advance(0.2)
+    assert parse_response(transport.value())[0] == 408
+    assert transport.write_closed
+
+
+def test_new_silent_connection_is_closed_quietly_at_header_timeout() -> None:
+    h = Harness(listener={"header_timeout": 10})
+    client, transport = h.client()
+    h.clock.advance(10.1)
+    assert transport.value() == b"" and transport.write_closed
+
+
+def test_send_408_on_idle_when_configured() -> None:
+    h = Harness(listener={"keepalive_timeout": 3, "send_408_on_idle": True})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    transport.clear()
+    h.clock.advance(3.1)
+    assert parse_response(transport.value())[0] == 408
+
+
+def test_client_disconnect_mid_response_drops_the_upstream_connection() -> None:
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    client.connectionLost(Failure(ConnectionLost()))
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+    assert h.pool.idle == 0 and h.pool.active == 0
