@@ -51,7 +51,7 @@ PIPELINE_BUFFER = 256 * 1024
 #: Seconds the input is drained after our half-close before the socket is closed outright.
 LINGER_SECONDS = 2.0
 
-_UNKNOWN_METHOD = re.compile(rb"(?:^|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
+_UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
 
 _PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 _PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
@@ -174,7 +174,7 @@ class ClientConnection(Protocol):
         except httptools.HttpParserInvalidMethodError:
             # A well-formed request line with a method llhttp does not know is "not
             # implemented"; anything else in its place is simply malformed.
-            if _UNKNOWN_METHOD.search(data):
+            if _UNKNOWN_METHOD.match(data):
                 self._reject(501, "method not implemented")
             else:
                 self._reject(400, "malformed request line")
