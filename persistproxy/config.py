@@ -49,6 +49,10 @@ class UpstreamConfig:
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
+    tls: bool = False
+    tls_verify: bool = True
+    tls_ca: str = ""
+    tls_server_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,10 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         max_connections=s.integer("max_connections", 0),
         queue_size=s.integer("queue_size", 1024),
         queue_timeout=s.seconds("queue_timeout", 10.0),
+        tls=s.boolean("tls", False),
+        tls_verify=s.boolean("tls_verify", True),
+        tls_ca=s.string("tls_ca", ""),
+        tls_server_name=s.string("tls_server_name", ""),
     )
     s.reject_unknown()
     return result
