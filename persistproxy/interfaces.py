@@ -30,6 +30,9 @@ class IProxyContext(Interface):
 
     reactor = Attribute("The reactor (IReactorCore, IReactorTime, IReactorTCP) to use.")
     log = Attribute("A structlog logger that writes the proxy's JSON lines.")
+    access_log = Attribute(
+        "A L{persistproxy.logs.AccessLog}: C{log(record)} writes one access line (batched)."
+    )
 
     def upstream(name: str) -> object:
         """

@@ -23,7 +23,7 @@ from structlog.typing import FilteringBoundLogger
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import provider
 
-__all__ = ["EventLog", "make_event_log", "twisted_observer"]
+__all__ = ["AccessLog", "EventLog", "make_event_log", "twisted_observer"]
 
 EventLog = FilteringBoundLogger
 
@@ -91,3 +91,65 @@ def twisted_observer(stream: TextIO | None = None) -> Callable[[dict[str, Any]],
         out.flush()
 
     return observe  # type: ignore[no-any-return]
+
+
+class AccessLog:
+    """
+    One JSON line per exchange, in the same shape as the other events, written in batches.
+
+    Rendering through structlog's processor chain and flushing standard output on every
+    request cost as much CPU as proxying the request itself (measured: 22 µs against 25 µs),
+    so access lines are encoded with the C JSON encoder and written at most every
+    C{flush_interval} seconds or whenever C{buffer_size} bytes are pending, like nginx's
+    C{access_log ... buffer= flush=}. A crash loses at most that window of access lines;
+    every other event is still written at once.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        stream: TextIO | None = None,
+        flush_interval: float = 0.5,
+        buffer_size: int = 64 * 1024,
+    ) -> None:
+        self._clock = clock
+        self._stream = stream or sys.stdout
+        self._interval = flush_interval
+        self._limit = buffer_size
+        self._lines: list[str] = []
+        self._size = 0
+        self._call: Any = None
+        self._second = -1
+        self._second_text = ""
+        self._encode = json.JSONEncoder(separators=(", ", ": "), default=str).encode
+
+    def log(self, record: dict[str, Any]) -> None:
+        now = self._clock.seconds()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        record["event"] = "access"
+        record["level"] = "info"
+        record["ts"] = f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
+        line = self._encode(record)
+        self._lines.append(line)
+        self._size += len(line) + 1
+        if self._size >= self._limit:
+            self.flush()
+        elif self._call is None:
+            self._call = self._clock.callLater(self._interval, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._call = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        if self._lines:
+            lines, self._lines, self._size = self._lines, [], 0
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()

@@ -77,31 +77,50 @@ class RetryPolicy:
 
 class Deadline:
     """
-    One timer that is re-armed many times; a connection owns one of these per purpose.
+    One lazily re-armed timer; a connection owns one of these per purpose.
 
-    Re-arming to a later time moves the existing delayed call instead of creating a new one,
-    which costs almost nothing (Twisted only records the delay), so the per-request path does
-    not churn the reactor's timer heap.
+    Connections arm and disarm their timers on every request, and creating or cancelling a
+    reactor call each time is a measurable share of a proxied request. So arming only records
+    the new due time when the scheduled call would fire no later than that; the call then
+    fires early, sees the due time still ahead, and schedules itself again. Disarming only
+    forgets the due time. The reactor's timer heap is touched once per C{step} seconds at
+    most instead of several times per request.
+
+    @ivar step: the furthest ahead a call is ever scheduled (0 = as far as needed); a step
+        no longer than the shortest timeout this deadline is armed with keeps arming lazy.
     """
 
-    __slots__ = ("_call", "_callback", "_clock")
+    __slots__ = ("_call", "_callback", "_clock", "_due", "step")
 
-    def __init__(self, clock: IReactorTime, callback: Callable[[], object]) -> None:
+    def __init__(
+        self, clock: IReactorTime, callback: Callable[[], object], step: float = 0.0
+    ) -> None:
         self._clock = clock
         self._callback = callback
         self._call: IDelayedCall | None = None
+        self._due: float | None = None
+        self.step = step
 
     def arm(self, seconds: float) -> None:
+        due = self._clock.seconds() + seconds
+        self._due = due
         call = self._call
-        if call is not None and call.active():
-            if self._clock.seconds() + seconds >= call.getTime():
-                call.reset(seconds)
-                return
-            # Moving a call sooner makes the reactor search its heap; a fresh call is cheaper.
+        if call is not None:
+            if call.getTime() <= due:
+                return  # it fires first and re-checks
             call.cancel()
-        self._call = self._clock.callLater(seconds, self._fire)
+        step = self.step
+        self._call = self._clock.callLater(
+            seconds if not step or seconds < step else step, self._fire
+        )
 
     def cancel(self) -> None:
+        """Disarm; the scheduled call, if any, stays and does nothing when it fires."""
+        self._due = None
+
+    def stop(self) -> None:
+        """Disarm and drop the scheduled call, so a closed connection is not kept alive."""
+        self._due = None
         call = self._call
         if call is not None:
             self._call = None
@@ -110,8 +129,19 @@ class Deadline:
 
     @property
     def armed(self) -> bool:
-        return self._call is not None and self._call.active()
+        return self._due is not None
 
     def _fire(self) -> None:
         self._call = None
+        due = self._due
+        if due is None:
+            return
+        remaining = due - self._clock.seconds()
+        if remaining > 0:
+            step = self.step
+            self._call = self._clock.callLater(
+                remaining if not step or remaining < step else step, self._fire
+            )
+            return
+        self._due = None
         self._callback()

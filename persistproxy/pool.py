@@ -120,7 +120,7 @@ class ServerPool:
         while self._waiters:
             waiter, deadline = self._waiters.popleft()
             if deadline is not None:
-                deadline.cancel()
+                deadline.stop()
             if not waiter.cancelled:
                 self.active += 1
                 waiter.connection_ready(connection, True)
@@ -147,7 +147,7 @@ class ServerPool:
         Close idle connections now and lent ones as they come back.
         """
         self._closed = True
-        self._reaper.cancel()
+        self._reaper.stop()
         while self._idle:
             connection = self._idle.pop()
             connection.in_pool = False
@@ -156,7 +156,7 @@ class ServerPool:
         while self._waiters:
             waiter, deadline = self._waiters.popleft()
             if deadline is not None:
-                deadline.cancel()
+                deadline.stop()
             if not waiter.cancelled:
                 waiter.connection_failed("shutting down", 503)
 
@@ -229,7 +229,7 @@ class ServerPool:
         while self._waiters and (not limit or self.active < limit):
             waiter, deadline = self._waiters.popleft()
             if deadline is not None:
-                deadline.cancel()
+                deadline.stop()
             if not waiter.cancelled:
                 self.acquire(waiter)
                 return

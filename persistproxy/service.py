@@ -19,7 +19,7 @@ from zope.interface import implementer
 from persistproxy.config import ProxyConfig
 from persistproxy.interfaces import IProtocolPlugin, IProxyContext
 from persistproxy.listener import ListenerService
-from persistproxy.logs import EventLog
+from persistproxy.logs import AccessLog, EventLog
 from persistproxy.metrics import ListenerStats, ProxyStats
 from persistproxy.router import EndpointWrapper, Router, UpstreamGroup
 
@@ -43,10 +43,12 @@ class ProxyService(MultiService):
         plugins: dict[str, IProtocolPlugin],
         log: EventLog,
         upstream_tls: EndpointWrapper | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.log = log
+        self.access_log = access_log or AccessLog(reactor)
         self.config = config
         self.proxy_stats = ProxyStats()
         self.router = Router(
@@ -114,6 +116,7 @@ class ProxyService(MultiService):
             if call.active():
                 call.cancel()
         self.router.close()
+        self.access_log.flush()
         self.log.info("drain.finished", open_connections=self.open_connections())
 
     def _drain_expired(self) -> None:

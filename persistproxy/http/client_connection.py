@@ -38,7 +38,7 @@ from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
 if TYPE_CHECKING:
     from persistproxy.config import ListenerConfig
     from persistproxy.http.headers import Header
-    from persistproxy.logs import EventLog
+    from persistproxy.logs import AccessLog, EventLog
     from persistproxy.metrics import ListenerStats
     from persistproxy.router import UpstreamGroup
 
@@ -74,13 +74,24 @@ class ListenerContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     keepalive_header: bytes = field(init=False)
     name: str = field(init=False)
+    timer_step: float = field(init=False)
     #: Whether the proxy is draining: responses then say C{Connection: close}.
     is_draining: Callable[[], bool] = lambda: False
+    #: Where access lines go; None when the listener's C{access_log} is off.
+    access_log: AccessLog | None = None
     #: Called with the connection when it closes; the listener's registry hooks in here.
     on_close: Callable[[ClientConnection], None] | None = None
 
     def __post_init__(self) -> None:
-        self.keepalive = KeepAlivePolicy(self.config.keepalive_timeout, self.config.max_requests)
+        config = self.config
+        self.keepalive = KeepAlivePolicy(config.keepalive_timeout, config.max_requests)
+        timeouts = (
+            config.header_timeout,
+            config.body_timeout,
+            config.keepalive_timeout,
+            config.send_timeout,
+        )
+        self.timer_step = min([t for t in timeouts if t > 0] or [0.0])
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
 
@@ -114,7 +125,7 @@ class ClientConnection(Protocol):
         self._served = 0
         self._phase = "idle"
         self._pause = 0
-        self._timer = Deadline(ctx.clock, self._timed_out)
+        self._timer = Deadline(ctx.clock, self._timed_out, ctx.timer_step)
         self._peer = b""
         self._peer_str = ""
         self._quiet = 0
@@ -218,7 +229,7 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"
-        self._timer.cancel()
+        self._timer.stop()
         self._current = None
         queue = self._queue
         while queue:
@@ -438,18 +449,22 @@ class ClientConnection(Protocol):
             queue.popleft()
         ctx = self._ctx
         ctx.stats.count_response(exchange.status)
-        if ctx.config.access_log:
-            ctx.log.info(
-                "access",
-                listener=ctx.name,
-                client=self._peer_str,
-                method=exchange.method.decode("latin-1"),
-                path=ctx.log_path(exchange.target),
-                status=exchange.status,
-                bytes=exchange.bytes_out,
-                duration_ms=round((ctx.clock.seconds() - exchange.started) * 1000, 3),
-                upstream_reused=exchange.reused,
-                retries=exchange.retries + exchange.stale,
+        access_log = ctx.access_log
+        if access_log is not None:
+            access_log.log(
+                {
+                    "listener": ctx.name,
+                    "client": self._peer_str,
+                    "method": exchange.method.decode("latin-1"),
+                    "path": ctx.log_path(exchange.target),
+                    "version": "1.1" if exchange.client_http11 else "1.0",
+                    "status": exchange.status,
+                    "bytes": exchange.bytes_out,
+                    "duration_ms": round((ctx.clock.seconds() - exchange.started) * 1000, 3),
+                    "upstream": exchange.server,
+                    "upstream_reused": exchange.reused,
+                    "retries": exchange.retries + exchange.stale,
+                }
             )
         if self._phase == "closed":
             return

@@ -341,6 +341,12 @@ class Exchange:
 
     # -- internals ----------------------------------------------------------------------------
 
+    @property
+    def server(self) -> str | None:
+        """The upstream server that answered, for the access log."""
+        pool = self._pool
+        return pool.address if pool is not None else None
+
     def _respond_error(self, status: int, reason: str) -> None:
         self.status = status
         keep_alive = (

@@ -63,5 +63,6 @@ class HTTPProtocolPlugin:
             stats=context.stats(listener.name),  # type: ignore[arg-type]
             scheme=b"https" if listener.tls else b"http",
             is_draining=context.draining,
+            access_log=context.access_log if listener.access_log else None,
         )
         return HTTPFactory(ctx, context)

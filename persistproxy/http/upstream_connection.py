@@ -193,7 +193,7 @@ class UpstreamConnection(TwistedProtocol):
             self._parser = httptools.HttpResponseParser(self)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        self._timer.cancel()
+        self._timer.stop()
         was = self.state
         self.state = "CLOSED"
         sink = self._sink

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from persistproxy.config import ListenerConfig, UpstreamConfig
 from persistproxy.http.client_connection import ClientConnection, ListenerContext
 from persistproxy.http.upstream_connection import UpstreamConnection
-from persistproxy.logs import make_event_log
+from persistproxy.logs import AccessLog, make_event_log
 from persistproxy.metrics import ListenerStats
 from persistproxy.router import UpstreamGroup
 
@@ -87,8 +87,9 @@ class Harness:
     One listener's context with a fake origin, and helpers to open client connections.
     """
 
-    def __init__(self, listener: dict[str, Any] | None = None,
-                 upstream: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, listener: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None
+    ) -> None:
         self.clock = Clock()
         self.log_stream = io.StringIO()
         self.log = make_event_log(self.log_stream, "debug")
@@ -96,7 +97,10 @@ class Harness:
         self.upstream_config = UpstreamConfig(**up)
         self.origin = FakeOrigin(self.clock, self.upstream_config)
         self.group = UpstreamGroup(
-            self.clock, self.upstream_config, self.log, connector=self.origin.connector  # type: ignore[arg-type]
+            self.clock,
+            self.upstream_config,
+            self.log,
+            connector=self.origin.connector,  # type: ignore[arg-type]
         )
         lc = {"name": "web", "bind": "tcp:0", "upstream": "app", **(listener or {})}
         self.listener_config = ListenerConfig(**lc)
@@ -107,6 +111,11 @@ class Harness:
             group=self.group,
             log=self.log,
             stats=self.stats,
+            access_log=(
+                AccessLog(self.clock, self.log_stream, buffer_size=0)
+                if self.listener_config.access_log
+                else None
+            ),
         )
 
     def client(self) -> tuple[ClientConnection, HalfCloseTransport]:

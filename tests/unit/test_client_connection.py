@@ -55,7 +55,7 @@ def test_http10_closes_unless_keep_alive_asked() -> None:
     client, transport = h.client()
     client.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     h.origin.respond(OK_RESPONSE)
-    status, headers, _ = parse_response(transport.value())
+    _status, headers, _ = parse_response(transport.value())
     assert headers[b"connection"] == [b"keep-alive"]
     assert headers[b"keep-alive"] == [b"timeout=75"]
     assert not transport.write_closed and not transport.disconnecting
@@ -299,7 +299,7 @@ def test_failure_after_response_bytes_is_not_retried() -> None:
 
 def test_origin_keep_alive_timeout_is_honoured_by_the_pool() -> None:
     h = Harness(upstream={"keepalive_margin": 1.0})
-    client, transport = h.client()
+    client, _transport = h.client()
     client.dataReceived(GET)
     h.origin.respond(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n")
     h.clock.advance(3.5)
@@ -378,8 +378,9 @@ def test_unsupported_things_get_501_and_505() -> None:
 
 
 def test_oversized_head_gets_431_whole_or_trickled() -> None:
-    _rejected(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2000 + b"\r\n\r\n", 431,
-              max_head_size=1024)
+    _rejected(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2000 + b"\r\n\r\n", 431, max_head_size=1024
+    )
     h = Harness(listener={"max_head_size": 1024})
     client, transport = h.client()
     client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX: ")
@@ -391,7 +392,9 @@ def test_oversized_head_gets_431_whole_or_trickled() -> None:
 def test_bad_chunk_mid_body_aborts_upstream_and_answers_400() -> None:
     h = Harness()
     client, transport = h.client()
-    client.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    client.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n"
+    )
     client.dataReceived(b"zz\r\n")
     assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
     assert parse_response(transport.value())[0] == 400
@@ -425,7 +428,7 @@ def test_partial_head_gets_408_at_header_timeout() -> None:
 
 def test_new_silent_connection_is_closed_quietly_at_header_timeout() -> None:
     h = Harness(listener={"header_timeout": 10})
-    client, transport = h.client()
+    _client, transport = h.client()
     h.clock.advance(10.1)
     assert transport.value() == b"" and transport.write_closed
 
@@ -445,7 +448,7 @@ def test_client_disconnect_mid_response_drops_the_upstream_connection() -> None:
     from twisted.python.failure import Failure
 
     h = Harness()
-    client, transport = h.client()
+    client, _transport = h.client()
     client.dataReceived(GET)
     h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     client.connectionLost(Failure(ConnectionLost()))
