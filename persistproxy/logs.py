@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable, MutableMapping
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, TextIO
 
 import structlog
@@ -123,16 +124,46 @@ class AccessLog:
         self._second_text = ""
         self._encode = json.JSONEncoder(separators=(", ", ": "), default=str).encode
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(
+        self,
+        listener: str,
+        client: str,
+        method: str,
+        path: str,
+        version: str,
+        status: int,
+        nbytes: int,
+        duration_ms: float,
+        upstream: str | None,
+        upstream_reused: bool,
+        retries: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Write one access line. The fixed fields are formatted directly (the strings through
+        the C JSON string encoder), which is half the cost of encoding a dict; C{extra}
+        fields, such as the TLS facts of the connection, are appended with the encoder.
+        """
         now = self._clock.seconds()
         second = int(now)
         if second != self._second:
             self._second = second
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        record["event"] = "access"
-        record["level"] = "info"
-        record["ts"] = f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
-        line = self._encode(record)
+        q = _quote
+        line = (
+            f'{{"listener": {q(listener)}, "client": {q(client)}, "method": {q(method)}, '
+            f'"path": {q(path)}, "version": "{version}", "status": {status}, '
+            f'"bytes": {nbytes}, "duration_ms": {duration_ms:.3f}, '
+            f'"upstream": {q(upstream) if upstream else "null"}, '
+            f'"upstream_reused": {"true" if upstream_reused else "false"}, '
+            f'"retries": {retries}, '
+        )
+        if extra:
+            line += self._encode(extra)[1:-1] + ", "
+        line += (
+            f'"event": "access", "level": "info", '
+            f'"ts": "{self._second_text}.{int((now - second) * 1000):03d}+00:00"}}'
+        )
         self._lines.append(line)
         self._size += len(line) + 1
         if self._size >= self._limit:

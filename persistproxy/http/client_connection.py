@@ -21,7 +21,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
@@ -130,6 +130,8 @@ class ClientConnection(Protocol):
         self._peer_str = ""
         self._quiet = 0
         self._write: Callable[[bytes], None] = _not_connected
+        #: Fields added to each access line of this connection (TLS facts, for instance).
+        self.log_extra: dict[str, Any] | None = None
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -452,19 +454,18 @@ class ClientConnection(Protocol):
         access_log = ctx.access_log
         if access_log is not None:
             access_log.log(
-                {
-                    "listener": ctx.name,
-                    "client": self._peer_str,
-                    "method": exchange.method.decode("latin-1"),
-                    "path": ctx.log_path(exchange.target),
-                    "version": "1.1" if exchange.client_http11 else "1.0",
-                    "status": exchange.status,
-                    "bytes": exchange.bytes_out,
-                    "duration_ms": round((ctx.clock.seconds() - exchange.started) * 1000, 3),
-                    "upstream": exchange.server,
-                    "upstream_reused": exchange.reused,
-                    "retries": exchange.retries + exchange.stale,
-                }
+                ctx.name,
+                self._peer_str,
+                exchange.method.decode("latin-1"),
+                ctx.log_path(exchange.target),
+                "1.1" if exchange.client_http11 else "1.0",
+                exchange.status,
+                exchange.bytes_out,
+                (ctx.clock.seconds() - exchange.started) * 1000,
+                exchange.server,
+                exchange.reused,
+                exchange.retries + exchange.stale,
+                self.log_extra,
             )
         if self._phase == "closed":
             return

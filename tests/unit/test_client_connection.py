@@ -48,7 +48,7 @@ def test_http10_closes_unless_keep_alive_asked() -> None:
     client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
     assert b"Host: 127.0.0.1:8081\r\n" in h.origin.sent(), "HTTP/1.1 upstream needs a Host"
     h.origin.respond(OK_RESPONSE)
-    status, headers, _ = parse_response(transport.value())
+    _, headers, _ = parse_response(transport.value())
     assert headers[b"connection"] == [b"close"]
     assert transport.write_closed or transport.disconnecting
 
