@@ -72,6 +72,11 @@ class Options(usage.Options):
             what = "<demo>" if config is None else config.source
             print(f"persistproxy: {what}: configuration OK")
             sys.exit(0)
+        if "twisted.internet.reactor" not in sys.modules and sys.platform.startswith("linux"):
+            # No reactor chosen with --reactor: use epoll without the per-event log context.
+            from persistproxy.reactor import install
+
+            install()
         parent = getattr(self, "parent", None)
         if (
             parent is not None

@@ -4,10 +4,12 @@ not from the implementation."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -562,6 +564,31 @@ def test_post_not_replayed_when_reused_connection_dropped(
         assert r.json()["req"] == 1, r
 
 
+def test_upstream_max_requests(fresh_origin: Origin,
+                               proxy_factory: Callable[..., Proxy]) -> None:
+    """upstream max_requests = 3: no upstream connection carries more than 3 requests."""
+    p = proxy_factory(fresh_origin, upstream={"max_requests": 3})
+    s0 = fresh_origin.stats()
+    with RawConn(p.port) as c:
+        for i in range(9):
+            r = c.roundtrip("GET", f"/echo?i={i}")
+            assert r.status == 200, r
+            assert int(r.get("X-Origin-Req") or 0) <= 3, r
+    s1 = fresh_origin.stats()
+    assert s1["accepts"] - s0["accepts"] == 3, f"{s0} -> {s1}"
+
+
+def test_upstream_idle_timeout_closes_pooled_connections(
+        fresh_origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
+    p = proxy_factory(fresh_origin, upstream={"idle_timeout": 1})
+    assert get(p.port, "/echo").status == 200
+    assert fresh_origin.stats()["open"] == 1
+    deadline = time.monotonic() + 2.5
+    while fresh_origin.stats()["open"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fresh_origin.stats()["open"] == 0, "idle upstream connection kept past idle_timeout"
+
+
 # ==============================================================================================
 # Upstream errors
 # ==============================================================================================
@@ -573,6 +600,33 @@ def test_upstream_refused_502(proxy_factory: Callable[..., Proxy]) -> None:
     assert r.status == 502, r
     assert 0 < len(r.body) <= 1024, r
     assert time.monotonic() - t0 < 2
+
+
+def test_connect_timeout(proxy_factory: Callable[..., Proxy]) -> None:
+    """An upstream that never completes the TCP handshake (a listening socket whose accept queue
+    is full) is abandoned after connect_timeout with a 5xx."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue: further SYNs are dropped
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(("127.0.0.1", port))
+            fillers.append(f)
+        p = proxy_factory(servers=[f"127.0.0.1:{port}"], upstream={"connect_timeout": 1})
+        t0 = time.monotonic()
+        r = get(p.port, "/echo", timeout=6)
+        elapsed = time.monotonic() - t0
+        assert r.status in (502, 503, 504), r
+        assert 0.8 <= elapsed <= 2.5, f"answered after {elapsed:.2f}s, connect_timeout is 1s"
+    finally:
+        for f in fillers:
+            f.close()
+        lsock.close()
 
 
 def test_response_timeout_504(origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
@@ -713,3 +767,50 @@ def test_access_log_disabled(origin: Origin, proxy_factory: Callable[..., Proxy]
     assert get(p.port, "/echo").status == 200
     time.sleep(0.3)
     assert p.events("access") == []
+
+
+
+# ==============================================================================================
+# Process behaviour
+# ==============================================================================================
+
+def test_sigterm_exits_cleanly(origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
+    p = proxy_factory(origin)
+    assert get(p.port, "/echo").status == 200
+    t0 = time.monotonic()
+    rc = p.terminate(5)
+    # twistd re-raises the signal that stopped it once shutdown is complete, so a clean stop
+    # shows as "killed by SIGTERM" (which systemd counts as success); None means it hung.
+    assert rc in (0, -signal.SIGTERM), f"exit status {rc}"
+    assert time.monotonic() - t0 < 5
+
+
+def test_shipped_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "etc" / "persistproxy.toml"
+    if not example.exists():
+        pytest.skip(f"{example} not written yet")
+    cp = run_check(example)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_large_response_is_streamed_with_backpressure(proxy: Proxy) -> None:
+    """A client that stops reading must not make the proxy buffer the whole response."""
+    n = 64 * 1024 * 1024
+    rss0 = vm_rss_kib(proxy.pid)
+    with RawConn(proxy.port, timeout=20) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        c.request("GET", f"/bytes/{n}")
+        time.sleep(1.0)  # not reading: the proxy must stop reading from the origin
+        rss_stalled = vm_rss_kib(proxy.pid)
+        r = c.read_response()
+    assert r.status == 200 and len(r.body) == n
+    assert r.body[:65536] == pattern(65536)
+    grown_mib = (rss_stalled - rss0) / 1024
+    assert grown_mib < 24, f"proxy RSS grew by {grown_mib:.0f} MiB while the client was stalled"

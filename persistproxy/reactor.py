@@ -1,0 +1,59 @@
+# -*- test-case-name: tests.unit.test_reactor -*-
+"""
+The epoll reactor without the legacy logging context around every I/O event.
+
+Twisted's epoll reactor wraps each readiness event in C{log.callWithLogger}, which builds a
+context dictionary and asks the selectable for its log prefix, only so that legacy
+C{twisted.python.log} messages emitted inside can be tagged with it. persistproxy logs through
+structlog and C{twisted.logger}, which do not read that context, and a proxied request is two
+events; profiling put the wrapper at several microseconds of each request. Errors escaping
+an event handler are still caught and logged, and the descriptor is still dropped by
+C{_doReadOrWrite} exactly as before.
+
+twistd uses it when the persistproxy plugin is asked for and no other reactor was chosen
+(C{twistd --reactor=...} still wins), and it is available as C{twistd -r persistproxy}.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+
+__all__ = ["ProxyReactor", "install"]
+
+_log = Logger()
+
+
+class ProxyReactor(EPollReactor):  # type: ignore[misc]
+    def doPoll(self, timeout: float | None) -> None:
+        try:
+            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        handle: Any = self._doReadOrWrite
+        selectables: dict[int, Any] = self._selectables
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    handle(selectable, fd, event)
+                except Exception:
+                    _log.failure(
+                        "unhandled error in the I/O event of {selectable!r}", selectable=selectable
+                    )
+
+    doIteration = doPoll
+
+
+def install() -> None:
+    """
+    Install L{ProxyReactor} as the global reactor (must run before any reactor import).
+    """
+    from twisted.internet.main import installReactor
+
+    installReactor(ProxyReactor())  # type: ignore[no-untyped-call]
