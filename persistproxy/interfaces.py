@@ -39,6 +39,13 @@ class IProxyContext(Interface):
         The L{persistproxy.router.UpstreamGroup} called C{name}: its servers and pools.
         """
 
+    def limits(listener: str) -> object:
+        """
+        The L{persistproxy.limits.ConnectionLimits} of a listener (total, per-client and
+        idle-per-client limits): call C{admit(host)} in C{buildProtocol} and C{release(host)}
+        when the connection closes.
+        """
+
     def stats(listener: str) -> object:
         """
         The L{persistproxy.metrics.ListenerStats} of a listener, for its counters.

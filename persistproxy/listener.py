@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
 from persistproxy.config import ListenerConfig
+from persistproxy.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 
 __all__ = ["ListenerService"]
@@ -33,6 +34,7 @@ class ListenerService(Service):
         config: ListenerConfig,
         factory: IProtocolFactory,
         log: EventLog,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.name = f"listener:{config.name}"
         self.config = config
@@ -40,6 +42,7 @@ class ListenerService(Service):
         self.port: IListeningPort | None = None
         self._reactor = reactor
         self._log = log
+        self._limits = limits
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
@@ -53,6 +56,8 @@ class ListenerService(Service):
         if not IListeningPort.providedBy(outcome):
             outcome.raiseException()
         self.port = outcome
+        if self._limits is not None:
+            self._limits.port = outcome
         address = outcome.getHost()
         self._log.info(
             "listener.started",

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from persistproxy.config import ProxyConfig
 from persistproxy.interfaces import IProtocolPlugin, IProxyContext
+from persistproxy.limits import ConnectionLimits
 from persistproxy.listener import ListenerService
 from persistproxy.logs import AccessLog, EventLog
 from persistproxy.metrics import ListenerStats, ProxyStats
@@ -58,12 +59,23 @@ class ProxyService(MultiService):
             }
         )
         self._connections: dict[str, set[Drainable]] = {}
+        self._limits = {
+            lc.name: ConnectionLimits(
+                lc.name,
+                lc.max_connections,
+                lc.max_connections_per_client,
+                lc.max_idle_per_client,
+                log,
+                self.proxy_stats.listener(lc.name),
+            )
+            for lc in config.listeners
+        }
         self._draining = False
         self._drained: Deferred[None] | None = None
         self.listeners: list[ListenerService] = []
         for listener in config.listeners:
             factory: IProtocolFactory = plugins[listener.protocol].build_factory(listener, self)
-            service = ListenerService(reactor, listener, factory, log)
+            service = ListenerService(reactor, listener, factory, log, self._limits[listener.name])
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(service)
 
@@ -71,6 +83,9 @@ class ProxyService(MultiService):
 
     def upstream(self, name: str) -> UpstreamGroup:
         return self.router.group(name)
+
+    def limits(self, listener: str) -> ConnectionLimits:
+        return self._limits[listener]
 
     def stats(self, listener: str) -> ListenerStats:
         return self.proxy_stats.listener(listener)

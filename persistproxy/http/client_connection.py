@@ -18,7 +18,8 @@ reset.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
 if TYPE_CHECKING:
     from persistproxy.config import ListenerConfig
     from persistproxy.http.headers import Header
+    from persistproxy.limits import ConnectionLimits
     from persistproxy.logs import AccessLog, EventLog
     from persistproxy.metrics import ListenerStats
     from persistproxy.router import UpstreamGroup
@@ -78,6 +80,8 @@ class ListenerContext:
     is_draining: Callable[[], bool] = lambda: False
     #: Where access lines go; None when the listener's C{access_log} is off.
     access_log: AccessLog | None = None
+    #: The listener's admission and idle-per-client policy, if any limit is set.
+    limits: ConnectionLimits | None = None
     #: Called with the connection when it closes; the listener's registry hooks in here.
     on_close: Callable[[ClientConnection], None] | None = None
 
@@ -98,6 +102,22 @@ class ListenerContext:
     def log_path(target: bytes) -> str:
         """The request target without its query string, which may carry credentials."""
         return target.partition(b"?")[0].decode("latin-1")
+
+
+def set_tcp_keepalive(transport: Any, settings: Mapping[str, int]) -> None:
+    """
+    SO_KEEPALIVE with the listener's timers, so a peer that vanished without a FIN (a
+    crashed host, a NAT that forgot us) is detected even on a connection kept idle.
+    """
+    transport.setTcpKeepAlive(1)
+    sock = transport.getHandle()
+    for option, key in (
+        (getattr(socket, "TCP_KEEPIDLE", None), "idle"),
+        (getattr(socket, "TCP_KEEPINTVL", None), "interval"),
+        (getattr(socket, "TCP_KEEPCNT", None), "count"),
+    ):
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, settings[key])
 
 
 def _not_connected(data: bytes) -> None:
@@ -137,6 +157,8 @@ class ClientConnection(Protocol):
         self._write: Callable[[bytes], None] = _not_connected
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
+        self._born = 0.0
+        self._send_timer: Deadline | None = None
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -163,6 +185,9 @@ class ClientConnection(Protocol):
         self._peer_str = getattr(peer, "host", "") or str(peer)
         self._peer = self._peer_str.encode("latin-1")
         ctx = self._ctx
+        self._born = ctx.clock.seconds()
+        if ctx.config.tcp_keepalive:
+            set_tcp_keepalive(transport, ctx.config.tcp_keepalive)
         ctx.stats.connections_total += 1
         ctx.stats.connections_open += 1
         # A new connection must start its first request as promptly as a head must complete.
@@ -177,6 +202,9 @@ class ClientConnection(Protocol):
             config = self._ctx.config
             if config.header_timeout:
                 self._timer.arm(config.header_timeout)
+            limits = self._ctx.limits
+            if limits is not None and limits.idle_per_client:
+                limits.went_busy(self._peer_str, self)
         parser = self._parser
         if parser is None:
             parser = self._parser = httptools.HttpRequestParser(self)
@@ -249,6 +277,11 @@ class ClientConnection(Protocol):
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"
         self._timer.stop()
+        if self._send_timer is not None:
+            self._send_timer.stop()
+        limits = self._ctx.limits
+        if limits is not None and limits.idle_per_client:
+            limits.went_busy(self._peer_str, self)
         self._current = None
         queue = self._queue
         while queue:
@@ -451,9 +484,13 @@ class ClientConnection(Protocol):
         """
         Whether the response to the C{ordinal}-th request may leave the connection open.
         """
-        if self._phase in ("lingering", "closed") or self._ctx.is_draining():
+        ctx = self._ctx
+        if self._phase in ("lingering", "closed") or ctx.is_draining():
             return False
-        return self._ctx.keepalive.keep_alive(client_wants, ordinal)
+        lifetime = ctx.config.max_lifetime
+        if lifetime and ctx.clock.seconds() - self._born >= lifetime:
+            return False
+        return ctx.keepalive.keep_alive(client_wants, ordinal)
 
     def request_body_drained(self) -> None:
         if len(self._queue) <= 1:
@@ -503,6 +540,43 @@ class ClientConnection(Protocol):
         elif self._phase == "closing":
             self._close_gracefully()
 
+    @property
+    def peer(self) -> str:
+        """The client's address, as limits count it."""
+        return self._peer_str
+
+    def reap_idle(self) -> None:
+        """
+        The listener reaps this connection: its client parks too many idle ones.
+        """
+        if self._phase == "idle":
+            self._close_gracefully()
+
+    def send_stalled(self) -> None:
+        """
+        The client stopped reading our response; it has C{send_timeout} to resume.
+        """
+        timeout = self._ctx.config.send_timeout
+        if timeout:
+            if self._send_timer is None:
+                self._send_timer = Deadline(self._ctx.clock, self._send_timed_out)
+            self._send_timer.arm(timeout)
+
+    def send_flowing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+
+    def _send_timed_out(self) -> None:
+        ctx = self._ctx
+        ctx.stats.timeouts += 1
+        ctx.log.info(
+            "client.send_timeout",
+            listener=ctx.name,
+            client=self._peer_str,
+            timeout=ctx.config.send_timeout,
+        )
+        self.abort()
+
     def close_if_idle(self) -> bool:
         """
         For a graceful drain: close now if nothing is in flight, else after the response.
@@ -520,12 +594,23 @@ class ClientConnection(Protocol):
         if self._ctx.is_draining():
             self._close_gracefully()
             return
-        self._phase = "idle"
-        timeout = self._ctx.config.keepalive_timeout
-        if timeout:
-            self._timer.arm(timeout)
-        else:
+        ctx = self._ctx
+        config = ctx.config
+        timeout = config.keepalive_timeout
+        if config.max_lifetime:
+            left = self._born + config.max_lifetime - ctx.clock.seconds()
+            if left <= 0:
+                self._close_gracefully()
+                return
+            timeout = min(timeout, left) if timeout else 0
+        if not timeout:
             self._close_gracefully()
+            return
+        self._phase = "idle"
+        self._timer.arm(timeout)
+        limits = ctx.limits
+        if limits is not None and limits.idle_per_client:
+            limits.went_idle(self._peer_str, self)
 
     def _pause_reading(self, reason: int) -> None:
         if not self._pause and self.transport is not None:

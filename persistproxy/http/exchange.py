@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
 from persistproxy.http.errors import error_response
 from persistproxy.http.upstream_connection import (
     FRAMING_CHUNKED,
@@ -33,6 +36,7 @@ _CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
+@implementer(IPushProducer)
 class Exchange:
     """
     The life of one request on its way through the proxy.
@@ -207,7 +211,7 @@ class Exchange:
             else:
                 connection.transport.registerProducer(self._client, True)  # type: ignore[union-attr]
                 self._feeding = True
-        self._client.transport.registerProducer(connection, True)  # type: ignore[union-attr]
+        self._client.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._relaying = True
 
     def connection_failed(self, reason: str, status: int) -> None:
@@ -339,6 +343,23 @@ class Exchange:
         else:
             self._respond_error(status, reason)
 
+    # -- IPushProducer for the client's transport: a slow reader slows the origin down -------
+
+    def pauseProducing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.pauseProducing()
+        self._client.send_stalled()
+
+    def resumeProducing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.resumeProducing()
+        self._client.send_flowing()
+
+    def stopProducing(self) -> None:
+        """The client went away; its connection cancels the exchange."""
+
     # -- internals ----------------------------------------------------------------------------
 
     @property
@@ -370,6 +391,7 @@ class Exchange:
     def _detach(self, connection: UpstreamConnection) -> None:
         if self._relaying:
             self._relaying = False
+            self._client.send_flowing()
             transport = self._client.transport
             if transport is not None:
                 transport.unregisterProducer()  # type: ignore[attr-defined]

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from persistproxy.config import ConfigError, ListenerConfig
 from persistproxy.http.client_connection import ClientConnection, ListenerContext
+from persistproxy.http.errors import error_response
 from persistproxy.interfaces import IProtocolPlugin, IProxyContext
+from persistproxy.limits import Rejection
 
 __all__ = ["HTTPFactory", "HTTPProtocolPlugin"]
 
@@ -30,13 +32,22 @@ class HTTPFactory(Factory):
         self._proxy = proxy
         ctx.on_close = self._closed
 
-    def buildProtocol(self, addr: object) -> ClientConnection:
+    def buildProtocol(self, addr: Any) -> Protocol:
         ctx = self.ctx
+        limits = ctx.limits
+        if limits is not None:
+            refused = limits.admit(getattr(addr, "host", ""))
+            if refused is not None:
+                response = error_response(503, refused, extra_headers=b"Retry-After: 5\r\n")
+                return Rejection(ctx.clock, response)
         connection = ClientConnection(ctx)
         self._proxy.register_connection(ctx.name, connection)
         return connection
 
     def _closed(self, connection: ClientConnection) -> None:
+        limits = self.ctx.limits
+        if limits is not None:
+            limits.release(connection.peer)
         self._proxy.unregister_connection(self.ctx.name, connection)
 
 
@@ -64,5 +75,6 @@ class HTTPProtocolPlugin:
             scheme=b"https" if listener.tls else b"http",
             is_draining=context.draining,
             access_log=context.access_log if listener.access_log else None,
+            limits=context.limits(listener.name),  # type: ignore[arg-type]
         )
         return HTTPFactory(ctx, context)

@@ -1,0 +1,174 @@
+# -*- test-case-name: tests.unit.test_limits -*-
+"""
+Admission control for one listener: how many connections in all, how many per client
+address, and how many idle keep-alive connections a client may park.
+
+Every decision is made when a connection is accepted, goes idle, becomes busy or closes: each
+is O(1) on dicts keyed by the client's address, with no periodic scan. Per-client counts key
+on C{address.host} (Twisted's own C{LimitConnectionsByPeer} indexes the address like a tuple,
+which modern address objects do not support).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from zope.interface import implementer
+
+from persistproxy.logs import EventLog
+from persistproxy.metrics import ListenerStats
+from persistproxy.policy import Deadline
+
+__all__ = ["ConnectionLimits", "Reapable", "Rejection"]
+
+
+class Reapable(Protocol):
+    def reap_idle(self) -> None:
+        """Close this idle connection now: its client has too many idle ones."""
+
+
+class ConnectionLimits:
+    """
+    The connection limits of one listener.
+
+    @ivar port: the listening port, set once it listens; reading from it stops while
+        C{max_connections} are open, so that further clients wait in the kernel's backlog.
+    """
+
+    def __init__(
+        self,
+        listener: str,
+        max_connections: int,
+        per_client: int,
+        idle_per_client: int,
+        log: EventLog,
+        stats: ListenerStats,
+    ) -> None:
+        self.listener = listener
+        self.max_connections = max_connections
+        self.per_client = per_client
+        self.idle_per_client = idle_per_client
+        self.port: Any = None
+        self.total = 0
+        self._log = log
+        self._stats = stats
+        self._clients: dict[str, int] = {}
+        self._idle: dict[str, dict[Reapable, None]] = {}
+        self._accepting = True
+
+    def admit(self, host: str) -> str | None:
+        """
+        Count a new connection from C{host}, or say why it is refused.
+        """
+        if self.per_client and self._clients.get(host, 0) >= self.per_client:
+            self._refused(host, "per-client connection limit")
+            return "too many connections from your address"
+        if self.max_connections and self.total >= self.max_connections:
+            # Accepted in the same burst as the last admitted one, before reading stopped.
+            self._refused(host, "listener connection limit")
+            return "too many connections"
+        self.total += 1
+        if self.per_client:
+            self._clients[host] = self._clients.get(host, 0) + 1
+        if self.max_connections and self.total >= self.max_connections:
+            self._set_accepting(False)
+        return None
+
+    def release(self, host: str) -> None:
+        self.total -= 1
+        if self.per_client:
+            left = self._clients.get(host, 1) - 1
+            if left:
+                self._clients[host] = left
+            else:
+                self._clients.pop(host, None)
+        if not self._accepting and self.total < self.max_connections:
+            self._set_accepting(True)
+
+    def went_idle(self, host: str, connection: Reapable) -> None:
+        """
+        C{connection} waits for its client's next request; reap that client's oldest idle
+        connection if it now has too many.
+        """
+        limit = self.idle_per_client
+        if not limit:
+            return
+        idle = self._idle.get(host)
+        if idle is None:
+            idle = self._idle[host] = {}
+        idle[connection] = None
+        if len(idle) > limit:
+            oldest = next(iter(idle))
+            del idle[oldest]
+            self._log.info(
+                "client.idle_reaped", listener=self.listener, client=host, idle_limit=limit
+            )
+            oldest.reap_idle()
+
+    def went_busy(self, host: str, connection: Reapable) -> None:
+        idle = self._idle.get(host)
+        if idle is not None:
+            idle.pop(connection, None)
+            if not idle:
+                del self._idle[host]
+
+    def _refused(self, host: str, why: str) -> None:
+        self._stats.connections_rejected += 1
+        self._log.warning("client.refused", listener=self.listener, client=host, reason=why)
+
+    def _set_accepting(self, accepting: bool) -> None:
+        self._accepting = accepting
+        port = self.port
+        if port is None:
+            return
+        if accepting:
+            port.startReading()
+            self._log.info("listener.accepting", listener=self.listener, open=self.total)
+        else:
+            port.stopReading()
+            self._log.warning(
+                "listener.full", listener=self.listener, max_connections=self.max_connections
+            )
+
+
+@implementer(IHalfCloseableProtocol)
+class Rejection(TwistedProtocol):
+    """
+    Answers a refused connection with a fixed response (a 503 for HTTP, nothing for raw TCP)
+    and closes it gracefully: half-close, then drop whatever the client still sends for a
+    moment, so the answer is read rather than destroyed by a reset.
+    """
+
+    def __init__(self, clock: IReactorTime, response: bytes, linger: float = 1.0) -> None:
+        self._response = response
+        self._timer = Deadline(clock, self._give_up)
+        self._linger = linger
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if self._response:
+            transport.write(self._response)
+        lose_write = getattr(transport, "loseWriteConnection", None)
+        if lose_write is None or not self._response:
+            transport.loseConnection()
+            return
+        lose_write()
+        self._timer.arm(self._linger)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Discarded: the request is refused whatever it says."""
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        """The answer is out; wait for the client to close, briefly."""
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._timer.stop()
+
+    def _give_up(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
