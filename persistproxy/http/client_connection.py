@@ -34,6 +34,7 @@ from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
 from persistproxy.http.headers import HOP_BY_HOP, connection_tokens
 from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
+from persistproxy.timers import TimeoutQueue
 
 if TYPE_CHECKING:
     from persistproxy.config import ListenerConfig
@@ -75,7 +76,10 @@ class ListenerContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     keepalive_header: bytes = field(init=False)
     name: str = field(init=False)
-    timer_step: float = field(init=False)
+    header_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
+    body_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
+    idle_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
+    send_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
     #: Whether the proxy is draining: responses then say C{Connection: close}.
     is_draining: Callable[[], bool] = lambda: False
     #: Where access lines go; None when the listener's C{access_log} is off.
@@ -88,13 +92,17 @@ class ListenerContext:
     def __post_init__(self) -> None:
         config = self.config
         self.keepalive = KeepAlivePolicy(config.keepalive_timeout, config.max_requests)
-        timeouts = (
-            config.header_timeout,
-            config.body_timeout,
-            config.keepalive_timeout,
-            config.send_timeout,
-        )
-        self.timer_step = min([t for t in timeouts if t > 0] or [0.0])
+        clock = self.clock
+
+        def queue(
+            timeout: float, expire: Callable[[ClientConnection], None]
+        ) -> TimeoutQueue[ClientConnection] | None:
+            return TimeoutQueue(clock, timeout, expire) if timeout > 0 else None
+
+        self.header_queue = queue(config.header_timeout, ClientConnection.timed_out)
+        self.body_queue = queue(config.body_timeout, ClientConnection.timed_out)
+        self.idle_queue = queue(config.keepalive_timeout, ClientConnection.timed_out)
+        self.send_queue = queue(config.send_timeout, ClientConnection.send_timed_out)
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
 
@@ -150,7 +158,10 @@ class ClientConnection(Protocol):
         self._served = 0
         self._phase = "idle"
         self._pause = 0
-        self._timer = Deadline(ctx.clock, self._timed_out, ctx.timer_step)
+        # The timeout queue this connection waits in (header, body or keep-alive), if any;
+        # a connection-owned deadline only for the rare timers (lingering, lifetime).
+        self._waiting: TimeoutQueue[ClientConnection] | None = None
+        self._timer: Deadline | None = None
         self._peer = b""
         self._peer_str = ""
         self._quiet = 0
@@ -158,7 +169,6 @@ class ClientConnection(Protocol):
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
         self._born = 0.0
-        self._send_timer: Deadline | None = None
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -191,7 +201,7 @@ class ClientConnection(Protocol):
         ctx.stats.connections_total += 1
         ctx.stats.connections_open += 1
         # A new connection must start its first request as promptly as a head must complete.
-        self._timer.arm(ctx.config.header_timeout or ctx.config.keepalive_timeout or 60)
+        self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
 
     def dataReceived(self, data: bytes) -> None:
         phase = self._phase
@@ -199,9 +209,7 @@ class ClientConnection(Protocol):
             return
         if phase == "idle":
             self._phase = "head"
-            config = self._ctx.config
-            if config.header_timeout:
-                self._timer.arm(config.header_timeout)
+            self._wait(self._ctx.header_queue)
             limits = self._ctx.limits
             if limits is not None and limits.idle_per_client:
                 limits.went_busy(self._peer_str, self)
@@ -272,13 +280,15 @@ class ClientConnection(Protocol):
         Our FIN is out: drain the client's input until it closes, for a moment at most.
         """
         if self._phase != "closed":
-            self._timer.arm(LINGER_SECONDS)
+            self._deadline(LINGER_SECONDS)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"
-        self._timer.stop()
-        if self._send_timer is not None:
-            self._send_timer.stop()
+        self._wait(None)
+        if self._timer is not None:
+            self._timer.stop()
+        if self._ctx.send_queue is not None:
+            self._ctx.send_queue.discard(self)
         limits = self._ctx.limits
         if limits is not None and limits.idle_per_client:
             limits.went_busy(self._peer_str, self)
@@ -423,11 +433,10 @@ class ClientConnection(Protocol):
         self._current = exchange
         if has_body:
             self._phase = "body"
-            if config.body_timeout:
-                self._timer.arm(config.body_timeout)
+            self._wait(ctx.body_queue)
         else:
             self._phase = "busy"
-            self._timer.cancel()
+            self._wait(None)
         queue = self._queue
         queue.append(exchange)
         if len(queue) == 1:
@@ -437,8 +446,9 @@ class ClientConnection(Protocol):
         exchange = self._current
         if exchange is None:
             return
-        if self._ctx.config.body_timeout:
-            self._timer.arm(self._ctx.config.body_timeout)
+        body_queue = self._ctx.body_queue
+        if body_queue is not None:
+            body_queue.add(self)
         buffered = exchange.request_body(body)
         if buffered > PIPELINE_BUFFER:
             self._pause_reading(_PAUSE_BACKLOG)
@@ -452,7 +462,7 @@ class ClientConnection(Protocol):
         exchange.request_complete()
         if self._phase == "body":
             self._phase = "busy"
-            self._timer.cancel()
+            self._wait(None)
         if not exchange.client_keep_alive or (
             self._ctx.keepalive.max_requests and self._served >= self._ctx.keepalive.max_requests
         ):
@@ -556,17 +566,16 @@ class ClientConnection(Protocol):
         """
         The client stopped reading our response; it has C{send_timeout} to resume.
         """
-        timeout = self._ctx.config.send_timeout
-        if timeout:
-            if self._send_timer is None:
-                self._send_timer = Deadline(self._ctx.clock, self._send_timed_out)
-            self._send_timer.arm(timeout)
+        send_queue = self._ctx.send_queue
+        if send_queue is not None:
+            send_queue.add(self)
 
     def send_flowing(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
+        send_queue = self._ctx.send_queue
+        if send_queue is not None:
+            send_queue.discard(self)
 
-    def _send_timed_out(self) -> None:
+    def send_timed_out(self) -> None:
         ctx = self._ctx
         ctx.stats.timeouts += 1
         ctx.log.info(
@@ -607,7 +616,11 @@ class ClientConnection(Protocol):
             self._close_gracefully()
             return
         self._phase = "idle"
-        self._timer.arm(timeout)
+        if timeout == config.keepalive_timeout:
+            self._wait(ctx.idle_queue)
+        else:
+            self._wait(None)
+            self._deadline(timeout)
         limits = ctx.limits
         if limits is not None and limits.idle_per_client:
             limits.went_idle(self._peer_str, self)
@@ -649,7 +662,7 @@ class ClientConnection(Protocol):
         self._current = None
         self._phase = "closing"
         self._pause_reading(_PAUSE_CLOSING)
-        self._timer.cancel()
+        self._wait(None)
         if current is not None and current.response_started:
             # Its response is already streaming: all that can be done is to stop.
             current.cancel()
@@ -693,7 +706,8 @@ class ClientConnection(Protocol):
         if transport is None:
             return
         # Until our FIN is out, the client must keep reading; after it, linger briefly.
-        self._timer.arm(self._ctx.config.send_timeout or 60)
+        self._wait(None)
+        self._deadline(self._ctx.config.send_timeout or 60)
         lose_write = getattr(transport, "loseWriteConnection", None)
         if lose_write is not None:
             if self._pause:
@@ -704,11 +718,34 @@ class ClientConnection(Protocol):
             transport.loseConnection()
 
     def _close_now(self) -> None:
-        self._timer.cancel()
+        self._wait(None)
+        if self._timer is not None:
+            self._timer.cancel()
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def _timed_out(self) -> None:
+    def _wait(self, queue: TimeoutQueue[ClientConnection] | None) -> None:
+        """
+        Wait in C{queue} (header, body or keep-alive timeout) from now, and in no other.
+        """
+        waiting = self._waiting
+        if waiting is not None and waiting is not queue:
+            waiting.discard(self)
+        self._waiting = queue
+        if queue is not None:
+            queue.add(self)
+
+    def _deadline(self, seconds: float) -> None:
+        """A timer of this connection's own, for lingering and the end of its lifetime."""
+        if self._timer is None:
+            self._timer = Deadline(self._ctx.clock, self.timed_out)
+        self._timer.arm(seconds)
+
+    def timed_out(self) -> None:
+        """
+        The timeout of the current phase expired (called by the listener's queues).
+        """
+        self._waiting = None
         phase = self._phase
         ctx = self._ctx
         if phase == "lingering":
