@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.fastwrite import writer_for
+from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
 from persistproxy.http.headers import HOP_BY_HOP, connection_tokens
@@ -128,10 +128,6 @@ def set_tcp_keepalive(transport: Any, settings: Mapping[str, int]) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, settings[key])
 
 
-def _not_connected(data: bytes) -> None:
-    raise RuntimeError("write before the connection was made")
-
-
 class _BadRequest(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -165,7 +161,7 @@ class ClientConnection(Protocol):
         self._peer = b""
         self._peer_str = ""
         self._quiet = 0
-        self._write: Callable[[bytes], None] = _not_connected
+        self._direct = False
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
         self._born = 0.0
@@ -190,7 +186,7 @@ class ClientConnection(Protocol):
         set_nodelay = getattr(transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        self._write = writer_for(transport)
+        self._direct = can_write_directly(transport)
         peer = transport.getPeer()  # type: ignore[union-attr]
         self._peer_str = getattr(peer, "host", "") or str(peer)
         self._peer = self._peer_str.encode("latin-1")
@@ -481,10 +477,14 @@ class ClientConnection(Protocol):
     # -- used by the exchange -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self._write(data)
+        if self._direct:
+            write_directly(self.transport, data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
 
-    def write_sequence(self, data: Sequence[bytes]) -> None:
-        self.write(b"".join(data))
+    def backlogged(self) -> bool:
+        """Whether our response bytes are queued: then the response needs flow control."""
+        return backlogged(self.transport, self._direct)
 
     def abort(self) -> None:
         self._phase = "closed"

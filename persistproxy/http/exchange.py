@@ -158,6 +158,10 @@ class Exchange:
                 upstream.send_body(b"%x\r\n%s\r\n" % (len(data), data))
             else:
                 upstream.send_body(data)
+            if not self._feeding and not self.body_done and upstream.backlogged():
+                # The origin reads slower than the client sends: let it slow the client.
+                upstream.transport.registerProducer(self._client, True)  # type: ignore[union-attr]
+                self._feeding = True
             return 0
         if self.cancelled or (self.upstream is None and self.response_started):
             return 0  # answered already (early response or error): the rest is discarded
@@ -205,14 +209,10 @@ class Exchange:
             for piece in body:
                 self.request_body(piece)
             self._client.request_body_drained()
-        if self.has_body:
-            if self.body_done:
-                connection.finish_request(_LAST_CHUNK if self.chunked else b"")
-            else:
-                connection.transport.registerProducer(self._client, True)  # type: ignore[union-attr]
-                self._feeding = True
-        self._client.transport.registerProducer(self, True)  # type: ignore[union-attr]
-        self._relaying = True
+        if self.has_body and self.body_done:
+            connection.finish_request(_LAST_CHUNK if self.chunked else b"")
+        # Flow control in either direction is wired up only once bytes queue up in a
+        # transport (see request_body and _relay): most exchanges never need it.
 
     def connection_failed(self, reason: str, status: int) -> None:
         self._ctx.stats.upstream_errors += 1
@@ -266,13 +266,28 @@ class Exchange:
         self.response_started = True
         self.bytes_out += len(head)
         client.write(head)
+        if not self._relaying and client.backlogged():
+            self._relay()
 
     def response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        client = self._client
         if self._framing == FRAMING_CHUNKED:
-            self._client.write_sequence([b"%x\r\n" % len(data), data, b"\r\n"])
+            client.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self._client.write(data)
+            client.write(data)
+        if not self._relaying and client.backlogged():
+            self._relay()
+
+    def _relay(self) -> None:
+        """
+        The client reads slower than the origin sends: make the client's transport pause
+        and resume us (and through us the upstream connection) from now on.
+        """
+        transport = self._client.transport
+        if transport is not None and self.upstream is not None:
+            transport.registerProducer(self, True)  # type: ignore[attr-defined]
+            self._relaying = True
 
     def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
         if self._framing == FRAMING_CHUNKED:

@@ -23,7 +23,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.fastwrite import writer_for
+from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.http.headers import HOP_BY_HOP, connection_tokens, keepalive_timeout_param
 from persistproxy.policy import Deadline
 
@@ -39,10 +39,6 @@ FRAMING_NONE = 0
 FRAMING_LENGTH = 1
 FRAMING_CHUNKED = 2
 FRAMING_CLOSE = 3
-
-
-def _not_connected(data: bytes) -> None:
-    raise RuntimeError("write before the connection was made")
 
 
 class ResponseSink(Protocol):
@@ -95,7 +91,7 @@ class UpstreamConnection(TwistedProtocol):
         self._sink: ResponseSink | None = None
         self._paused = False
         self._new_parser = False
-        self._write: Callable[[bytes], None] = _not_connected
+        self._direct = False
         self._reset_message()
         self.request_sent = True
         self.bytes_received = 0
@@ -133,6 +129,16 @@ class UpstreamConnection(TwistedProtocol):
 
     def send_body(self, data: bytes) -> None:
         self._write(data)
+
+    def backlogged(self) -> bool:
+        """Whether request bytes are queued: then the request body needs flow control."""
+        return backlogged(self.transport, self._direct)
+
+    def _write(self, data: bytes) -> None:
+        if self._direct:
+            write_directly(self.transport, data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def finish_request(self, trailer: bytes = b"") -> None:
         if trailer:
@@ -174,7 +180,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self.state = "IDLE"
-        self._write = writer_for(self.transport)
+        self._direct = can_write_directly(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state != "ACTIVE":
