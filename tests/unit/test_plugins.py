@@ -1,0 +1,86 @@
+"""
+Protocol plugins: discovery through Twisted's plugin system, the built-in HTTP plugin, and
+a third-party plugin dropped into a persistproxy/plugins directory on sys.path.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from persistproxy.config import ConfigError, parse_config
+from persistproxy.interfaces import IProtocolPlugin
+from persistproxy.tap import protocol_plugins
+
+PLUGIN = textwrap.dedent(
+    """
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.plugin import IPlugin
+    from zope.interface import implementer
+
+    from persistproxy.config import ConfigError
+    from persistproxy.interfaces import IProtocolPlugin
+
+
+    class Echo(Protocol):
+        def dataReceived(self, data):
+            self.transport.write(data)
+
+
+    @implementer(IPlugin, IProtocolPlugin)
+    class EchoPlugin:
+        name = "echo-test"
+
+        def validate(self, listener):
+            for key, value in listener.extra.items():
+                if key != "greeting" or not isinstance(value, str):
+                    raise ConfigError(f"{key}: unknown key or not a string")
+
+        def build_factory(self, listener, context):
+            return Factory.forProtocol(Echo)
+
+
+    echo = EchoPlugin()
+    """
+)
+
+
+def test_builtin_http_plugin_provides_the_interface() -> None:
+    plugins = protocol_plugins()
+    assert "http" in plugins
+    verifyObject(IProtocolPlugin, plugins["http"])
+
+
+def test_third_party_plugin_is_found_and_validates_its_own_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "persistproxy" / "plugins"
+    package.mkdir(parents=True)
+    (package / "echo_test.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import persistproxy.plugins
+
+    monkeypatch.setattr(
+        persistproxy.plugins, "__path__", [*persistproxy.plugins.__path__, str(package)]
+    )
+    plugins = protocol_plugins()
+    assert "echo-test" in plugins
+    validators = {name: p.validate for name, p in plugins.items()}
+    doc = {"listener": [{"name": "e", "bind": "tcp:0", "protocol": "echo-test", "greeting": "hi"}]}
+    config = parse_config(doc, "x.toml", validators)
+    assert config.listeners[0].extra == {"greeting": "hi"}
+    doc["listener"][0]["greeting"] = 3
+    with pytest.raises(ConfigError, match=r"x.toml: listener.e.greeting: unknown key"):
+        parse_config(doc, "x.toml", validators)
+    sys.modules.pop("persistproxy.plugins.echo_test", None)
+
+
+def test_unknown_protocol_is_a_config_error() -> None:
+    validators = {name: p.validate for name, p in protocol_plugins().items()}
+    doc = {"listener": [{"name": "e", "bind": "tcp:0", "protocol": "gopher"}]}
+    with pytest.raises(ConfigError, match=r"listener.e.protocol: unknown protocol 'gopher'"):
+        parse_config(doc, "x.toml", validators)
