@@ -112,5 +112,5 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 def test_without_plugins_only_builtin_keys_are_accepted() -> None:
     doc = {"listener": [{"bind": "tcp:0", "weird": 1}]}
-    with pytest.raises(ConfigError, match="listener.listener0.weird: unknown key"):
+    with pytest.raises(ConfigError, match=r"listener\.listener0\.weird: unknown key"):
         parse_config(doc)
