@@ -224,6 +224,20 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
 _PluginValidator = Callable[[ListenerConfig], None]
 
 
+def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping[str, Any] | None:
+    """
+    Check C{[listener.tls]} now, certificate files included (see L{persistproxy.tls}).
+    """
+    table = s.table("tls")
+    if table is None:
+        return None
+    from persistproxy.tls import parse_listener_tls
+
+    base = Path(source).parent if Path(source).is_file() else Path.cwd()
+    ts = _Section(source, f"listener.{name}.tls", table)
+    return parse_listener_tls(table, ts.fail, base, protocol)
+
+
 def _listener(
     source: str,
     index: int,
@@ -273,7 +287,7 @@ def _listener(
         max_idle_per_client=s.integer("max_idle_per_client", 0),
         send_408_on_idle=s.boolean("send_408_on_idle", False),
         tcp_keepalive=tcp_keepalive,
-        tls=s.table("tls"),
+        tls=_listener_tls(s, source, name, protocol),
         extra=s.unused(),
     )
     if protocols is not None:

@@ -11,6 +11,8 @@ which modern address objects do not support).
 
 from __future__ import annotations
 
+import contextlib
+from collections import deque
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
@@ -21,12 +23,23 @@ from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
 from persistproxy.policy import Deadline
 
-__all__ = ["ConnectionLimits", "Reapable", "Rejection"]
+__all__ = ["HOLD", "ConnectionLimits", "Holdable", "Reapable", "Rejection"]
+
+#: L{ConnectionLimits.admit}'s answer for a connection accepted past C{max_connections}.
+HOLD = "hold"
 
 
 class Reapable(Protocol):
     def reap_idle(self) -> None:
         """Close this idle connection now: its client has too many idle ones."""
+
+
+class Holdable(Protocol):
+    @property
+    def peer(self) -> str: ...
+
+    def unhold(self) -> None:
+        """Start serving: a connection slot is free."""
 
 
 class ConnectionLimits:
@@ -56,6 +69,7 @@ class ConnectionLimits:
         self._stats = stats
         self._clients: dict[str, int] = {}
         self._idle: dict[str, dict[Reapable, None]] = {}
+        self._held: deque[Holdable] = deque()
         self._accepting = True
 
     def admit(self, host: str) -> str | None:
@@ -66,15 +80,22 @@ class ConnectionLimits:
             self._refused(host, "per-client connection limit")
             return "too many connections from your address"
         if self.max_connections and self.total >= self.max_connections:
-            # Accepted in the same burst as the last admitted one, before reading stopped.
-            self._refused(host, "listener connection limit")
-            return "too many connections"
-        self.total += 1
-        if self.per_client:
-            self._clients[host] = self._clients.get(host, 0) + 1
-        if self.max_connections and self.total >= self.max_connections:
-            self._set_accepting(False)
+            # Accepted in the same accept() burst as the connection that reached the limit,
+            # before reading from the port stopped: it waits, unread, as if in the backlog.
+            return HOLD
+        self._count(host)
         return None
+
+    def hold(self, connection: Holdable) -> None:
+        """
+        Keep an accepted connection unread until a slot frees (see L{HOLD}).
+        """
+        self._held.append(connection)
+
+    def forget_held(self, connection: Holdable) -> None:
+        """A held connection closed before it was served."""
+        with contextlib.suppress(ValueError):
+            self._held.remove(connection)
 
     def release(self, host: str) -> None:
         self.total -= 1
@@ -84,8 +105,20 @@ class ConnectionLimits:
                 self._clients[host] = left
             else:
                 self._clients.pop(host, None)
+        held = self._held
+        while held and self.total < self.max_connections:
+            connection = held.popleft()
+            self._count(connection.peer)
+            connection.unhold()
         if not self._accepting and self.total < self.max_connections:
             self._set_accepting(True)
+
+    def _count(self, host: str) -> None:
+        self.total += 1
+        if self.per_client:
+            self._clients[host] = self._clients.get(host, 0) + 1
+        if self.max_connections and self.total >= self.max_connections:
+            self._set_accepting(False)
 
     def went_idle(self, host: str, connection: Reapable) -> None:
         """

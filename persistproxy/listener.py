@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from persistproxy.config import ListenerConfig
 from persistproxy.limits import ConnectionLimits
 from persistproxy.logs import EventLog
+from persistproxy.metrics import ListenerStats
+from persistproxy.tls import ListenerTLSSettings, ServerTLS, TLSListenerFactory
 
 __all__ = ["ListenerService"]
 
@@ -35,10 +37,18 @@ class ListenerService(Service):
         factory: IProtocolFactory,
         log: EventLog,
         limits: ConnectionLimits | None = None,
+        stats: ListenerStats | None = None,
     ) -> None:
         self.name = f"listener:{config.name}"
         self.config = config
         self.factory = factory
+        #: The listener's TLS contexts, built once here: never per connection, which would
+        #: defeat session resumption. The SIGHUP reloader reaches them through this.
+        self.tls: ServerTLS | None = None
+        self._listening_factory = factory
+        if config.tls is not None:
+            self.tls = ServerTLS(ListenerTLSSettings.from_mapping(config.tls), config.name)
+            self._listening_factory = TLSListenerFactory(self.tls, factory, stats, log, reactor)
         self.port: IListeningPort | None = None
         self._reactor = reactor
         self._log = log
@@ -47,7 +57,7 @@ class ListenerService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
         endpoint = serverFromString(self._reactor, self.config.bind)
-        d = endpoint.listen(self.factory)
+        d = endpoint.listen(self._listening_factory)
         result: list[Any] = []
         d.addBoth(result.append)
         if not result:

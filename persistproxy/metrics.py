@@ -35,6 +35,8 @@ class ListenerStats:
     upstream_errors: int = 0
     tls_handshakes: int = 0
     tls_resumed: int = 0
+    #: Completed handshakes by (protocol version, ALPN protocol or "", resumed).
+    tls_kinds: dict[tuple[str, str, bool], int] = field(default_factory=dict)
 
     def count_response(self, status: int) -> None:
         key = status // 100
@@ -92,6 +94,15 @@ class StatsCollector(Collector):
                 responses.add_metric([name, f"{klass}xx"], count)
         yield open_conns
         yield responses
+        tls = CounterMetricFamily(
+            "persistproxy_tls_handshakes_by_kind",
+            "TLS handshakes completed, by protocol version, ALPN result and resumption",
+            labels=["listener", "version", "alpn", "resumed"],
+        )
+        for name, ls in self._stats.listeners.items():
+            for (version, alpn, resumed), count in sorted(ls.tls_kinds.items()):
+                tls.add_metric([name, version, alpn, "true" if resumed else "false"], count)
+        yield tls
         labels = ["upstream", "server"]
         active = GaugeMetricFamily(
             "persistproxy_upstream_active", "Upstream connections lent out", labels=labels

@@ -23,6 +23,7 @@ from persistproxy.listener import ListenerService
 from persistproxy.logs import AccessLog, EventLog
 from persistproxy.metrics import ListenerStats, ProxyStats
 from persistproxy.router import EndpointWrapper, Router, UpstreamGroup
+from persistproxy.upstream_tls import endpoint_wrapper
 
 __all__ = ["ProxyService"]
 
@@ -54,7 +55,9 @@ class ProxyService(MultiService):
         self.proxy_stats = ProxyStats()
         self.router = Router(
             {
-                name: UpstreamGroup(reactor, up, log, upstream_tls)
+                name: UpstreamGroup(
+                    reactor, up, log, upstream_tls or endpoint_wrapper(reactor, up, log)
+                )
                 for name, up in config.upstreams.items()
             }
         )
@@ -75,7 +78,14 @@ class ProxyService(MultiService):
         self.listeners: list[ListenerService] = []
         for listener in config.listeners:
             factory: IProtocolFactory = plugins[listener.protocol].build_factory(listener, self)
-            service = ListenerService(reactor, listener, factory, log, self._limits[listener.name])
+            service = ListenerService(
+                reactor,
+                listener,
+                factory,
+                log,
+                self._limits[listener.name],
+                stats=self.proxy_stats.listener(listener.name),
+            )
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(service)
 
@@ -133,6 +143,11 @@ class ProxyService(MultiService):
         self.router.close()
         self.access_log.flush()
         self.log.info("drain.finished", open_connections=self.open_connections())
+        # twistd re-raises the signal that stopped the reactor once it has stopped, so the
+        # process would end "killed by SIGTERM". A drain that ran is a clean, requested exit:
+        # say so with status 0, as the systemd unit and the drain contract expect.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
     def _drain_expired(self) -> None:
         self.log.warning("drain.timeout", open_connections=self.open_connections())

@@ -122,6 +122,12 @@ def makeService(options: Options) -> IService:
     root = MultiService()
     proxy = ProxyService(reactor, config, options.plugins, log)
     proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
+    tls = [listener.tls for listener in proxy.listeners if listener.tls is not None]
+    if tls:
+        from persistproxy.tls import CertificateReloader
+
+        # SIGHUP re-reads the TLS listeners' certificates and keys.
+        CertificateReloader(reactor, tls, log).setServiceParent(root)  # type: ignore[no-untyped-call]
     if config.metrics_bind:
         from persistproxy.metrics_service import metrics_service
 

@@ -140,8 +140,10 @@ class ClientConnection(Protocol):
     One client's persistent HTTP/1.x connection to a listener.
     """
 
-    def __init__(self, ctx: ListenerContext) -> None:
+    def __init__(self, ctx: ListenerContext, held: bool = False) -> None:
         self._ctx = ctx
+        #: Accepted past the listener's max_connections: unread until a slot frees.
+        self.held = held
         # Made when a request starts and dropped while idle: an idle keep-alive connection
         # should cost little memory, and a parser costs ~0.9 KiB but only ~0.2 us to make.
         self._parser: httptools.HttpRequestParser | None = None
@@ -196,7 +198,21 @@ class ClientConnection(Protocol):
             set_tcp_keepalive(transport, ctx.config.tcp_keepalive)
         ctx.stats.connections_total += 1
         ctx.stats.connections_open += 1
+        if self.held:
+            transport.pauseProducing()  # type: ignore[union-attr]
+            return
         # A new connection must start its first request as promptly as a head must complete.
+        self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
+
+    def unhold(self) -> None:
+        """
+        A connection slot is free: start reading this connection's requests.
+        """
+        self.held = False
+        ctx = self._ctx
+        if self._phase == "closed" or self.transport is None:
+            return
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
         self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
 
     def dataReceived(self, data: bytes) -> None:
@@ -206,6 +222,8 @@ class ClientConnection(Protocol):
         if phase == "idle":
             self._phase = "head"
             self._wait(self._ctx.header_queue)
+            if self._timer is not None:
+                self._timer.cancel()  # the end-of-lifetime timer of the idle phase
             limits = self._ctx.limits
             if limits is not None and limits.idle_per_client:
                 limits.went_busy(self._peer_str, self)

@@ -15,7 +15,7 @@ from persistproxy.config import ConfigError, ListenerConfig
 from persistproxy.http.client_connection import ClientConnection, ListenerContext
 from persistproxy.http.errors import error_response
 from persistproxy.interfaces import IProtocolPlugin, IProxyContext
-from persistproxy.limits import Rejection
+from persistproxy.limits import HOLD, Rejection
 
 __all__ = ["HTTPFactory", "HTTPProtocolPlugin"]
 
@@ -37,6 +37,11 @@ class HTTPFactory(Factory):
         limits = ctx.limits
         if limits is not None:
             refused = limits.admit(getattr(addr, "host", ""))
+            if refused == HOLD:
+                connection = ClientConnection(ctx, held=True)
+                limits.hold(connection)
+                self._proxy.register_connection(ctx.name, connection)
+                return connection
             if refused is not None:
                 response = error_response(503, refused, extra_headers=b"Retry-After: 5\r\n")
                 return Rejection(ctx.clock, response)
@@ -47,7 +52,10 @@ class HTTPFactory(Factory):
     def _closed(self, connection: ClientConnection) -> None:
         limits = self.ctx.limits
         if limits is not None:
-            limits.release(connection.peer)
+            if connection.held:
+                limits.forget_held(connection)
+            else:
+                limits.release(connection.peer)
         self._proxy.unregister_connection(self.ctx.name, connection)
 
 

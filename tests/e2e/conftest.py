@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# tests/e2e is a package (its test modules are e2e.test_*, so basenames may repeat those in
+# tests/unit); the helpers are imported by their plain name from this directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from e2ehelpers import ALL_PROCS, TWISTD, Origin, Proxy, make_config
 
 
@@ -125,12 +130,3 @@ def proxy(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     p = f(origin)
     yield p
     f.cleanup()
-
-
-@pytest.fixture(scope="session")
-def curl_bin() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.fail("curl is not installed (scripts/system-deps.sh installs it)")
-    return path
-

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -281,6 +282,8 @@ def get(port: int, target: str = "/echo", method: str = "GET",
 # --------------------------------------------------------------------------------------------
 
 def curl(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
+    if shutil.which("curl") is None:
+        raise AssertionError("curl is not installed (scripts/system-deps.sh installs it)")
     return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *args],
                           check=False, capture_output=True, timeout=timeout + 10)
 
@@ -290,6 +293,18 @@ def curl(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes
 # --------------------------------------------------------------------------------------------
 
 ALL_PROCS: list[ManagedProc] = []
+
+# Run as `python -c THIS PARENT_PID PROGRAM ARGS...`: asks the kernel to SIGKILL this process
+# when its parent (the pytest process) dies, then execs PROGRAM in place (same pid; the setting
+# survives execve). Only used from the main thread: the signal follows the *thread* that forked.
+_EXEC_WITH_PDEATHSIG = """\
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("parent already gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 class ManagedProc:
@@ -301,8 +316,12 @@ class ManagedProc:
                  merge_stderr: bool = True) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.argv = argv
+        spawn = argv
+        if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
+            # Die with the test run even when pytest itself is killed (no teardown then).
+            spawn = [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv]
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE,
+            spawn, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
         self._lines: list[str] = []

@@ -187,9 +187,14 @@ def test_listener_limit_stops_accepting_until_a_connection_closes() -> None:
     assert port.reading
     _connect(factory, "10.0.0.2")
     assert not port.reading, "further clients wait in the backlog"
-    late, _ = _connect(factory, "10.0.0.3")
-    assert isinstance(late, Rejection)
+    # Accepted in the same burst, before reading stopped: held unread, not refused.
+    late, late_transport = _connect(factory, "10.0.0.3")
+    assert not isinstance(late, Rejection) and late.held
+    assert late_transport.producerState == "paused"
     a.connectionLost(None)
+    assert not late.held and late_transport.producerState == "producing"
+    assert not port.reading, "the held connection took the freed slot"
+    late.connectionLost(None)
     assert port.reading
 
 

@@ -1,0 +1,766 @@
+# -*- test-case-name: tests.unit.test_tls -*-
+"""
+TLS termination on a listener: certificates chosen by SNI, ALPN, and session resumption that
+actually works.
+
+Twisted's C{CertificateOptions} turns the session cache and tickets off, and even with the
+cache on OpenSSL drops a session whose client closed without a close_notify (most HTTP
+clients), so a naive listener resumes nothing. Here:
+
+ - One I{session context} per listener is built once, at start-up, and every connection is
+   created from it: OpenSSL keeps the session cache and the ticket keys in the context a
+   connection was created from (C{SSL_CTX} C{session_ctx}), so one long-lived context means
+   every connection can resume every other one's session, whichever certificate SNI picked.
+   It holds no certificate; its server-name callback always switches the connection to one
+   of the I{certificate contexts} (also built once), the first certificate when no name
+   matches or none was sent. All contexts share one session-id context.
+ - C{OP_IGNORE_UNEXPECTED_EOF} keeps the session of a client that just closes the socket.
+   The price is that TLS no longer tells a truncated stream from a finished one; HTTP framing
+   does (Content-Length and chunked bodies are checked by the HTTP parser, and a connection
+   lost in the middle of a request body aborts that request upstream).
+ - On SIGHUP (L{CertificateReloader}) only the certificate contexts are rebuilt from the
+   files; the session context, so the cache and ticket keys, stays. Connections already
+   established keep the context they have.
+
+Session caches and ticket keys live in the process: several persistproxy processes behind
+one address resume only the sessions they issued themselves (see docs/tls.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from OpenSSL import SSL
+from twisted.application.service import Service
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import directlyProvides, implementer, providedBy
+
+from persistproxy.fastwrite import can_write_directly, write_directly
+from persistproxy.logs import EventLog
+from persistproxy.metrics import ListenerStats
+
+__all__ = [
+    "CertificateReloader",
+    "ListenerTLSSettings",
+    "ServerTLS",
+    "TLSListenerFactory",
+    "TLSLoadError",
+    "parse_listener_tls",
+    "session_reused",
+    "tls_info",
+]
+
+try:  # pyOpenSSL has no accessor for these; its cffi binding of OpenSSL has the functions.
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - a future pyOpenSSL without the private module
+    _ffi = _lib = None
+
+#: Not in every pyOpenSSL; the value is OpenSSL's since 3.0.
+OP_IGNORE_UNEXPECTED_EOF: int = getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7)
+
+VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
+
+#: TLS 1.2 suites: forward secret AEAD only (Mozilla's "intermediate" without DHE, which
+#: would need DH parameters). TLS 1.3 suites are OpenSSL's defaults, all modern.
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    | OP_IGNORE_UNEXPECTED_EOF
+)
+
+#: ALPN names an HTTP/1.x listener must not offer: the client would then speak that protocol.
+_NOT_HTTP1 = {"h2", "h2c", "h3"}
+
+_SETTINGS_KEYS = {
+    "certificates",
+    "min_version",
+    "alpn",
+    "session_cache",
+    "session_tickets",
+    "session_timeout",
+}
+
+
+_SigningKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
+_SIGNING_KEYS = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    dsa.DSAPrivateKey,
+)
+
+
+class TLSLoadError(Exception):
+    """
+    A certificate or key file that cannot be used, phrased for one log or error line.
+
+    @ivar index: which entry of C{certificates}; @ivar which: C{"cert"} or C{"key"}.
+    """
+
+    def __init__(self, index: int, which: str, path: str, reason: str) -> None:
+        super().__init__(f"cannot load {path}: {reason}")
+        self.index = index
+        self.which = which
+        self.path = path
+        self.reason = reason
+
+    @property
+    def key(self) -> str:
+        """The config key at fault, e.g. C{certificates[0].cert}."""
+        return f"certificates[{self.index}].{self.which}"
+
+
+@dataclass(frozen=True)
+class ListenerTLSSettings:
+    """
+    A validated C{[listener.tls]} table; certificate paths are absolute.
+    """
+
+    certificates: tuple[tuple[str, str], ...]
+    min_version: str = "TLSv1.2"
+    alpn: tuple[str, ...] = ("http/1.1",)
+    session_cache: bool = True
+    session_tickets: bool = True
+    session_timeout: int = 3600
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> ListenerTLSSettings:
+        """From the mapping L{parse_listener_tls} made (what C{ListenerConfig.tls} holds)."""
+        return cls(
+            certificates=tuple((c["cert"], c["key"]) for c in table["certificates"]),
+            min_version=table.get("min_version", "TLSv1.2"),
+            alpn=tuple(table.get("alpn", ("http/1.1",))),
+            session_cache=table.get("session_cache", True),
+            session_tickets=table.get("session_tickets", True),
+            session_timeout=table.get("session_timeout", 3600),
+        )
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def parse_listener_tls(
+    table: Mapping[str, Any],
+    fail: Callable[[str, str], Exception],
+    base: Path,
+    protocol: str = "http",
+) -> dict[str, Any]:
+    """
+    Check a C{[listener.tls]} table completely, loading every certificate and key, so that
+    C{--check} catches a bad file and nothing binds with one.
+
+    @param fail: makes the one-line error for C{(key, problem)}; the caller adds the file
+        and the table path.
+    @param base: relative certificate paths are relative to this (the config file's
+        directory). Paths are made absolute without resolving symbolic links, so a reload
+        follows a link that was moved to a renewed certificate.
+    @return: the normalised table, for C{ListenerConfig.tls}.
+    """
+    for key in table:
+        if key not in _SETTINGS_KEYS:
+            raise fail(key, "unknown key")
+
+    def typed(key: str, kinds: tuple[type, ...], what: str, default: Any) -> Any:
+        value = table.get(key, default)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise fail(key, f"expected {what}, got {value!r}")
+        return value
+
+    raw = table.get("certificates")
+    if raw is None:
+        raise fail("certificates", "required key is missing")
+    if not isinstance(raw, list) or not raw:
+        raise fail("certificates", f"expected a non-empty list of {{ cert, key }}, got {raw!r}")
+    certificates = []
+    for i, entry in enumerate(raw):
+        where = f"certificates[{i}]"
+        if not isinstance(entry, dict):
+            raise fail(where, f"expected a table {{ cert = ..., key = ... }}, got {entry!r}")
+        for key in entry:
+            if key not in ("cert", "key"):
+                raise fail(f"{where}.{key}", "unknown key")
+        paths = {}
+        for which in ("cert", "key"):
+            value = entry.get(which)
+            if value is None:
+                raise fail(f"{where}.{which}", "required key is missing")
+            if not isinstance(value, str) or not value:
+                raise fail(f"{where}.{which}", f"expected a file name, got {value!r}")
+            paths[which] = os.path.abspath(base / value)
+        certificates.append(paths)
+    min_version = typed("min_version", (str,), "a string", "TLSv1.2")
+    if min_version not in VERSIONS:
+        raise fail("min_version", f"expected TLSv1.2 or TLSv1.3, got {min_version!r}")
+    alpn = typed("alpn", (list,), "a list of protocol names", ["http/1.1"])
+    for name in alpn:
+        if not isinstance(name, str) or not name or len(name.encode()) > 255:
+            raise fail("alpn", f"expected protocol names such as 'http/1.1', got {name!r}")
+        if protocol == "http" and name in _NOT_HTTP1:
+            raise fail("alpn", f"{name!r} is not HTTP/1.x, which is all this listener speaks")
+    timeout = typed("session_timeout", (int,), "a whole number of seconds", 3600)
+    if timeout < 1:
+        raise fail("session_timeout", f"must be >= 1, got {timeout}")
+    result = {
+        "certificates": certificates,
+        "min_version": min_version,
+        "alpn": list(alpn),
+        "session_cache": typed("session_cache", (bool,), "true or false", True),
+        "session_tickets": typed("session_tickets", (bool,), "true or false", True),
+        "session_timeout": timeout,
+    }
+    try:
+        ServerTLS(ListenerTLSSettings.from_mapping(result), "check")
+    except TLSLoadError as e:
+        raise fail(e.key, str(e)) from None
+    return result
+
+
+# -- certificates -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Certificate:
+    """One certificate/key pair, ready to serve, and the names SNI selects it by."""
+
+    context: SSL.Context
+    names: tuple[str, ...]
+    cert_path: str
+    not_after: datetime
+
+
+def _read(index: int, which: str, path: str) -> bytes:
+    # A small synchronous read: at start-up, or on SIGHUP between two reactor events.
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSLoadError(index, which, path, e.strerror or str(e)) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _load_pair(
+    index: int, cert_path: str, key_path: str
+) -> tuple[list[x509.Certificate], _SigningKey]:
+    data = _read(index, "cert", cert_path)
+    try:
+        chain = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise TLSLoadError(
+            index, "cert", cert_path, f"not a PEM certificate ({_first_line(e)})"
+        ) from None
+    key_data = _read(index, "key", key_path)
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise TLSLoadError(
+            index, "key", key_path, "the key is encrypted (no passphrase support)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise TLSLoadError(
+            index, "key", key_path, f"not a PEM private key ({_first_line(e)})"
+        ) from None
+    if not isinstance(key, _SIGNING_KEYS):
+        raise TLSLoadError(index, "key", key_path, f"unusable key type {type(key).__name__}")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise TLSLoadError(
+            index, "key", key_path, f"the key does not match the certificate in {cert_path}"
+        )
+    return chain, key
+
+
+def _names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The DNS names a certificate is for: its SAN, else (old certificates) its CN."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = [
+            str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        ]
+    return tuple(n.lower().rstrip(".") for n in names)
+
+
+class _CertificateSet:
+    """
+    The certificate contexts of a listener and the SNI lookup over them, replaced whole on
+    reload so a handshake never sees half of an old set and half of a new one.
+    """
+
+    def __init__(self, certificates: list[_Certificate]) -> None:
+        self.certificates = certificates
+        self.default = certificates[0].context
+        self.exact: dict[bytes, SSL.Context] = {}
+        self.wildcard: dict[bytes, SSL.Context] = {}
+        # Earlier certificates win a name both carry, as the first is the default.
+        for certificate in reversed(certificates):
+            for name in certificate.names:
+                if name.startswith("*."):
+                    self.wildcard[name[2:].encode("idna")] = certificate.context
+                else:
+                    self.exact[name.encode("idna")] = certificate.context
+
+    def select(self, server_name: bytes | None) -> SSL.Context:
+        if not server_name:
+            return self.default
+        name = server_name.lower().rstrip(b".")
+        context = self.exact.get(name)
+        if context is not None:
+            return context
+        # A wildcard covers exactly one label.
+        return self.wildcard.get(name.partition(b".")[2], self.default)
+
+
+# -- the listener's TLS -----------------------------------------------------------------------
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    Makes the C{SSL.Connection} of every accepted connection of one listener, from contexts
+    built once (see the module docstring for why that matters).
+
+    @ivar session_context: the context every connection is created from; holds the session
+        cache and the ticket keys, and outlives certificate reloads.
+    """
+
+    def __init__(self, settings: ListenerTLSSettings, listener: str) -> None:
+        self.settings = settings
+        self.listener = listener
+        # Stable per listener: the value only has to be the same on every context.
+        self._session_id_context = hashlib.sha256(f"persistproxy/{listener}".encode()).digest()
+        self._alpn = [name.encode() for name in settings.alpn]
+        self.session_context = self._context()
+        self.session_context.set_tlsext_servername_callback(self._on_server_name)
+        self._set = self._load()
+
+    # -- IOpenSSLServerConnectionCreator
+
+    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+        return SSL.Connection(self.session_context, None)
+
+    # -- certificates
+
+    @property
+    def certificates(self) -> list[_Certificate]:
+        return self._set.certificates
+
+    def context_for(self, server_name: bytes | None) -> SSL.Context:
+        """The certificate context a ClientHello naming C{server_name} gets."""
+        return self._set.select(server_name)
+
+    def reload(self) -> list[_Certificate]:
+        """
+        Re-read every certificate and key; all or nothing.
+
+        @raise TLSLoadError: with the first file that cannot be used; nothing changed then.
+        """
+        self._set = self._load()
+        return self._set.certificates
+
+    def _load(self) -> _CertificateSet:
+        certificates = []
+        for index, (cert_path, key_path) in enumerate(self.settings.certificates):
+            chain, key = _load_pair(index, cert_path, key_path)
+            context = self._context()
+            try:
+                context.use_certificate(chain[0])
+                for extra in chain[1:]:
+                    context.add_extra_chain_cert(extra)
+                context.use_privatekey(key)
+                context.check_privatekey()
+            except SSL.Error as e:
+                raise TLSLoadError(index, "cert", cert_path, ssl_error_text(e)) from None
+            certificates.append(
+                _Certificate(context, _names(chain[0]), cert_path, chain[0].not_valid_after_utc)
+            )
+        return _CertificateSet(certificates)
+
+    def _context(self) -> SSL.Context:
+        settings = self.settings
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(VERSIONS[settings.min_version])
+        options = _OPTIONS
+        if not settings.session_tickets:
+            options |= SSL.OP_NO_TICKET
+        context.set_options(options)
+        # Frees a connection's 34 KiB of read/write buffers while it is idle: kept-alive
+        # connections are mostly idle.
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        context.set_cipher_list(TLS12_CIPHERS)
+        context.set_session_id(self._session_id_context)
+        context.set_session_cache_mode(
+            SSL.SESS_CACHE_SERVER if settings.session_cache else SSL.SESS_CACHE_OFF
+        )
+        context.set_timeout(settings.session_timeout)
+        if self._alpn:
+            context.set_alpn_select_callback(self._select_alpn)
+        return context
+
+    def _on_server_name(self, connection: SSL.Connection) -> None:
+        # OpenSSL calls this for every ClientHello, with or without a server name.
+        connection.set_context(self._set.select(connection.get_servername()))
+
+    def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for name in self._alpn:
+            if name in offered:
+                return name
+        # Go on without ALPN rather than fail the handshake: the client may still speak
+        # HTTP/1.1, as it would to a server that does not know ALPN.
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def ssl_error_text(error: SSL.Error) -> str:
+    parts = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+        if isinstance(item, tuple) and item:
+            parts.append(str(item[-1]))
+    return "; ".join(p for p in parts if p) or _first_line(error)
+
+
+# -- per-connection facts ---------------------------------------------------------------------
+
+
+def session_reused(connection: SSL.Connection) -> bool:
+    """
+    Whether the handshake resumed a session (C{SSL_session_reused}; pyOpenSSL has no method
+    for it, so its cffi binding is called directly).
+    """
+    if _lib is None:  # pragma: no cover
+        return False
+    return bool(_lib.SSL_session_reused(connection._ssl))
+
+
+def connection_facts(connection: SSL.Connection) -> dict[str, Any]:
+    """
+    What the access log says about a TLS connection whose handshake is complete.
+    """
+    alpn = connection.get_alpn_proto_negotiated()
+    server_name = connection.get_servername()
+    return {
+        "tls_version": connection.get_protocol_version_name(),
+        "tls_resumed": session_reused(connection),
+        "alpn": alpn.decode("ascii", "replace") if alpn else None,
+        "sni": server_name.decode("ascii", "replace") if server_name else None,
+    }
+
+
+def tls_info(transport: object) -> dict[str, Any] | None:
+    """
+    The TLS facts of a connection (L{connection_facts}), or L{None} for a plain transport or
+    one whose handshake is not complete.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    connection = get_handle()
+    if not isinstance(connection, SSL.Connection) or not connection.get_protocol_version_name():
+        return None
+    return connection_facts(connection)
+
+
+@implementer(IHalfCloseableProtocol)
+class _ServerTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    Twisted's TLS transport with what a keep-alive HTTP server needs on top.
+
+     - It reports each completed handshake: metrics, and C{log_extra} of the wrapped protocol
+       for its access lines.
+     - It implements the half-close a graceful HTTP close relies on. Twisted's TLS transport
+       has none: C{loseWriteConnection} fell through to the TCP transport, which sent a FIN
+       while the last response could still be in the TLS layer, and no close_notify.
+     - It sends less often: the TLS records of one reactor turn (a response head, its body,
+       a close_notify) leave in one C{send}, straight to the socket when nothing is queued
+       before them (see L{persistproxy.fastwrite}), instead of one buffered C{write} each.
+       Handshake messages and anything sent while closing leave at once.
+    """
+
+    factory: TLSListenerFactory
+    _noted = False
+    _direct = False
+    #: TLS records waiting for the end of the reactor turn, and their size.
+    _out: list[bytes] | None = None
+    _out_size = 0
+    _out_call: Any = None
+    #: Set once the connection is being closed: records then leave at once.
+    _closing = False
+
+    def makeConnection(self, transport: Any) -> None:
+        # Twisted's version declares each of the transport's interfaces on the wrapper one
+        # by one, then all of them again in ProtocolWrapper.makeConnection: a tenth of the
+        # CPU of a resumed handshake went there. Once, with the whole set, is the same.
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        directlyProvides(self, providedBy(transport))
+        self.connected = True
+        self.transport = transport
+        self._direct = can_write_directly(transport)
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
+
+    def _checkHandshakeStatus(self) -> None:
+        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        if self._handshakeDone and not self._noted and not self._aborted:
+            self._noted = True
+            self.factory.handshake_completed(self)
+            # The last handshake flight (TLS 1.2) or the session tickets (TLS 1.3) leave now:
+            # the client waits for the first, and one that closes right after the handshake
+            # would miss the second.
+            self._collect()
+            self._send_out()
+
+    def _tlsShutdownFinished(self, reason: Any) -> None:
+        self._closing = True
+        if reason is not None and not self._handshakeDone:
+            self.factory.handshake_failed(self, reason)
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]
+
+    # -- sending
+
+    def _collect(self) -> None:
+        """Move what OpenSSL wrote into its memory BIO to C{_out}."""
+        # Once our FIN is out, the TCP transport reports the connection lost synchronously
+        # from inside a close, so the TLS connection may already be gone here.
+        connection = self._tlsConnection
+        if connection is None:
+            return
+        try:
+            data = connection.bio_read(65536)
+        except SSL.WantReadError:
+            return
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
+        self._out_size += len(data)
+
+    def _flushSendBIO(self) -> None:
+        self._collect()
+        if self._out is None:
+            return
+        if (
+            self._closing
+            or self.disconnecting
+            or not self._handshakeDone
+            or self._out_size >= 16384
+        ):
+            self._send_out()
+        elif self._out_call is None:
+            self._out_call = self.factory._clock.callLater(0, self._send_out)
+
+    def _send_out(self) -> None:
+        call = self._out_call
+        if call is not None:
+            self._out_call = None
+            if call.active():
+                call.cancel()
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        self._out_size = 0
+        data = out[0] if len(out) == 1 else b"".join(out)
+        if self._direct:
+            write_directly(self.transport, data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _shutdownTLS(self) -> None:
+        self._closing = True
+        if self._tlsConnection is not None:
+            super()._shutdownTLS()  # type: ignore[no-untyped-call]
+
+    def loseWriteConnection(self) -> None:
+        if self.disconnecting or not self.connected:
+            return
+        if not self._handshakeDone or self._appSendBuffer or self._producer is not None:
+            # Nothing was said yet, or something is still to be written: TLS's own close.
+            self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        self._closing = True
+        with contextlib.suppress(SSL.Error):
+            self._tlsConnection.shutdown()
+        self._flushSendBIO()
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = connectionDone) -> None:
+        self._closing = True
+        call = self._out_call
+        if call is not None:
+            self._out_call = None
+            if call.active():
+                call.cancel()
+        self._out = None
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    # -- IHalfCloseableProtocol, towards the TCP transport
+
+    def readConnectionLost(self) -> None:
+        # The client's FIN: as with Twisted's TLS transport, that ends the connection (any
+        # close_notify before it has already been read).
+        self._send_out()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        # Our FIN is out: the wrapped protocol may now start lingering.
+        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if wrapped is not None:
+            wrapped.writeConnectionLost()
+
+
+class TLSListenerFactory(TLSMemoryBIOFactory):
+    """
+    Wraps a listener's protocol factory in TLS made by a L{ServerTLS}.
+    """
+
+    protocol = _ServerTLSProtocol
+
+    def __init__(
+        self,
+        tls: ServerTLS,
+        wrapped: IProtocolFactory,
+        stats: ListenerStats | None = None,
+        log: EventLog | None = None,
+        clock: Any = None,
+    ) -> None:
+        super().__init__(tls, False, wrapped, clock)
+        self.tls = tls
+        self._stats = stats
+        self._log = log
+
+    def handshake_completed(self, protocol: _ServerTLSProtocol) -> None:
+        facts = connection_facts(protocol.getHandle())  # type: ignore[no-untyped-call]
+        stats = self._stats
+        if stats is not None:
+            stats.tls_handshakes += 1
+            if facts["tls_resumed"]:
+                stats.tls_resumed += 1
+            key = (facts["tls_version"], facts["alpn"] or "", facts["tls_resumed"])
+            stats.tls_kinds[key] = stats.tls_kinds.get(key, 0) + 1
+        wrapped = protocol.wrappedProtocol
+        if hasattr(wrapped, "log_extra"):
+            wrapped.log_extra = facts
+
+    def handshake_failed(self, protocol: _ServerTLSProtocol, reason: Any) -> None:
+        if self._log is not None:
+            peer = protocol.getPeer()  # type: ignore[no-untyped-call]
+            self._log.debug(
+                "tls.handshake_failed",
+                listener=self.tls.listener,
+                client=getattr(peer, "host", str(peer)),
+                reason=_reason_text(reason),
+            )
+
+
+def _reason_text(reason: Any) -> str:
+    value = getattr(reason, "value", reason)
+    if isinstance(value, SSL.Error):
+        return ssl_error_text(value)
+    return _first_line(value) if isinstance(value, Exception) else str(value)
+
+
+# -- SIGHUP -----------------------------------------------------------------------------------
+
+
+class CertificateReloader(Service):
+    """
+    Re-reads the certificates and keys of every TLS listener on SIGHUP.
+
+    The signal handler only schedules the reload on the reactor; the reload itself reads a
+    few small files synchronously, which is acceptable once per signal. A listener whose new
+    files cannot be used keeps its current certificates and says why.
+    """
+
+    name = "tls-reloader"
+
+    def __init__(
+        self, reactor: Any, listeners: Sequence[ServerTLS], log: EventLog, signum: int = 0
+    ) -> None:
+        self._reactor = reactor
+        self._listeners = list(listeners)
+        self._log = log
+        self._signum = signum or signal.SIGHUP
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._previous = signal.signal(self._signum, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._previous is not None:
+            signal.signal(self._signum, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """
+        Reload every listener's certificates; L{True} when all of them succeeded.
+        """
+        ok = True
+        for tls in self._listeners:
+            try:
+                certificates = tls.reload()
+            except TLSLoadError as e:
+                ok = False
+                self._log.error(
+                    "tls.reload_failed",
+                    listener=tls.listener,
+                    file=e.path,
+                    reason=e.reason,
+                    kept="the certificates loaded before",
+                )
+                continue
+            now = datetime.now(UTC)
+            self._log.info(
+                "tls.reloaded",
+                listener=tls.listener,
+                certificates=[c.cert_path for c in certificates],
+            )
+            for c in certificates:
+                if c.not_after < now:
+                    self._log.warning(
+                        "tls.certificate_expired", listener=tls.listener, file=c.cert_path
+                    )
+        return ok

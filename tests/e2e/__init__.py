@@ -1,0 +1,1 @@
+"""End-to-end tests. A package, so that test module basenames may repeat those of tests/unit."""
