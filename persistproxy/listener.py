@@ -9,6 +9,7 @@ without one of its listeners.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import Service
@@ -56,15 +57,28 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
-        endpoint = serverFromString(self._reactor, self.config.bind)
-        d = endpoint.listen(self._listening_factory)
-        result: list[Any] = []
-        d.addBoth(result.append)
-        if not result:
-            raise RuntimeError(f"listener {self.config.name}: endpoint did not listen at once")
-        outcome = result[0]
-        if not IListeningPort.providedBy(outcome):
-            outcome.raiseException()
+        try:
+            endpoint = serverFromString(self._reactor, self.config.bind)
+            d = endpoint.listen(self._listening_factory)
+            result: list[Any] = []
+            d.addBoth(result.append)
+            if not result:
+                raise RuntimeError("the endpoint did not listen at once")
+            outcome = result[0]
+            if not IListeningPort.providedBy(outcome):
+                outcome.raiseException()
+        except Exception as e:
+            # A port in use or a socket systemd did not pass: one line, not a traceback, and
+            # no half-started proxy.
+            reason = str(e) or type(e).__name__
+            if isinstance(e, KeyError):
+                reason = f"no inherited socket named {reason}"
+            print(
+                f"persistproxy: listener {self.config.name}: cannot listen on "
+                f"{self.config.bind!r}: {reason}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         self.port = outcome
         if self._limits is not None:
             self._limits.port = outcome

@@ -221,7 +221,11 @@ class ClientConnection(Protocol):
             return
         if phase == "idle":
             self._phase = "head"
-            self._wait(self._ctx.header_queue)
+            header_queue = self._ctx.header_queue
+            if self._waiting is not header_queue:
+                # A kept-alive connection's head starts now; a new connection's head started
+                # when it connected, and its first bytes do not buy it more time.
+                self._wait(header_queue)
             if self._timer is not None:
                 self._timer.cancel()  # the end-of-lifetime timer of the idle phase
             limits = self._ctx.limits
