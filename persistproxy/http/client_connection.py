@@ -190,7 +190,7 @@ class ClientConnection(Protocol):
             set_nodelay(True)
         self._direct = can_write_directly(transport)
         peer = transport.getPeer()  # type: ignore[union-attr]
-        self._peer_str = getattr(peer, "host", "") or str(peer)
+        self._peer_str = getattr(peer, "host", None) or "unix"  # a UNIX socket has no host
         self._peer = self._peer_str.encode("latin-1")
         ctx = self._ctx
         self._born = ctx.clock.seconds()

@@ -536,3 +536,11 @@ def make_config(servers: list[str], listener: dict[str, Any] | None = None,
     ups = dict(UPSTREAM_DEFAULTS, servers=servers)
     ups.update(upstream or {})
     return toml_config([lst], [ups])
+
+
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of a process, in KiB: VmRSS (now) or VmHWM (peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")

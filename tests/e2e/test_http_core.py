@@ -33,6 +33,7 @@ from e2ehelpers import (
     make_config,
     pattern,
     pattern_sha256,
+    proc_status_kib,
 )
 
 OriginFactory = Callable[..., Origin]
@@ -836,22 +837,15 @@ def test_shipped_example_config_is_valid() -> None:
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
 
 
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_large_response_is_streamed_with_backpressure(proxy: Proxy) -> None:
     """A client that stops reading must not make the proxy buffer the whole response."""
     n = 64 * 1024 * 1024
-    rss0 = vm_rss_kib(proxy.pid)
+    rss0 = proc_status_kib(proxy.pid)
     with RawConn(proxy.port, timeout=20) as c:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         c.request("GET", f"/bytes/{n}")
         time.sleep(1.0)  # not reading: the proxy must stop reading from the origin
-        rss_stalled = vm_rss_kib(proxy.pid)
+        rss_stalled = proc_status_kib(proxy.pid)
         r = c.read_response()
     assert r.status == 200 and len(r.body) == n
     assert r.body[:65536] == pattern(65536)

@@ -11,34 +11,20 @@ import time
 from pathlib import Path
 
 from conftest import ProxyFactory
-from e2ehelpers import Origin
+from e2ehelpers import Origin, proc_status_kib
 
 GIB = 1_000_000_000
 MEMORY_BOUND_KIB = 100 * 1024  # the proxy's peak RSS may grow by at most this much
-
-
-def _rss_peak_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_one_gigabyte_response_streams_with_bounded_memory(
     origin: Origin, proxy_factory: ProxyFactory
 ) -> None:
     proxy = proxy_factory(origin)
-    before = _rss_kib(proxy.pid)
+    before = proc_status_kib(proxy.pid)
     out = _download(proxy.port, GIB)
     assert out == f"200 {GIB}"
-    grown = _rss_peak_kib(proxy.pid) - before
+    grown = proc_status_kib(proxy.pid, "VmHWM") - before
     assert grown < MEMORY_BOUND_KIB, f"peak RSS grew by {grown} KiB for a 1 GB response"
 
 
@@ -47,12 +33,12 @@ def test_slow_reader_pauses_the_origin_instead_of_buffering(
 ) -> None:
     """A client reading at 40 MB/s from an origin that sends far faster: memory stays flat."""
     proxy = proxy_factory(origin)
-    before = _rss_kib(proxy.pid)
+    before = proc_status_kib(proxy.pid)
     size = 200_000_000
     started = time.monotonic()
     assert _download(proxy.port, size, "--limit-rate", "40M") == f"200 {size}"
     assert time.monotonic() - started > 3, "the client really was the slow side"
-    grown = _rss_peak_kib(proxy.pid) - before
+    grown = proc_status_kib(proxy.pid, "VmHWM") - before
     assert grown < 20 * 1024, f"peak RSS grew by {grown} KiB behind a slow reader"
 
 
@@ -79,7 +65,7 @@ def test_one_gigabyte_request_body_streams_with_bounded_memory(
     origin: Origin, proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
     proxy = proxy_factory(origin)
-    before = _rss_kib(proxy.pid)
+    before = proc_status_kib(proxy.pid)
     # curl reads the body from a pipe fed by head -c: nothing is held in a file.
     feeder = subprocess.Popen(["head", "-c", str(GIB), "/dev/zero"], stdout=subprocess.PIPE)
     out = subprocess.run(
@@ -105,5 +91,5 @@ def test_one_gigabyte_request_body_streams_with_bounded_memory(
     )
     feeder.wait(timeout=10)
     assert json.loads(out.stdout)["body_len"] == GIB, out.stdout[:500]
-    grown = _rss_peak_kib(proxy.pid) - before
+    grown = proc_status_kib(proxy.pid, "VmHWM") - before
     assert grown < MEMORY_BOUND_KIB, f"peak RSS grew by {grown} KiB for a 1 GB request body"
