@@ -10,6 +10,7 @@ journal needs.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -147,6 +148,8 @@ class _Section:
 
     def seconds(self, key: str, default: float) -> float:
         value = float(self._get(key, (int, float), "a number of seconds", default))
+        if not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number of seconds, got {value}")
         if value < 0:
             raise self.fail(key, f"must be >= 0, got {value:g}")
         return value
@@ -174,7 +177,14 @@ class _Section:
 def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if (
+        not sep
+        or not host
+        or "/" in host
+        or "@" in host
+        or not port_text.isdigit()
+        or not 0 < int(port_text) < 65536
+    ):
         raise section.fail(key, f"expected host:port, got {text!r}")
     return host, int(port_text)
 
@@ -187,9 +197,11 @@ def _check_endpoint(section: _Section, key: str, description: str) -> None:
     from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
 
     try:
-        _parseServer(description, None)
+        kind, args, _ = _parseServer(description, None)
     except (ValueError, TypeError, KeyError) as e:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
+    if kind in ("TCP", "SSL") and not 0 <= args[0] < 65536:
+        raise section.fail(key, f"bad endpoint {description!r}: port {args[0]} out of range")
 
 
 def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
@@ -214,11 +226,32 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         queue_timeout=s.seconds("queue_timeout", 10.0),
         tls=s.boolean("tls", False),
         tls_verify=s.boolean("tls_verify", True),
-        tls_ca=s.string("tls_ca", ""),
+        tls_ca=_tls_ca(s),
         tls_server_name=s.string("tls_server_name", ""),
     )
     s.reject_unknown()
+    if result.idle_timeout <= 0:
+        raise s.fail("idle_timeout", "must be > 0: a pooled connection must be kept a while")
     return result
+
+
+def _tls_ca(s: _Section) -> str:
+    """
+    The upstream CA file, checked now so that C{--check} catches it; made absolute.
+    """
+    path = s.string("tls_ca", "")
+    if not path:
+        return ""
+    from persistproxy.upstream_tls import load_trust_root
+
+    full = str(Path(path).absolute())
+    try:
+        load_trust_root(full)
+    except OSError as e:
+        raise s.fail("tls_ca", f"cannot load {full}: {e.strerror}") from None
+    except ValueError as e:
+        raise s.fail("tls_ca", f"cannot load {full}: {e}") from None
+    return full
 
 
 _PluginValidator = Callable[[ListenerConfig], None]
@@ -233,9 +266,9 @@ def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping
         return None
     from persistproxy.tls import parse_listener_tls
 
-    base = Path(source).parent if Path(source).is_file() else Path.cwd()
+    # Relative file names are relative to the directory twistd starts in, as tls_ca's are.
     ts = _Section(source, f"listener.{name}.tls", table)
-    return parse_listener_tls(table, ts.fail, base, protocol)
+    return parse_listener_tls(table, ts.fail, Path.cwd(), protocol)
 
 
 def _listener(

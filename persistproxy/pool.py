@@ -165,7 +165,9 @@ class ServerPool:
     def _pop_idle(self) -> UpstreamConnection | None:
         now = self._clock.seconds()
         margin = self._config.keepalive_margin
-        horizon = now - self._config.idle_timeout + margin
+        timeout = self._config.idle_timeout
+        # The margin never eats more than half of a short timeout, or nothing would be reused.
+        horizon = now - timeout + min(margin, timeout / 2)
         while self._idle:
             connection = self._idle.pop()
             if not connection.in_pool:

@@ -121,13 +121,14 @@ def makeService(options: Options) -> IService:
     log = make_event_log(level=config.log_level)
     root = MultiService()
     proxy = ProxyService(reactor, config, options.plugins, log)
-    proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
-    tls = [listener.tls for listener in proxy.listeners if listener.tls is not None]
-    if tls:
-        from persistproxy.tls import CertificateReloader
+    from persistproxy.tls import CertificateReloader
 
-        # SIGHUP re-reads the TLS listeners' certificates and keys.
-        CertificateReloader(reactor, tls, log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    # SIGHUP (systemctl reload) re-reads the TLS listeners' certificates and keys. Its handler
+    # is installed before the listeners bind, and even without TLS listeners, so that a
+    # reload never kills the process.
+    tls = [listener.tls for listener in proxy.listeners if listener.tls is not None]
+    CertificateReloader(reactor, tls, log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
     if config.metrics_bind:
         from persistproxy.metrics_service import metrics_service
 

@@ -185,9 +185,9 @@ def parse_listener_tls(
 
     @param fail: makes the one-line error for C{(key, problem)}; the caller adds the file
         and the table path.
-    @param base: relative certificate paths are relative to this (the config file's
-        directory). Paths are made absolute without resolving symbolic links, so a reload
-        follows a link that was moved to a renewed certificate.
+    @param base: relative certificate paths are relative to this (the directory twistd
+        starts in). Paths are made absolute now, without resolving symbolic links, so a
+        reload reads the same files and follows a link moved to a renewed certificate.
     @return: the normalised table, for C{ListenerConfig.tls}.
     """
     for key in table:
@@ -522,6 +522,8 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
     _out_call: Any = None
     #: Set once the connection is being closed: records then leave at once.
     _closing = False
+    #: Set once our close_notify is written.
+    _notified = False
 
     def makeConnection(self, transport: Any) -> None:
         # Twisted's version declares each of the transport's interfaces on the wrapper one
@@ -619,8 +621,23 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
         self._closing = True
         with contextlib.suppress(SSL.Error):
             self._tlsConnection.shutdown()
+        self._notified = True
         self._flushSendBIO()
-        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        transport: Any = self.transport
+        if (
+            self._direct
+            and transport.connected
+            and not transport.disconnecting
+            and transport.producer is None
+            and not transport._tempDataLen
+            and not transport.dataBuffer
+        ):
+            # Everything went straight to the socket: send the FIN now, as the TCP transport's
+            # doWrite would one reactor turn (and two epoll_ctl calls) later.
+            transport._writeDisconnecting = transport._writeDisconnected = True
+            transport._closeWriteConnection()
+        else:
+            transport.loseWriteConnection()
 
     def connectionLost(self, reason: Any = connectionDone) -> None:
         self._closing = True
@@ -630,6 +647,10 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
             if call.active():
                 call.cancel()
         self._out = None
+        if self._notified:
+            # Our close_notify is out, so OpenSSL keeps the session whatever the client does;
+            # feeding it the end of the stream to read would only cost a few calls.
+            self._lostTLSConnection = True
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     # -- IHalfCloseableProtocol, towards the TCP transport
@@ -721,9 +742,17 @@ class CertificateReloader(Service):
         self._signum = signum or signal.SIGHUP
         self._previous: Any = None
 
+    def privilegedStartService(self) -> None:
+        # Before the listeners bind (this service comes first): from the moment a listener
+        # is announced, a SIGHUP must reload, not kill with the default action.
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        if self._previous is None:
+            self._previous = signal.signal(self._signum, self._on_signal)
+
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._previous = signal.signal(self._signum, self._on_signal)
+        if self._previous is None:
+            self._previous = signal.signal(self._signum, self._on_signal)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -739,6 +768,7 @@ class CertificateReloader(Service):
         Reload every listener's certificates; L{True} when all of them succeeded.
         """
         ok = True
+        self._log.info("reload", tls_listeners=[tls.listener for tls in self._listeners])
         for tls in self._listeners:
             try:
                 certificates = tls.reload()

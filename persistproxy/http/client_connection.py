@@ -32,7 +32,7 @@ from zope.interface import implementer
 from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
-from persistproxy.http.headers import HOP_BY_HOP, connection_tokens
+from persistproxy.http.headers import HOP_BY_HOP, connection_tokens, nominated_headers
 from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
 from persistproxy.timers import TimeoutQueue
 
@@ -54,6 +54,9 @@ PIPELINE_BUFFER = 256 * 1024
 LINGER_SECONDS = 2.0
 
 _UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
+
+#: RFC 9112 3.2 / RFC 3986 3.2.2: a reg-name or an IP literal, and an optional port.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
 
 _PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 _PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
@@ -110,6 +113,26 @@ class ListenerContext:
     def log_path(target: bytes) -> str:
         """The request target without its query string, which may carry credentials."""
         return target.partition(b"?")[0].decode("latin-1")
+
+
+def _origin_form(target: bytes) -> tuple[bytes, bytes]:
+    """
+    Split an absolute-form target into (origin-form target, authority), or refuse it.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise _BadRequest(400, "request target is neither origin form nor absolute form")
+    end = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        at = rest.find(delimiter)
+        if at != -1:
+            end = min(end, at)
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority or not _HOST.match(authority):
+        raise _BadRequest(400, "invalid authority in the request target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
 
 
 def set_tcp_keepalive(transport: Any, settings: Mapping[str, int]) -> None:
@@ -175,6 +198,8 @@ class ClientConnection(Protocol):
         self._tokens: set[bytes] | None = None
         self._xff: list[bytes] | None = None
         self._hosts = 0
+        self._host = b""
+        self._body_size = 0
         self._length: bytes | None = None
         self._te: bytes | None = None
         self._upgrade = False
@@ -361,6 +386,7 @@ class ClientConnection(Protocol):
             return
         if lower == b"host":
             self._hosts += 1
+            self._host = value
         elif lower == b"content-length":
             self._length = value
         elif lower == b"x-forwarded-for" and self._ctx.config.add_forwarded:
@@ -390,6 +416,8 @@ class ClientConnection(Protocol):
             raise _BadRequest(400, "exactly one Host header is required")
         if self._hosts > 1:
             raise _BadRequest(400, "more than one Host header")
+        if self._hosts and not _HOST.match(self._host):
+            raise _BadRequest(400, "invalid Host header")
         te = self._te
         chunked = False
         if te is not None:
@@ -408,11 +436,18 @@ class ClientConnection(Protocol):
             # llhttp would take the body for the upgraded protocol's bytes.
             raise _BadRequest(501, "Upgrade with a request body is not supported")
         headers = self._headers
-        tokens = self._tokens
-        if tokens and tokens - {b"close", b"keep-alive"}:
-            headers = [h for h in headers if h[0].lower() not in tokens]
+        nominated = nominated_headers(self._tokens)
+        if nominated:
+            headers = [h for h in headers if h[0].lower() not in nominated]
+        url = self._url
         extra = []
-        if not self._hosts:
+        if url[:1] != b"/" and url != b"*":
+            # Absolute form (RFC 9112 3.2.2): the target's authority replaces Host, and the
+            # origin gets the origin form, so the two can never disagree downstream.
+            url, authority = _origin_form(url)
+            headers = [h for h in headers if h[0].lower() != b"host"]
+            extra.append(b"Host: %s\r\n" % authority)
+        elif not self._hosts:
             extra.append(b"Host: %s\r\n" % ctx.group.pools[0].address.encode("latin-1"))
         if config.add_via:
             extra.append(b"Via: %s persistproxy\r\n" % version.encode())
@@ -425,7 +460,11 @@ class ClientConnection(Protocol):
             extra.append(b"X-Forwarded-Proto: %s\r\n" % ctx.scheme)
         if chunked:
             extra.append(b"Transfer-Encoding: chunked\r\n")
-        url = self._url
+        tokens = self._tokens
+        if tokens and b"close" in tokens:
+            keep_alive = False  # close wins over keep-alive (RFC 9112 9.3)
+        else:
+            keep_alive = http11 or (tokens is not None and b"keep-alive" in tokens)
         head = b"".join(
             [
                 b"%s %s HTTP/1.1\r\n" % (method, url),
@@ -442,7 +481,7 @@ class ClientConnection(Protocol):
             url,
             head,
             http11,
-            parser.should_keep_alive(),
+            keep_alive,
             has_body,
             chunked,
             self._served,
@@ -467,6 +506,11 @@ class ClientConnection(Protocol):
         body_queue = self._ctx.body_queue
         if body_queue is not None:
             body_queue.add(self)
+        limit = self._ctx.config.max_body_size
+        if limit:
+            self._body_size += len(body)
+            if self._body_size > limit:
+                raise _BadRequest(413, "request body too large")
         buffered = exchange.request_body(body)
         if buffered > PIPELINE_BUFFER:
             self._pause_reading(_PAUSE_BACKLOG)

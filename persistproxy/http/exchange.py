@@ -229,8 +229,16 @@ class Exchange:
     # -- ResponseSink -----------------------------------------------------------------------
 
     def response_interim(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        if self.client_http11:
-            self._client.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
+        if self.client_http11:  # an HTTP/1.0 client would take it for the final response
+            self._client.write(
+                b"".join(
+                    [
+                        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+                        *[b"%s: %s\r\n" % header for header in headers],
+                        b"\r\n",
+                    ]
+                )
+            )
 
     def response_head(
         self, status: int, reason: bytes, headers: list[Header], framing: int
@@ -310,13 +318,17 @@ class Exchange:
         if self.cancelled:
             return
         ctx = self._ctx
+        # A byte from the origin, even an invalid one, means the request may have been acted on.
+        answered = self.response_started or (
+            connection is not None and connection.bytes_received > 0
+        )
         if (
             not timeout
             and pool is not None
             and ctx.retry.may_retry(
                 self.method,
                 self.has_body,
-                self.response_started,
+                answered,
                 self.reused,
                 self.retries,
                 self.stale,

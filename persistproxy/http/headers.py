@@ -13,8 +13,10 @@ from collections.abc import Iterable
 
 __all__ = [
     "HOP_BY_HOP",
+    "NEVER_NOMINATED",
     "connection_tokens",
     "keepalive_timeout_param",
+    "nominated_headers",
     "remove_nominated",
     "serialize",
 ]
@@ -45,6 +47,22 @@ def connection_tokens(value: bytes, into: set[bytes]) -> None:
         token = token.strip().lower()
         if token:
             into.add(token)
+
+
+#: Headers a C{Connection} token may never remove: they frame or route the message, and a
+#: proxy that drops them on request changes where one message ends and the next begins
+#: (C{Connection: content-length} would otherwise smuggle the body as a second request).
+NEVER_NOMINATED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+
+def nominated_headers(tokens: set[bytes] | None) -> set[bytes]:
+    """
+    The header names C{Connection} made hop-by-hop, less the options and the protected ones.
+    """
+    if not tokens:
+        return set()
+    return tokens - _CONNECTION_OPTIONS - NEVER_NOMINATED
 
 
 def remove_nominated(headers: list[Header], tokens: set[bytes]) -> list[Header]:

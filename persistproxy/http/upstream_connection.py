@@ -24,7 +24,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
-from persistproxy.http.headers import HOP_BY_HOP, connection_tokens, keepalive_timeout_param
+from persistproxy.http.headers import (
+    HOP_BY_HOP,
+    connection_tokens,
+    keepalive_timeout_param,
+    nominated_headers,
+)
 from persistproxy.policy import Deadline
 
 if TYPE_CHECKING:
@@ -33,6 +38,14 @@ if TYPE_CHECKING:
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
 __all__ = ["ResponseSink", "UpstreamConnection"]
+
+#: Bytes of status line and headers an origin may send before we answer 502.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing what is left of a read."""
+
 
 # How the body of a response is delimited on the upstream link.
 FRAMING_NONE = 0
@@ -82,6 +95,8 @@ class UpstreamConnection(TwistedProtocol):
         self.in_pool = False
         #: Clock time after which the origin said it may close the connection.
         self.expires_at = math.inf
+        #: The origin's own idle timeout (C{Keep-Alive: timeout=N}), if it told us.
+        self.origin_timeout: float | None = None
         self.on_lost: Callable[[UpstreamConnection], None] | None = None
         self._clock = clock
         self._response_timeout = response_timeout
@@ -91,6 +106,7 @@ class UpstreamConnection(TwistedProtocol):
         self._sink: ResponseSink | None = None
         self._paused = False
         self._new_parser = False
+        self._feeding = False
         self._direct = False
         self._reset_message()
         self.request_sent = True
@@ -103,6 +119,10 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = b""
         self._headers: list[Header] = []
         self._tokens: set[bytes] = set()
+        self._codings: list[bytes] = []
+        self._head_size = 0
+        self._extra = False
+        self._completion: tuple[ResponseSink, bool] | None = None
         self._chunked = False
         self._te = False
         self._length = False
@@ -150,7 +170,12 @@ class UpstreamConnection(TwistedProtocol):
         Whether the pool may hand this idle connection out without racing the origin's
         own keep-alive timeout.
         """
-        return self.state == "IDLE" and now + margin < self.expires_at
+        if self.state != "IDLE":
+            return False
+        timeout = self.origin_timeout
+        if timeout is None:
+            return True
+        return now + min(margin, timeout / 2) < self.expires_at
 
     def close(self) -> None:
         if self.transport is not None and self.state != "CLOSED":
@@ -188,15 +213,38 @@ class UpstreamConnection(TwistedProtocol):
             self.abort()
             return
         self.bytes_received += len(data)
+        self._feeding = True
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if not isinstance(e.__context__, _Stop):
+                raise
         except httptools.HttpParserUpgrade:
-            self._fail("origin switched protocols unasked", False)
+            if self._completion is None:
+                self._fail("origin switched protocols unasked", False)
         except httptools.HttpParserError as e:
-            self._fail(f"invalid response from origin: {e}", False)
+            if self._completion is None:
+                self._fail(f"invalid response from origin: {e}", False)
+            else:
+                self._extra = True
+        finally:
+            self._feeding = False
         if self._new_parser:
             self._new_parser = False
             self._parser = httptools.HttpResponseParser(self)
+        completion = self._completion
+        if completion is not None:
+            self._completion = None
+            sink, reusable = completion
+            # Bytes after the end of the response, in the same read: whatever they are, they
+            # answer nothing we sent. Never let them reach the next request.
+            self._complete(sink, reusable and not self._extra)
+        elif (
+            not self._head_seen
+            and self._sink is not None
+            and (self.bytes_received > MAX_RESPONSE_HEAD)
+        ):
+            self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._timer.stop()
@@ -216,6 +264,11 @@ class UpstreamConnection(TwistedProtocol):
 
     # -- parser callbacks -------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._extra = True
+            raise _Stop()
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -226,26 +279,41 @@ class UpstreamConnection(TwistedProtocol):
                 connection_tokens(value, self._tokens)
             elif lower == b"transfer-encoding":
                 self._te = True
-                self._chunked = value.rstrip().lower().endswith(b"chunked")
+                self._codings.extend(t.strip().lower() for t in value.split(b","))
             elif lower == b"keep-alive":
                 seconds = keepalive_timeout_param(value)
                 if seconds is not None:
+                    self.origin_timeout = seconds
                     self.expires_at = self._clock.seconds() + seconds
             return
         if lower == b"content-length":
             self._length = True
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_RESPONSE_HEAD:
+            self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
+            raise _Stop()
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         headers = self._headers
-        tokens = self._tokens
-        if tokens - {b"close", b"keep-alive"}:
-            headers = [h for h in headers if h[0].lower() not in tokens]
+        nominated = nominated_headers(self._tokens)
+        if nominated:
+            headers = [h for h in headers if h[0].lower() not in nominated]
         sink = self._sink
         if sink is None:
             return
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            self._fail("origin switched protocols unasked", False)
+            raise _Stop()
+        if self._te:
+            if self._codings != [b"chunked"]:
+                # A coding we would have to pass on undecoded to a client we re-chunk for.
+                coding = b", ".join(self._codings).decode("latin-1")
+                self._fail(f"origin used transfer coding {coding!r}", False)
+                raise _Stop()
+            self._chunked = True
+        if 100 <= status < 200:
             self._interim = True
             sink.response_interim(status, self._reason, headers)
             self._reason = b""
@@ -274,7 +342,9 @@ class UpstreamConnection(TwistedProtocol):
         if sink is not None:
             sink.response_body(data)
         elif self._done:
-            self.abort()
+            # A body after a HEAD response or a 204/304: bytes that answer nothing.
+            self._extra = True
+            raise _Stop()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -289,18 +359,27 @@ class UpstreamConnection(TwistedProtocol):
         self._done = True
         sink = self._sink
         self._sink = None
-        reusable = (
+        reusable = bool(
             self.request_sent
             and b"close" not in self._tokens
             and self._parser.should_keep_alive()
             and (self._is_head or self._length or self._chunked or not self._te)
             and not (self._max_requests and self.requests >= self._max_requests)
         )
+        if sink is None:
+            return
+        if self._feeding:
+            # Report once the whole read is parsed, so that nothing after the end of this
+            # response can be taken for the answer to a request sent in the meantime.
+            self._completion = (sink, reusable)
+        else:
+            self._complete(sink, reusable)
+
+    def _complete(self, sink: ResponseSink, reusable: bool) -> None:
         self.state = "IDLE"
         if self._paused:
             self.resumeProducing()
-        if sink is not None:
-            sink.response_complete(self, reusable)
+        sink.response_complete(self, reusable)
         if not reusable and self.state == "IDLE":
             self.close()
 

@@ -12,6 +12,7 @@ truncated response body detected although the origin closes without close_notify
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 
 import pytest
 import trustme
-from e2ehelpers import TWISTD, ManagedProc, Origin, Proxy, curl
+from e2ehelpers import TWISTD, ManagedProc, Origin, Proxy, curl, get, pattern_sha256
 
 # -- certificates -------------------------------------------------------------------------------
 
@@ -235,6 +236,26 @@ def test_alpn_negotiates_http_1_1(
     assert event["sni"] == "site.test"
 
 
+def test_large_bodies_cross_the_tls_listener_intact(
+    pki: PKI, origin: Origin, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    proxy = start_tls_proxy(
+        proxy_factory, tls_config([f"127.0.0.1:{origin.port}"], [pki_pair(pki, "site")])
+    )
+    base = f"https://site.test:{proxy.port}"
+    resolve = ["--cacert", str(pki.ca_pem), "--resolve", f"site.test:{proxy.port}:127.0.0.1"]
+    for target, size in (("/bytes/", 8_000_000), ("/chunked/", 3_000_000)):
+        out = tmp_path / "body"
+        result = curl(*resolve, "-o", str(out), f"{base}{target}{size}")
+        assert result.returncode == 0, result.stderr
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(size)
+    # A slow reader: flow control holds the origin back instead of buffering everything.
+    result = curl(*resolve, "--limit-rate", "4M", "-o", str(tmp_path / "slow"),
+                  f"{base}/bytes/2000000")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256((tmp_path / "slow").read_bytes()).hexdigest() == pattern_sha256(2_000_000)
+
+
 @pytest.mark.parametrize(
     ("version", "extra"),
     [
@@ -303,6 +324,16 @@ def test_sighup_reloads_certificates_and_keeps_established_connections(
         assert proxy.alive()
     finally:
         kept.close()
+
+
+def test_sighup_without_tls_listeners_does_not_stop_the_proxy(
+    origin: Origin, proxy_factory: Callable[..., Proxy]
+) -> None:
+    proxy: Proxy = proxy_factory(origin)
+    os.kill(proxy.pid, signal.SIGHUP)
+    assert proxy.wait_event("reload", 5) is not None
+    assert proxy.alive()
+    assert get(proxy.port).status == 200
 
 
 def test_a_bad_certificate_at_startup_is_one_line_naming_the_file(pki: PKI, tmp_path: Path) -> None:

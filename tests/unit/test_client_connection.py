@@ -454,3 +454,60 @@ def test_client_disconnect_mid_response_drops_the_upstream_connection() -> None:
     client.connectionLost(Failure(ConnectionLost()))
     assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
     assert h.pool.idle == 0 and h.pool.active == 0
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+
+def test_connection_cannot_nominate_framing_or_routing_headers() -> None:
+    """'Connection: content-length' must not turn a body into a smuggled second request."""
+    h = Harness()
+    client, _ = h.client()
+    client.dataReceived(
+        b"POST /u HTTP/1.1\r\nHost: x\r\nConnection: content-length, host\r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )
+    sent = h.origin.sent()
+    assert b"Content-Length: 5\r\n" in sent and b"Host: x\r\n" in sent
+    assert sent.endswith(b"\r\n\r\nhello")
+
+
+def test_bytes_after_a_response_in_the_same_read_never_answer_the_next_request() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET + GET)
+    h.origin.respond(OK_RESPONSE + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+    assert b"EVIL" not in transport.value()
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+    assert len(h.origin.connections) == 2, "the next request went to a new connection"
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+    assert transport.value().endswith(b"good")
+
+
+def test_unsolicited_101_and_unknown_transfer_codings_are_502() -> None:
+    for response in (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    ):
+        h = Harness()
+        client, transport = h.client()
+        client.dataReceived(GET)
+        h.origin.respond(response)
+        assert parse_response(transport.value())[0] == 502, response
+
+
+def test_absolute_form_target_becomes_origin_form_with_its_host() -> None:
+    h = Harness()
+    client, _ = h.client()
+    client.dataReceived(b"GET http://other.example:81/p?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    sent = h.origin.sent()
+    assert sent.startswith(b"GET /p?q=1 HTTP/1.1\r\n")
+    assert b"Host: other.example:81\r\n" in sent and b"Host: x" not in sent
+
+
+def test_chunked_body_counts_against_max_body_size() -> None:
+    h = Harness(listener={"max_body_size": 4})
+    client, transport = h.client()
+    client.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.dataReceived(b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
+    assert parse_response(transport.value())[0] == 413

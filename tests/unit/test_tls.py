@@ -471,7 +471,8 @@ def test_sighup_schedules_a_reload_on_the_reactor(pki: PKI) -> None:
         os.kill(os.getpid(), signal.SIGHUP)
         assert reactor.calls == [reloader.reload]
         reactor.calls[0]()
-        assert json.loads(stream.getvalue())["event"] == "tls.reloaded"
+        events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+        assert events == ["reload", "tls.reloaded"]
     finally:
         reloader.stopService()
     assert signal.getsignal(signal.SIGHUP) == previous
@@ -510,13 +511,13 @@ def test_a_valid_table_is_normalised(pki: PKI) -> None:
     }
 
 
-def test_relative_paths_are_relative_to_the_config_file(pki: PKI, tmp_path: Path) -> None:
+def test_relative_paths_are_relative_to_the_start_directory(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shutil.copy(pki.site[0], tmp_path / "c.pem")
     shutil.copy(pki.site[1], tmp_path / "c.key")
-    (tmp_path / "p.toml").write_text("")
-    config = _config(
-        {"certificates": [{"cert": "c.pem", "key": "c.key"}]}, str(tmp_path / "p.toml")
-    )
+    monkeypatch.chdir(tmp_path)
+    config = _config({"certificates": [{"cert": "c.pem", "key": "c.key"}]})
     assert config.listeners[0].tls["certificates"][0]["cert"] == str(tmp_path / "c.pem")
 
 
@@ -554,6 +555,25 @@ def test_config_errors_name_the_key_and_the_file(pki: PKI, tmp_path: Path) -> No
         f"certificates[1].key: cannot load {pki.site[1]}: the key does not match the "
         f"certificate in {pki.other[0]}"
     ) in _error({"certificates": [site, {"cert": pki.other[0], "key": pki.site[1]}]})
+
+
+def test_an_unusable_upstream_ca_file_is_a_config_error(pki: PKI, tmp_path: Path) -> None:
+    def upstream_error(tls_ca: str) -> str:
+        document = {
+            "listener": [{"name": "web", "bind": "tcp:0", "upstream": "app"}],
+            "upstream": [{"name": "app", "servers": ["a:1"], "tls": True, "tls_ca": tls_ca}],
+        }
+        with pytest.raises(ConfigError) as info:
+            parse_config(document, "p.toml")
+        return str(info.value)
+
+    missing = tmp_path / "nope.pem"
+    assert upstream_error(str(missing)) == (
+        f"p.toml: upstream.app.tls_ca: cannot load {missing}: No such file or directory"
+    )
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("x")
+    assert upstream_error(str(garbage)).endswith("no PEM certificate in the file")
 
 
 def test_an_encrypted_key_is_refused_with_the_reason(pki: PKI, tmp_path: Path) -> None:
