@@ -185,6 +185,7 @@ class ClientConnection(Protocol):
         self._timer: Deadline | None = None
         self._peer = b""
         self._peer_str = ""
+        self._valid_host: bytes | None = None
         self._quiet = 0
         self._direct = False
         #: Fields added to each access line of this connection (TLS facts, for instance).
@@ -416,8 +417,12 @@ class ClientConnection(Protocol):
             raise _BadRequest(400, "exactly one Host header is required")
         if self._hosts > 1:
             raise _BadRequest(400, "more than one Host header")
-        if self._hosts and not _HOST.match(self._host):
-            raise _BadRequest(400, "invalid Host header")
+        host = self._host
+        if self._hosts and host != self._valid_host:
+            # A kept-alive client sends the same Host each time: check it once.
+            if not _HOST.match(host):
+                raise _BadRequest(400, "invalid Host header")
+            self._valid_host = host
         te = self._te
         chunked = False
         if te is not None:
@@ -436,7 +441,7 @@ class ClientConnection(Protocol):
             # llhttp would take the body for the upgraded protocol's bytes.
             raise _BadRequest(501, "Upgrade with a request body is not supported")
         headers = self._headers
-        nominated = nominated_headers(self._tokens)
+        nominated = nominated_headers(self._tokens) if self._tokens else None
         if nominated:
             headers = [h for h in headers if h[0].lower() not in nominated]
         url = self._url

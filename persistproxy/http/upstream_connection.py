@@ -43,6 +43,9 @@ __all__ = ["ResponseSink", "UpstreamConnection"]
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
+_KEEP_ALIVE = {b"keep-alive"}
+
+
 class _Stop(Exception):
     """Raised in a parser callback to stop parsing what is left of a read."""
 
@@ -120,7 +123,6 @@ class UpstreamConnection(TwistedProtocol):
         self._headers: list[Header] = []
         self._tokens: set[bytes] = set()
         self._codings: list[bytes] = []
-        self._head_size = 0
         self._extra = False
         self._completion: tuple[ResponseSink, bool] | None = None
         self._chunked = False
@@ -288,16 +290,15 @@ class UpstreamConnection(TwistedProtocol):
             return
         if lower == b"content-length":
             self._length = True
-        self._head_size += len(name) + len(value)
-        if self._head_size > MAX_RESPONSE_HEAD:
-            self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
-            raise _Stop()
+        # The head's size is bounded per read in dataReceived, not per header: this is the
+        # hottest callback of the proxy.
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         headers = self._headers
-        nominated = nominated_headers(self._tokens)
+        tokens = self._tokens
+        nominated = nominated_headers(tokens) if tokens and tokens != _KEEP_ALIVE else None
         if nominated:
             headers = [h for h in headers if h[0].lower() not in nominated]
         sink = self._sink
