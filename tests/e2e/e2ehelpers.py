@@ -313,17 +313,21 @@ class ManagedProc:
     name = "process"
 
     def __init__(self, argv: list[str], cwd: str | None = None,
-                 merge_stderr: bool = True) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+                 merge_stderr: bool = True, env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
+        env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
         self.argv = argv
         spawn = argv
-        if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
+        if pass_fds:
+            pass  # the exec'd program must keep its pid and descriptors: spawn it directly
+        elif sys.platform == "linux" and threading.current_thread() is threading.main_thread():
             # Die with the test run even when pytest itself is killed (no teardown then).
             spawn = [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv]
         self.proc = subprocess.Popen(
             spawn, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-            stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
+            stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True,
+            pass_fds=pass_fds)
         self._lines: list[str] = []
         self._errlines: list[str] = []
         self._cond = threading.Condition()

@@ -12,12 +12,10 @@ import os
 import shutil
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 from e2ehelpers import (
-    ALL_PROCS,
     TWISTD,
     UPSTREAM_DEFAULTS,
     ManagedProc,
@@ -44,19 +42,7 @@ class ActivatedProxy(ManagedProc):
                 TWISTD, "--nodaemon", "--pidfile=", "persistproxy", "--config", str(config)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", LISTEN_FDS="1", LISTEN_FDNAMES="web")
         env.pop("LISTEN_PID", None)
-        # The same bookkeeping as ManagedProc, with the descriptor passed on.
-        self.argv = argv
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=str(config.parent), env=env,
-                                     pass_fds=(listen_fd,), start_new_session=True)
-        self._lines: list[str] = []
-        self._errlines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        assert self.proc.stdout is not None
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self._lines, True),
-                         daemon=True).start()
-        ALL_PROCS.append(self)
+        super().__init__(argv, cwd=str(config.parent), env=env, pass_fds=(listen_fd,))
 
 
 def test_socket_activation_serves_through_inherited_socket(origin: Origin,
