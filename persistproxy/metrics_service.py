@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.e2e.test_http_core -*-
+# -*- test-case-name: tests.e2e.test_metrics -*-
 """
 The C{/metrics} endpoint for Prometheus, on its own listener (C{[metrics] bind}).
 """
@@ -9,21 +9,46 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.application.strports import service
+from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from persistproxy.logs import EventLog
 from persistproxy.metrics import StatsCollector
 
 __all__ = ["metrics_service"]
 
 
-def metrics_service(reactor: Any, bind: str, proxy: Any) -> IService:
+class _MetricsService(StreamServerEndpointService):
+    def __init__(self, endpoint: Any, site: Site, log: EventLog) -> None:
+        super().__init__(endpoint, site)  # type: ignore[no-untyped-call]
+        self._log = log
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+        def started(port: Any) -> Any:
+            address = port.getHost()
+            self._log.info(
+                "metrics.started",
+                host=getattr(address, "host", None),
+                port=getattr(address, "port", None),
+                path="/metrics",
+            )
+            return port
+
+        waiting: Any = self._waitingForPort
+        waiting.addCallback(started)
+
+
+def metrics_service(reactor: Any, bind: str, proxy: Any, log: EventLog) -> IService:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StatsCollector(proxy.proxy_stats, proxy.pool_gauges))
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
     site = Site(root)
     site.noisy = False
-    return service(bind, site, reactor=reactor)
+    return _MetricsService(serverFromString(reactor, bind), site, log)

@@ -132,7 +132,7 @@ def makeService(options: Options) -> IService:
     if config.metrics_bind:
         from persistproxy.metrics_service import metrics_service
 
-        metrics_service(reactor, config.metrics_bind, proxy).setServiceParent(root)  # type: ignore[attr-defined]
+        metrics_service(reactor, config.metrics_bind, proxy, log).setServiceParent(root)  # type: ignore[attr-defined]
     if demo_port is not None:
         log.info("demo.origin", port=demo_port.getHost().port)
     return root
