@@ -860,7 +860,7 @@ class ClientConnection(Protocol):
             return
         if phase == "idle":
             ctx.log.debug("client.idle_timeout", listener=ctx.name, client=self._peer_str)
-            if ctx.config.send_408_on_idle:
+            if ctx.config.send_408_on_idle and self._served:  # not to a connection never used
                 self.write(error_response(408, "idle timeout"))
             self._close_gracefully()
             return

@@ -525,3 +525,10 @@ def test_connection_state_lives_in_slots() -> None:
     h.origin.respond(OK_RESPONSE)
     assert set(vars(client)) <= {"transport", "connected", "factory"}
     assert set(vars(h.origin.connections[0])) <= {"transport", "connected", "factory"}
+
+
+def test_send_408_on_idle_spares_a_connection_that_never_sent_a_byte() -> None:
+    h = Harness(listener={"header_timeout": 2, "send_408_on_idle": True})
+    _, transport = h.client()
+    h.clock.advance(2.1)
+    assert transport.value() == b"" and transport.write_closed
