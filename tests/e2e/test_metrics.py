@@ -46,3 +46,11 @@ def test_metrics_count_requests_responses_and_pools(
         _value(after, f'persistproxy_upstream_connects_total{{server="{server}",upstream="app"}}')
         >= 1
     )
+
+
+def test_twistd_runs_the_proxy_reactor_unless_told_otherwise(
+    origin: Origin, proxy_factory: ProxyFactory
+) -> None:
+    """The plugin installs persistproxy's epoll reactor (no per-event log context)."""
+    proxy = proxy_factory(origin)
+    assert any("reactor class: persistproxy.reactor.ProxyReactor" in line for line in proxy.lines())
