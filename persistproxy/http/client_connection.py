@@ -883,5 +883,23 @@ class ClientConnection(Protocol):
                 self._drop_from(exchange)
             if partial and not self._queue:
                 self._phase = "closing"
-                self.write(error_response(408, f"no complete request {phase} in time"))
+                response = error_response(408, f"no complete request {phase} in time")
+                self.write(response)
+                access_log = ctx.access_log
+                if access_log is not None:
+                    # A slow client shows up in the access log like any other answer.
+                    access_log.log(
+                        ctx.name,
+                        self._peer_str,
+                        "-",
+                        ctx.log_path(self._url) if self._url else "-",
+                        "-",
+                        408,
+                        len(response),
+                        0.0,
+                        None,
+                        False,
+                        0,
+                        self.log_extra,
+                    )
             self._close_gracefully()

@@ -424,6 +424,8 @@ def test_partial_head_gets_408_at_header_timeout() -> None:
     h.clock.advance(0.2)
     assert parse_response(transport.value())[0] == 408
     assert transport.write_closed
+    access = h.events("access")
+    assert [(a["status"], a["client"]) for a in access] == [(408, "10.1.2.3")]
 
 
 def test_new_silent_connection_is_closed_quietly_at_header_timeout() -> None:
