@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -406,10 +406,3 @@ def load_config(
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     return parse_config(document, source, protocols)
-
-
-def dataclass_keys(cls: type[Any]) -> list[str]:
-    """
-    The public key names of a config dataclass, for documentation and tests.
-    """
-    return [f.name for f in fields(cls) if f.name != "extra"]

@@ -32,7 +32,12 @@ from zope.interface import implementer
 from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
-from persistproxy.http.headers import HOP_BY_HOP, connection_tokens, nominated_headers
+from persistproxy.http.headers import (
+    HOP_BY_HOP,
+    connection_tokens,
+    nominated_headers,
+    remove_nominated,
+)
 from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
 from persistproxy.timers import TimeoutQueue
 
@@ -263,18 +268,21 @@ class ClientConnection(Protocol):
         if self.held:
             transport.pauseProducing()  # type: ignore[union-attr]
             return
-        # A new connection must start its first request as promptly as a head must complete.
-        self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
+        self._wait_for_first_request()
 
     def unhold(self) -> None:
         """
         A connection slot is free: start reading this connection's requests.
         """
         self.held = False
-        ctx = self._ctx
         if self._phase == "closed" or self.transport is None:
             return
         self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._wait_for_first_request()
+
+    def _wait_for_first_request(self) -> None:
+        """A new connection must start its first request as promptly as a head must complete."""
+        ctx = self._ctx
         self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
 
     def dataReceived(self, data: bytes) -> None:
@@ -477,9 +485,8 @@ class ClientConnection(Protocol):
             # llhttp would take the body for the upgraded protocol's bytes.
             raise _BadRequest(501, "Upgrade with a request body is not supported")
         headers = self._headers
-        nominated = nominated_headers(self._tokens) if self._tokens else None
-        if nominated:
-            headers = [h for h in headers if h[0].lower() not in nominated]
+        if self._tokens:
+            headers = remove_nominated(headers, nominated_headers(self._tokens))
         url = self._url
         extra = []
         if url[:1] != b"/" and url != b"*":

@@ -9,8 +9,6 @@ lower case; the lower-cased name is computed once per header, in the parser call
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 __all__ = [
     "HOP_BY_HOP",
     "NEVER_NOMINATED",
@@ -18,7 +16,6 @@ __all__ = [
     "keepalive_timeout_param",
     "nominated_headers",
     "remove_nominated",
-    "serialize",
 ]
 
 #: Headers that describe one connection and never cross a hop, whatever C{Connection} says.
@@ -70,6 +67,8 @@ def remove_nominated(headers: list[Header], tokens: set[bytes]) -> list[Header]:
     Drop the headers that C{Connection} named: they are hop-by-hop too (RFC 9110 7.6.1).
     Neither nginx nor HAProxy does this; a proxy that forwards them leaks per-hop secrets.
     """
+    if not tokens:
+        return headers
     return [h for h in headers if h[0].lower() not in tokens]
 
 
@@ -86,12 +85,3 @@ def keepalive_timeout_param(value: bytes) -> float | None:
                 return None
             return seconds if seconds >= 0 else None
     return None
-
-
-def serialize(first_line: bytes, headers: Iterable[Header], extra: bytes = b"") -> bytes:
-    """
-    Build a message head as one C{bytes}, so it goes to the transport in one write.
-
-    @param extra: already-serialized header lines (each ending in CRLF) to append.
-    """
-    return b"".join([first_line, *[b"%s: %s\r\n" % header for header in headers], extra, b"\r\n"])

@@ -29,6 +29,7 @@ from persistproxy.http.headers import (
     connection_tokens,
     keepalive_timeout_param,
     nominated_headers,
+    remove_nominated,
 )
 from persistproxy.policy import Deadline
 
@@ -335,9 +336,8 @@ class UpstreamConnection(TwistedProtocol):
         status = self._parser.get_status_code()
         headers = self._headers
         tokens = self._tokens
-        nominated = nominated_headers(tokens) if tokens and tokens != _KEEP_ALIVE else None
-        if nominated:
-            headers = [h for h in headers if h[0].lower() not in nominated]
+        if tokens and tokens != _KEEP_ALIVE:
+            headers = remove_nominated(headers, nominated_headers(tokens))
         sink = self._sink
         if sink is None:
             return
