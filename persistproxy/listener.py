@@ -21,6 +21,7 @@ from persistproxy.config import ListenerConfig
 from persistproxy.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
+from persistproxy.sockopts import configure_listening_socket
 from persistproxy.tls import ListenerTLSSettings, ServerTLS, TLSListenerFactory
 
 __all__ = ["ListenerService"]
@@ -80,6 +81,8 @@ class ListenerService(Service):
             )
             sys.exit(1)
         self.port = outcome
+        # Inherited by every accepted socket: no per-connection setsockopt.
+        configure_listening_socket(getattr(outcome, "socket", None), self.config.tcp_keepalive)
         if self._limits is not None:
             self._limits.port = outcome
         address = outcome.getHost()

@@ -538,7 +538,9 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
         self._direct = can_write_directly(transport)
         self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
         self.wrappedProtocol.makeConnection(self)
-        self._checkHandshakeStatus()
+        # No _checkHandshakeStatus() here, unlike Twisted: a server has nothing to say before
+        # the ClientHello, so OpenSSL could only answer "want read" (an exception, a BIO
+        # flush): a twentieth of a resumed connection's time. The first bytes start it.
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]

@@ -18,8 +18,7 @@ reset.
 from __future__ import annotations
 
 import re
-import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,22 +139,6 @@ def _origin_form(target: bytes) -> tuple[bytes, bytes]:
     return path, authority
 
 
-def set_tcp_keepalive(transport: Any, settings: Mapping[str, int]) -> None:
-    """
-    SO_KEEPALIVE with the listener's timers, so a peer that vanished without a FIN (a
-    crashed host, a NAT that forgot us) is detected even on a connection kept idle.
-    """
-    transport.setTcpKeepAlive(1)
-    sock = transport.getHandle()
-    for option, key in (
-        (getattr(socket, "TCP_KEEPIDLE", None), "idle"),
-        (getattr(socket, "TCP_KEEPINTVL", None), "interval"),
-        (getattr(socket, "TCP_KEEPCNT", None), "count"),
-    ):
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, settings[key])
-
-
 class _BadRequest(Exception):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -251,18 +234,14 @@ class ClientConnection(Protocol):
     # -- Twisted protocol ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # TCP_NODELAY and TCP keep-alive come from the listening socket (sockopts.py).
         transport = self.transport
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
         self._direct = can_write_directly(transport)
         peer = transport.getPeer()  # type: ignore[union-attr]
         self._peer_str = getattr(peer, "host", None) or "unix"  # a UNIX socket has no host
         self._peer = self._peer_str.encode("latin-1")
         ctx = self._ctx
         self._born = ctx.clock.seconds()
-        if ctx.config.tcp_keepalive:
-            set_tcp_keepalive(transport, ctx.config.tcp_keepalive)
         ctx.stats.connections_total += 1
         ctx.stats.connections_open += 1
         if self.held:
@@ -287,7 +266,11 @@ class ClientConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         phase = self._phase
-        if phase == "closing" or phase == "lingering" or phase == "closed":
+        if phase == "closing":
+            # Nothing read now will be answered: stop reading until the last response is out.
+            self._pause_reading(_PAUSE_CLOSING)
+            return
+        if phase == "lingering" or phase == "closed":
             return
         if phase == "idle":
             self._phase = "head"
@@ -576,9 +559,10 @@ class ClientConnection(Protocol):
         if not exchange.client_keep_alive or (
             self._ctx.keepalive.max_requests and self._served >= self._ctx.keepalive.max_requests
         ):
-            # Nothing after this request will be answered; stop reading it.
+            # Nothing after this request will be answered. Reading stops only if more
+            # arrives (see dataReceived): pausing now would cost two epoll_ctl calls per
+            # such request, to be undone by _close_gracefully, which reads for the FIN.
             self._phase = "closing"
-            self._pause_reading(_PAUSE_CLOSING)
         elif len(self._queue) > 1:
             self._pause_reading(_PAUSE_BACKLOG)
         if not self._queue:

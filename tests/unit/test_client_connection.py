@@ -534,3 +534,24 @@ def test_send_408_on_idle_spares_a_connection_that_never_sent_a_byte() -> None:
     _, transport = h.client()
     h.clock.advance(2.1)
     assert transport.value() == b"" and transport.write_closed
+
+
+def test_a_last_request_stops_reading_only_when_more_arrives() -> None:
+    """
+    After a request that ends the connection, reading goes on (no epoll_ctl pair per
+    request) until bytes that will never be answered arrive; they reach nobody, and the
+    half-close after the response reads again for the client's FIN.
+    """
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(b"GET /last HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")
+    assert transport.producerState == "producing"
+    client.dataReceived(b"GET /never HTTP/1.1\r\nHost: example\r\n\r\n")
+    assert transport.producerState == "paused"
+    assert b"/never" not in h.origin.sent()
+    h.origin.respond(OK_RESPONSE)
+    status, headers, _ = parse_response(transport.value())
+    assert (status, headers[b"connection"]) == (200, [b"close"])
+    assert transport.write_closed
+    assert transport.producerState == "producing"
+    assert h.origin.connections[0].requests == 1

@@ -5,7 +5,6 @@ per-client and total connection limits, idle reaping per client, TCP keep-alive 
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from fakes import OK_RESPONSE, Harness, parse_response
@@ -79,38 +78,6 @@ def test_idle_connection_closes_at_max_lifetime() -> None:
     assert not transport.write_closed
     h.clock.advance(0.2)
     assert transport.write_closed
-
-
-class _Socket:
-    def __init__(self) -> None:
-        self.options: dict[tuple[int, int], int] = {}
-
-    def setsockopt(self, level: int, option: int, value: int) -> None:
-        self.options[(level, option)] = value
-
-
-class _KeepAliveTransport(StringTransport):
-    keepalive = 0
-    sock = _Socket()
-
-    def setTcpKeepAlive(self, enabled: int) -> None:
-        self.keepalive = enabled
-
-    def getHandle(self) -> Any:
-        return self.sock
-
-
-def test_tcp_keepalive_probes_are_configured() -> None:
-    h = Harness(listener={"tcp_keepalive": {"idle": 60, "interval": 10, "count": 5}})
-    from persistproxy.http.client_connection import ClientConnection
-
-    transport = _KeepAliveTransport()
-    ClientConnection(h.ctx).makeConnection(transport)
-    assert transport.keepalive == 1
-    tcp = socket.IPPROTO_TCP
-    assert transport.sock.options[(tcp, socket.TCP_KEEPIDLE)] == 60
-    assert transport.sock.options[(tcp, socket.TCP_KEEPINTVL)] == 10
-    assert transport.sock.options[(tcp, socket.TCP_KEEPCNT)] == 5
 
 
 # -- limits ----------------------------------------------------------------------------------
