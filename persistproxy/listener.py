@@ -22,7 +22,8 @@ from persistproxy.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
 from persistproxy.sockopts import configure_listening_socket
-from persistproxy.tls import ListenerTLSSettings, ServerTLS, TLSListenerFactory
+from persistproxy.tls import ListenerTLSSettings, ServerTLS
+from persistproxy.tls_transport import TLSListenerFactory
 
 __all__ = ["ListenerService"]
 

@@ -10,6 +10,10 @@ events; profiling put the wrapper at several microseconds of each request. Error
 an event handler are still caught and logged, and the descriptor is still dropped by
 C{_doReadOrWrite} exactly as before.
 
+It also offers C{call_after_event}: work deferred to the end of the I/O event (or timed call)
+being handled, without a C{DelayedCall}. The TLS transport uses it to send the records one
+event produced (a response head, its body) in one C{send}.
+
 twistd uses it when the persistproxy plugin is asked for and no other reactor was chosen
 (C{twistd --reactor=...} still wins), and it is available as C{twistd -r persistproxy}.
 """
@@ -17,6 +21,7 @@ twistd uses it when the persistproxy plugin is asked for and no other reactor wa
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -28,7 +33,29 @@ _log = Logger()
 
 
 class ProxyReactor(EPollReactor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self._after_event: list[Callable[[], None]] = []
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def call_after_event(self, f: Callable[[], None]) -> None:
+        """
+        Call C{f} once the I/O event being handled is done, before the next one; when
+        called from a timed call, before the reactor next waits for I/O.
+        """
+        self._after_event.append(f)
+
+    def _run_after_event(self) -> None:
+        pending = self._after_event
+        self._after_event = []
+        for f in pending:
+            try:
+                f()
+            except Exception:
+                _log.failure("unhandled error in {f!r}, run after an event", f=f)
+
     def doPoll(self, timeout: float | None) -> None:
+        if self._after_event:
+            self._run_after_event()  # queued by timed calls, which ran just before
         try:
             events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
         except OSError as err:
@@ -46,6 +73,8 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
                     _log.failure(
                         "unhandled error in the I/O event of {selectable!r}", selectable=selectable
                     )
+                if self._after_event:
+                    self._run_after_event()
 
     doIteration = doPoll
 

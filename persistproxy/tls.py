@@ -28,7 +28,6 @@ one address resume only the sessions they issued themselves (see docs/tls.md).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
@@ -45,28 +44,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
-    IOpenSSLServerConnectionCreator,
-    IProtocolFactory,
-)
-from twisted.internet.protocol import connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from zope.interface import directlyProvides, implementer, providedBy
 
-from persistproxy.fastwrite import can_write_directly, write_directly
 from persistproxy.logs import EventLog
-from persistproxy.metrics import ListenerStats
 
 __all__ = [
     "CertificateReloader",
     "ListenerTLSSettings",
     "ServerTLS",
-    "TLSListenerFactory",
     "TLSLoadError",
     "parse_listener_tls",
     "session_reused",
-    "tls_info",
 ]
 
 try:  # pyOpenSSL has no accessor for these; its cffi binding of OpenSSL has the functions.
@@ -352,7 +339,6 @@ class _CertificateSet:
 # -- the listener's TLS -----------------------------------------------------------------------
 
 
-@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """
     Makes the C{SSL.Connection} of every accepted connection of one listener, from contexts
@@ -372,10 +358,13 @@ class ServerTLS:
         self.session_context.set_tlsext_servername_callback(self._on_server_name)
         self._set = self._load()
 
-    # -- IOpenSSLServerConnectionCreator
+    # -- connections
 
-    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
-        return SSL.Connection(self.session_context, None)
+    def new_connection(self) -> SSL.Connection:
+        """A server-side connection for one client, from the session context."""
+        connection = SSL.Connection(self.session_context, None)
+        connection.set_accept_state()
+        return connection
 
     # -- certificates
 
@@ -456,9 +445,6 @@ def ssl_error_text(error: SSL.Error) -> str:
     return "; ".join(p for p in parts if p) or _first_line(error)
 
 
-# -- per-connection facts ---------------------------------------------------------------------
-
-
 def session_reused(connection: SSL.Connection) -> bool:
     """
     Whether the handshake resumed a session (C{SSL_session_reused}; pyOpenSSL has no method
@@ -467,259 +453,6 @@ def session_reused(connection: SSL.Connection) -> bool:
     if _lib is None:  # pragma: no cover
         return False
     return bool(_lib.SSL_session_reused(connection._ssl))
-
-
-def connection_facts(connection: SSL.Connection) -> dict[str, Any]:
-    """
-    What the access log says about a TLS connection whose handshake is complete.
-    """
-    alpn = connection.get_alpn_proto_negotiated()
-    server_name = connection.get_servername()
-    return {
-        "tls_version": connection.get_protocol_version_name(),
-        "tls_resumed": session_reused(connection),
-        "alpn": alpn.decode("ascii", "replace") if alpn else None,
-        "sni": server_name.decode("ascii", "replace") if server_name else None,
-    }
-
-
-def tls_info(transport: object) -> dict[str, Any] | None:
-    """
-    The TLS facts of a connection (L{connection_facts}), or L{None} for a plain transport or
-    one whose handshake is not complete.
-    """
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return None
-    connection = get_handle()
-    if not isinstance(connection, SSL.Connection) or not connection.get_protocol_version_name():
-        return None
-    return connection_facts(connection)
-
-
-@implementer(IHalfCloseableProtocol)
-class _ServerTLSProtocol(TLSMemoryBIOProtocol):
-    """
-    Twisted's TLS transport with what a keep-alive HTTP server needs on top.
-
-     - It reports each completed handshake: metrics, and C{log_extra} of the wrapped protocol
-       for its access lines.
-     - It implements the half-close a graceful HTTP close relies on. Twisted's TLS transport
-       has none: C{loseWriteConnection} fell through to the TCP transport, which sent a FIN
-       while the last response could still be in the TLS layer, and no close_notify.
-     - It sends less often: the TLS records of one reactor turn (a response head, its body,
-       a close_notify) leave in one C{send}, straight to the socket when nothing is queued
-       before them (see L{persistproxy.fastwrite}), instead of one buffered C{write} each.
-       Handshake messages and anything sent while closing leave at once.
-    """
-
-    factory: TLSListenerFactory
-    _noted = False
-    _direct = False
-    #: TLS records waiting for the end of the reactor turn, and their size.
-    _out: list[bytes] | None = None
-    _out_size = 0
-    _out_call: Any = None
-    #: Set once the connection is being closed: records then leave at once.
-    _closing = False
-    #: Set once our close_notify is written.
-    _notified = False
-
-    def makeConnection(self, transport: Any) -> None:
-        # Twisted's version declares each of the transport's interfaces on the wrapper one
-        # by one, then all of them again in ProtocolWrapper.makeConnection: under cProfile a
-        # tenth of a resumed connection's CPU went there. Once, with the whole set, is the
-        # same.
-        self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
-        directlyProvides(self, providedBy(transport))
-        self.connected = True
-        self.transport = transport
-        self._direct = can_write_directly(transport)
-        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
-        self.wrappedProtocol.makeConnection(self)
-        # No _checkHandshakeStatus() here, unlike Twisted: a server has nothing to say before
-        # the ClientHello, so OpenSSL could only answer "want read" (an exception, a BIO
-        # flush): a twentieth of a resumed connection's time. The first bytes start it.
-
-    def _checkHandshakeStatus(self) -> None:
-        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
-        if self._handshakeDone and not self._noted and not self._aborted:
-            self._noted = True
-            self.factory.handshake_completed(self)
-            # The last handshake flight (TLS 1.2) or the session tickets (TLS 1.3) leave now:
-            # the client waits for the first, and one that closes right after the handshake
-            # would miss the second.
-            self._collect()
-            self._send_out()
-
-    def _tlsShutdownFinished(self, reason: Any) -> None:
-        self._closing = True
-        if reason is not None and not self._handshakeDone:
-            self.factory.handshake_failed(self, reason)
-        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]
-
-    # -- sending
-
-    def _collect(self) -> None:
-        """Move what OpenSSL wrote into its memory BIO to C{_out}."""
-        # Once our FIN is out, the TCP transport reports the connection lost synchronously
-        # from inside a close, so the TLS connection may already be gone here.
-        connection = self._tlsConnection
-        if connection is None:
-            return
-        try:
-            data = connection.bio_read(65536)
-        except SSL.WantReadError:
-            return
-        if self._out is None:
-            self._out = [data]
-        else:
-            self._out.append(data)
-        self._out_size += len(data)
-
-    def _flushSendBIO(self) -> None:
-        self._collect()
-        if self._out is None:
-            return
-        if (
-            self._closing
-            or self.disconnecting
-            or not self._handshakeDone
-            or self._out_size >= 16384
-        ):
-            self._send_out()
-        elif self._out_call is None:
-            self._out_call = self.factory._clock.callLater(0, self._send_out)
-
-    def _send_out(self) -> None:
-        call = self._out_call
-        if call is not None:
-            self._out_call = None
-            if call.active():
-                call.cancel()
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        self._out_size = 0
-        data = out[0] if len(out) == 1 else b"".join(out)
-        if self._direct:
-            write_directly(self.transport, data)
-        else:
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def _shutdownTLS(self) -> None:
-        self._closing = True
-        if self._tlsConnection is not None:
-            super()._shutdownTLS()  # type: ignore[no-untyped-call]
-
-    def loseWriteConnection(self) -> None:
-        if self.disconnecting or not self.connected:
-            return
-        if not self._handshakeDone or self._appSendBuffer or self._producer is not None:
-            # Nothing was said yet, or something is still to be written: TLS's own close.
-            self.loseConnection()  # type: ignore[no-untyped-call]
-            return
-        self._closing = True
-        with contextlib.suppress(SSL.Error):
-            self._tlsConnection.shutdown()
-        self._notified = True
-        self._flushSendBIO()
-        transport: Any = self.transport
-        if (
-            self._direct
-            and transport.connected
-            and not transport.disconnecting
-            and transport.producer is None
-            and not transport._tempDataLen
-            and not transport.dataBuffer
-        ):
-            # Everything went straight to the socket: send the FIN now, as the TCP transport's
-            # doWrite would one reactor turn (and two epoll_ctl calls) later.
-            transport._writeDisconnecting = transport._writeDisconnected = True
-            transport._closeWriteConnection()
-        else:
-            transport.loseWriteConnection()
-
-    def connectionLost(self, reason: Any = connectionDone) -> None:
-        self._closing = True
-        call = self._out_call
-        if call is not None:
-            self._out_call = None
-            if call.active():
-                call.cancel()
-        self._out = None
-        if self._notified:
-            # Our close_notify is out, so OpenSSL keeps the session whatever the client does;
-            # feeding it the end of the stream to read would only cost a few calls.
-            self._lostTLSConnection = True
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-
-    # -- IHalfCloseableProtocol, towards the TCP transport
-
-    def readConnectionLost(self) -> None:
-        # The client's FIN: as with Twisted's TLS transport, that ends the connection (any
-        # close_notify before it has already been read).
-        self._send_out()
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def writeConnectionLost(self) -> None:
-        # Our FIN is out: the wrapped protocol may now start lingering.
-        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if wrapped is not None:
-            wrapped.writeConnectionLost()
-
-
-class TLSListenerFactory(TLSMemoryBIOFactory):
-    """
-    Wraps a listener's protocol factory in TLS made by a L{ServerTLS}.
-    """
-
-    protocol = _ServerTLSProtocol
-
-    def __init__(
-        self,
-        tls: ServerTLS,
-        wrapped: IProtocolFactory,
-        stats: ListenerStats | None = None,
-        log: EventLog | None = None,
-        clock: Any = None,
-    ) -> None:
-        super().__init__(tls, False, wrapped, clock)
-        self.tls = tls
-        self._stats = stats
-        self._log = log
-
-    def handshake_completed(self, protocol: _ServerTLSProtocol) -> None:
-        facts = connection_facts(protocol.getHandle())  # type: ignore[no-untyped-call]
-        stats = self._stats
-        if stats is not None:
-            stats.tls_handshakes += 1
-            if facts["tls_resumed"]:
-                stats.tls_resumed += 1
-            key = (facts["tls_version"], facts["alpn"] or "", facts["tls_resumed"])
-            stats.tls_kinds[key] = stats.tls_kinds.get(key, 0) + 1
-        wrapped = protocol.wrappedProtocol
-        if hasattr(wrapped, "log_extra"):
-            wrapped.log_extra = facts
-
-    def handshake_failed(self, protocol: _ServerTLSProtocol, reason: Any) -> None:
-        if self._log is not None:
-            peer = protocol.getPeer()  # type: ignore[no-untyped-call]
-            self._log.debug(
-                "tls.handshake_failed",
-                listener=self.tls.listener,
-                client=getattr(peer, "host", str(peer)),
-                reason=_reason_text(reason),
-            )
-
-
-def _reason_text(reason: Any) -> str:
-    value = getattr(reason, "value", reason)
-    if isinstance(value, SSL.Error):
-        return ssl_error_text(value)
-    return _first_line(value) if isinstance(value, Exception) else str(value)
 
 
 # -- SIGHUP -----------------------------------------------------------------------------------

@@ -37,11 +37,10 @@ from persistproxy.tls import (
     CertificateReloader,
     ListenerTLSSettings,
     ServerTLS,
-    TLSListenerFactory,
     TLSLoadError,
     session_reused,
-    tls_info,
 )
+from persistproxy.tls_transport import TLSListenerFactory, tls_info
 from persistproxy.upstream_tls import UpstreamTLSError, endpoint_wrapper
 
 # -- certificates -----------------------------------------------------------------------------
@@ -223,8 +222,8 @@ def listener(
 
 def test_contexts_are_built_once_and_every_connection_starts_from_one(pki: PKI) -> None:
     tls = ServerTLS(settings(pki.site, pki.other), "web")
-    first = tls.serverConnectionForTLS(None)
-    second = tls.serverConnectionForTLS(None)
+    first = tls.new_connection()
+    second = tls.new_connection()
     assert first.get_context() is second.get_context() is tls.session_context
     assert tls.context_for(b"site.test") is tls.context_for(b"site.test")
 

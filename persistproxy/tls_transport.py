@@ -1,0 +1,527 @@
+# -*- test-case-name: tests.unit.test_tls -*-
+"""
+The TLS hop of a client connection: a protocol for the TCP transport that is itself the
+transport of the wrapped (HTTP) protocol.
+
+Twisted's C{TLSMemoryBIOProtocol} is general: it serves clients and servers, renegotiation,
+producers behind a membrane, and it moves bytes between OpenSSL's memory BIOs after every
+call. A TLS listener whose clients mostly connect, resume a session, send one request and
+leave pays that generality on every connection: profiled under C{openssl s_time -reuse}, the
+wrapper cost more Python time than the rest of the proxy. This one does what a server needs
+and no more:
+
+ - Records the wrapped protocol writes while one I/O event is handled (a response head, its
+   body, a close_notify) leave in one C{send}, at the end of that event (see
+   L{persistproxy.reactor.ProxyReactor.call_after_event}); what it writes while we are
+   delivering a request leaves when the delivery ends, with the handshake's last flight.
+ - Sending is direct to the socket when nothing is queued before it (L{persistproxy.fastwrite}).
+ - Producers are the TCP transport's business: encryption is synchronous, so the TCP buffer
+   is the only place bytes wait and its flow control is the right one.
+ - A half-close (C{loseWriteConnection}) sends the close_notify and then the FIN, which a
+   graceful HTTP close needs and Twisted's TLS transport does not have.
+ - Each completed handshake is reported to the factory (metrics, and C{log_extra} of the
+   wrapped protocol for its access lines).
+
+Renegotiation is off in the contexts (C{OP_NO_RENEGOTIATION}), so application data never
+has to wait for a handshake after the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    ISSLTransport,
+    ITransport,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from persistproxy.fastwrite import can_write_directly, lose_write_directly, write_directly
+from persistproxy.logs import EventLog
+from persistproxy.metrics import ListenerStats
+from persistproxy.tls import ServerTLS, session_reused, ssl_error_text
+
+__all__ = [
+    "TLSListenerFactory",
+    "TLSServerProtocol",
+    "connection_facts",
+    "tls_info",
+]
+
+#: The largest TLS record's plaintext: one C{recv} never returns more.
+_RECORD = 16384
+#: How much one C{bio_read} takes out of OpenSSL's outgoing memory BIO.
+_CHUNK = 65536
+
+# What to do once the writes made before the handshake completed are out.
+_THEN_NOTHING = 0
+_THEN_HALF_CLOSE = 1
+_THEN_CLOSE = 2
+
+
+# -- per-connection facts ---------------------------------------------------------------------
+
+
+def connection_facts(connection: SSL.Connection) -> dict[str, Any]:
+    """
+    What the access log says about a TLS connection whose handshake is complete.
+    """
+    alpn = connection.get_alpn_proto_negotiated()
+    server_name = connection.get_servername()
+    return {
+        "tls_version": connection.get_protocol_version_name(),
+        "tls_resumed": session_reused(connection),
+        "alpn": alpn.decode("ascii", "replace") if alpn else None,
+        "sni": server_name.decode("ascii", "replace") if server_name else None,
+    }
+
+
+def tls_info(transport: object) -> dict[str, Any] | None:
+    """
+    The TLS facts of a connection (L{connection_facts}), or L{None} for a plain transport or
+    one whose handshake is not complete.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    connection = get_handle()
+    if not isinstance(connection, SSL.Connection) or not connection.get_protocol_version_name():
+        return None
+    return connection_facts(connection)
+
+
+# -- the transport ----------------------------------------------------------------------------
+
+
+@implementer(IProtocol, IHalfCloseableProtocol, ITransport, ISSLTransport, IConsumer, IPushProducer)
+class TLSServerProtocol:
+    """
+    The server side of one TLS connection (see the module docstring).
+
+    @ivar wrappedProtocol: the protocol the decrypted stream is for.
+    """
+
+    # Many of these are open at once, most of them idle: no instance dict.
+    __slots__ = (
+        "__weakref__",
+        "_aborted",
+        "_after_handshake",
+        "_delivering",
+        "_direct",
+        "_dirty",
+        "_handshake_done",
+        "_notified",
+        "_pending",
+        "_producer",
+        "_reason",
+        "_scheduled",
+        "_tls",
+        "connected",
+        "disconnecting",
+        "factory",
+        "transport",
+        "wrappedProtocol",
+    )
+
+    def __init__(self, factory: TLSListenerFactory, wrapped: Any) -> None:
+        self.factory = factory
+        self.wrappedProtocol = wrapped
+        self.transport: Any = None
+        self.connected = False
+        self.disconnecting = False
+        self._tls: SSL.Connection | None = None
+        self._direct = False
+        self._handshake_done = False
+        #: Inside dataReceived: what is written leaves when the delivery ends.
+        self._delivering = False
+        #: OpenSSL's outgoing BIO may hold records not sent yet.
+        self._dirty = False
+        #: A send at the end of the current event is arranged.
+        self._scheduled = False
+        #: Our close_notify is written (or TLS is finished): nothing more may be written.
+        self._notified = False
+        self._aborted = False
+        #: Writes made before the handshake completed, and what to do once they are out.
+        self._pending: list[bytes] | None = None
+        self._after_handshake = _THEN_NOTHING
+        self._producer: Any = None
+        #: A TLS failure, given to the wrapped protocol instead of the TCP reason.
+        self._reason: Failure | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a transport offers (setTcpNoDelay, getTcpKeepAlive, ...) is the TCP
+        # transport's. Only reached for names this class does not define.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        transport = object.__getattribute__(self, "transport")
+        if transport is None:
+            raise AttributeError(name)
+        return getattr(transport, name)
+
+    def logPrefix(self) -> str:
+        return "TLS"
+
+    # -- IProtocol, towards the TCP transport -------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = True
+        self._direct = can_write_directly(transport)
+        self._tls = self.factory.tls.new_connection()
+        # No handshake step yet: a server has nothing to say before the ClientHello.
+        self.wrappedProtocol.makeConnection(self)
+
+    def connectionMade(self) -> None:
+        """Part of IProtocol; makeConnection does the work."""
+
+    def dataReceived(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None:
+            return
+        tls.bio_write(data)
+        self._delivering = True
+        try:
+            if not self._handshake_done:
+                self._dirty = True  # the handshake's next flight, or an alert
+                try:
+                    tls.do_handshake()
+                except SSL.WantReadError:
+                    return
+                except SSL.Error:
+                    self._fail(Failure())
+                    return
+                self._handshake_done = True
+                self.factory.handshake_completed(self)
+                if self._pending is not None:
+                    self._write_pending()
+                    if self._notified:
+                        return
+            wrapped = self.wrappedProtocol
+            while not self._aborted:
+                try:
+                    plain = tls.recv(_RECORD)
+                except SSL.WantReadError:
+                    break
+                except SSL.ZeroReturnError:
+                    self._peer_notified()
+                    break
+                except SSL.Error:
+                    self._fail(Failure())
+                    break
+                wrapped.dataReceived(plain)
+                if self._tls is None:
+                    return
+        finally:
+            self._delivering = False
+            if self._dirty:
+                self._flush()
+
+    def readConnectionLost(self) -> None:
+        # The client's FIN. As with Twisted's TLS transport, that ends the connection: any
+        # close_notify before it has been read already.
+        if self._dirty:
+            self._flush()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        # Our FIN is out: the wrapped protocol may now start lingering.
+        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if wrapped is not None:
+            wrapped.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.connected and self._tls is None:
+            return
+        self.connected = False
+        tls = self._tls
+        if tls is not None and self._handshake_done and self._reason is None:
+            # Most clients close without a close_notify; OpenSSL would then drop the session
+            # from the cache when the connection is freed, as if it were broken.
+            tls.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        self._notified = True
+        self._dirty = False
+        self._tls = None  # also breaks the cycle through OpenSSL's callbacks
+        self._pending = None
+        wrapped = self.wrappedProtocol
+        failure, self._reason = self._reason, None
+        wrapped.connectionLost(failure or reason)
+
+    # -- ITransport, towards the wrapped protocol ---------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._notified or (self.disconnecting and self._producer is None):
+            return
+        if not self._handshake_done:
+            if self._pending is None:
+                self._pending = [data]
+            else:
+                self._pending.append(data)
+            return
+        self._encrypt(data)
+
+    def _encrypt(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None:
+            return
+        try:
+            # pyOpenSSL turns partial writes on, so one SSL_write may take only a record;
+            # sendall loops. A memory BIO never refuses: the whole of data is encrypted now.
+            tls.sendall(data)
+        except SSL.Error:
+            self._fail(Failure())
+            return
+        self._dirty = True
+        if not self._delivering and not self._scheduled:
+            self._scheduled = True
+            self.factory.after_event(self._send_scheduled)
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        """
+        Half-close: what is written, then our close_notify, then our FIN; reading goes on
+        until the client closes (the wrapped protocol gets C{writeConnectionLost}).
+        """
+        if self.disconnecting or not self.connected or self._notified:
+            return
+        if not self._handshake_done:
+            if self._pending:
+                # An answer written before the handshake (a refusal): out after it.
+                self._after_handshake = _THEN_HALF_CLOSE
+            else:
+                self.loseConnection()
+            return
+        self._close_notify()
+        if self._direct:
+            lose_write_directly(self.transport)
+        else:
+            self.transport.loseWriteConnection()
+
+    def loseConnection(self) -> None:
+        if self.disconnecting or not self.connected:
+            return
+        self.disconnecting = True
+        if not self._handshake_done and self._pending and not self._notified:
+            self._after_handshake = _THEN_CLOSE
+            return
+        if self._producer is not None:
+            return  # unregisterProducer finishes the close
+        self._close_tcp()
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        self._aborted = True
+        self._notified = True
+        self.transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def getHandle(self) -> SSL.Connection | None:
+        """The OpenSSL connection (what L{tls_info} and pyOpenSSL callers expect)."""
+        return self._tls
+
+    def backlogged(self) -> bool:
+        """Whether the TCP transport under us has bytes queued (see fastwrite.backlogged)."""
+        if not self._direct:
+            return True
+        transport = self.transport
+        return bool(transport._tempDataLen or transport.dataBuffer)
+
+    # -- producers: the TCP transport's -------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._producer = producer
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
+        self.transport.unregisterProducer()
+        if self.disconnecting and self.connected and not self._aborted:
+            self._close_tcp()
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _send_scheduled(self) -> None:
+        self._scheduled = False
+        if self._dirty:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what OpenSSL wrote into its outgoing memory BIO, in one C{send}."""
+        self._dirty = False
+        tls = self._tls
+        if tls is None:
+            return
+        chunks = []
+        while True:
+            try:
+                chunk = tls.bio_read(_CHUNK)
+            except SSL.WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < _CHUNK:
+                break
+        if not chunks:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._direct:
+            write_directly(self.transport, data)
+        else:
+            self.transport.write(data)
+
+    def _write_pending(self) -> None:
+        pending, self._pending = self._pending or [], None
+        for data in pending:
+            self._encrypt(data)
+        then, self._after_handshake = self._after_handshake, _THEN_NOTHING
+        if then == _THEN_HALF_CLOSE:
+            self.loseWriteConnection()
+        elif then == _THEN_CLOSE:
+            self._close_tcp()
+
+    def _close_notify(self) -> None:
+        """Our close_notify, after everything written before it, out now."""
+        tls = self._tls
+        if self._notified or tls is None:
+            return
+        self._notified = True
+        with contextlib.suppress(SSL.Error):
+            tls.shutdown()
+        self._flush()
+
+    def _close_tcp(self) -> None:
+        self.disconnecting = True
+        if self._handshake_done:
+            self._close_notify()
+        else:
+            self._notified = True
+        self.transport.loseConnection()
+
+    def _peer_notified(self) -> None:
+        """The client's close_notify: answer it and close, as Twisted's TLS transport does."""
+        self.disconnecting = True
+        self._close_notify()
+        self.transport.loseConnection()
+
+    def _fail(self, failure: Failure) -> None:
+        """A TLS error: send OpenSSL's alert, then close; the wrapped protocol hears why."""
+        if self._reason is None:
+            self._reason = failure
+        if not self._handshake_done:
+            self.factory.handshake_failed(self, failure)
+        self._notified = True
+        self.disconnecting = True
+        self._flush()
+        self.transport.loseConnection()
+
+
+@implementer(IProtocolFactory)
+class TLSListenerFactory:
+    """
+    Wraps a listener's protocol factory in TLS made by a L{ServerTLS}.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        tls: ServerTLS,
+        wrapped: IProtocolFactory,
+        stats: ListenerStats | None = None,
+        log: EventLog | None = None,
+        clock: Any = None,
+    ) -> None:
+        self.tls = tls
+        self.wrappedFactory = wrapped
+        self._stats = stats
+        self._log = log
+        if clock is None:
+            from twisted.internet import reactor as clock
+        after: Callable[[Callable[[], None]], None] | None = getattr(
+            clock, "call_after_event", None
+        )
+        if after is None:
+            # Any other reactor (a test's Clock): the next turn is close enough.
+            def after(f: Callable[[], None]) -> None:
+                clock.callLater(0, f)
+
+        #: Runs a function once the current I/O event is handled.
+        self.after_event: Callable[[Callable[[], None]], None] = after
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedFactory
+        prefix = getattr(wrapped, "logPrefix", None)
+        return f"{prefix() if prefix else type(wrapped).__name__} (TLS)"
+
+    def buildProtocol(self, addr: Any) -> TLSServerProtocol | None:
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return TLSServerProtocol(self, wrapped)
+
+    def handshake_completed(self, protocol: TLSServerProtocol) -> None:
+        connection = protocol.getHandle()
+        if connection is None:  # pragma: no cover - only ever called with one
+            return
+        facts = connection_facts(connection)
+        stats = self._stats
+        if stats is not None:
+            stats.tls_handshakes += 1
+            if facts["tls_resumed"]:
+                stats.tls_resumed += 1
+            key = (facts["tls_version"], facts["alpn"] or "", facts["tls_resumed"])
+            stats.tls_kinds[key] = stats.tls_kinds.get(key, 0) + 1
+        wrapped = protocol.wrappedProtocol
+        if hasattr(wrapped, "log_extra"):
+            wrapped.log_extra = facts
+
+    def handshake_failed(self, protocol: TLSServerProtocol, reason: Failure) -> None:
+        if self._log is not None:
+            peer = protocol.getPeer()
+            self._log.debug(
+                "tls.handshake_failed",
+                listener=self.tls.listener,
+                client=getattr(peer, "host", str(peer)),
+                reason=_reason_text(reason),
+            )
+
+
+def _reason_text(reason: Any) -> str:
+    value = getattr(reason, "value", reason)
+    if isinstance(value, SSL.Error):
+        return ssl_error_text(value)
+    if isinstance(value, Exception):
+        return str(value).splitlines()[0] if str(value) else type(value).__name__
+    return str(value)
