@@ -10,6 +10,9 @@ events; profiling put the wrapper at several microseconds of each request. Error
 an event handler are still caught and logged, and the descriptor is still dropped by
 C{_doReadOrWrite} exactly as before.
 
+Its TCP ports accept through L{persistproxy.accept}, which drops per-connection work Twisted's
+port does only for its legacy logging.
+
 It also offers C{call_after_event}: work deferred to the end of the I/O event (or timed call)
 being handled, without a C{DelayedCall}. The TLS transport uses it to send the records one
 event produced (a response head, its body) in one C{send}.
@@ -21,11 +24,14 @@ twistd uses it when the persistproxy plugin is asked for and no other reactor wa
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
+
+from persistproxy.accept import ProxyPort
 
 __all__ = ["ProxyReactor", "install"]
 
@@ -52,6 +58,28 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
                 f()
             except Exception:
                 _log.failure("unhandled error in {f!r}, run after an event", f=f)
+
+    # -- listening with the lean accept path (persistproxy.accept)
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> ProxyPort:
+        listening = ProxyPort(port, factory, backlog, interface, self)
+        listening.startListening()  # type: ignore[no-untyped-call]
+        return listening
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> Any:
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+            return super().adoptStreamPort(  # type: ignore[no-untyped-call]
+                fileDescriptor, addressFamily, factory
+            )
+        listening = ProxyPort._fromListeningDescriptor(  # type: ignore[no-untyped-call]
+            self, fileDescriptor, addressFamily, factory
+        )
+        listening.startListening()
+        return listening
+
+    # -- the loop
 
     def doPoll(self, timeout: float | None) -> None:
         if self._after_event:

@@ -113,6 +113,23 @@ class Recorder(Protocol):
         self.lost = reason
 
 
+
+class Refuser(Protocol):
+    """Answers at once, before any TLS byte arrived, and closes: as a connection refusal does."""
+
+    half_close = True
+    lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"HTTP/1.1 503 busy\r\n\r\n")  # type: ignore[union-attr]
+        if self.half_close:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.lost = reason
+
 class Sink(Protocol):
     """The upstream side's protocol: keeps what it receives."""
 
@@ -404,6 +421,69 @@ def test_client_eof_without_close_notify_reaches_the_wrapped_protocol(
     link.close()
     assert link.wrapped.lost is not None
 
+
+
+def test_a_large_write_arrives_whole(pki: PKI, clock: Clock) -> None:
+    """pyOpenSSL enables partial writes: one SSL_write may take a single 16 KiB record."""
+    link = Link(listener(pki, clock), clock, client_context(SSL.TLS1_2_VERSION))
+    link.transport.clear()
+    body = bytes(range(256)) * 1000  # 256,000 bytes, sixteen records
+    link.server.write(body)
+    clock.advance(0)
+    link.client.bio_write(link.transport.value())
+    link._read()
+    assert link.plain == body
+
+
+def test_what_is_written_before_the_handshake_follows_it_then_half_close(
+    pki: PKI, clock: Clock
+) -> None:
+    """A refusal (503) written at connection time reaches the client after the handshake."""
+    factory = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Refuser), None, None, clock
+    )
+    link = Link(factory, clock, client_context(SSL.TLS1_3_VERSION))
+    assert link.plain == b"HTTP/1.1 503 busy\r\n\r\n"
+    assert link.closed_by_server
+    assert link.transport.write_closed
+
+
+def test_what_is_written_before_the_handshake_follows_it_then_close(
+    pki: PKI, clock: Clock
+) -> None:
+    factory = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Refuser), None, None, clock
+    )
+    Refuser.half_close = False
+    try:
+        link = Link(factory, clock, client_context(SSL.TLS1_2_VERSION))
+    finally:
+        Refuser.half_close = True
+    assert link.plain == b"HTTP/1.1 503 busy\r\n\r\n"
+    assert link.closed_by_server
+    assert link.transport.disconnecting
+
+
+def test_a_close_before_any_byte_is_just_a_close(pki: PKI, clock: Clock) -> None:
+    server = listener(pki, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    server.loseConnection()
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_a_bad_client_hello_is_answered_with_an_alert_and_a_close(
+    pki: PKI, clock: Clock
+) -> None:
+    server = listener(pki, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    server.dataReceived(b"\x16\x03\x01\x00\x05hello")  # a handshake record, nonsense inside
+    assert transport.disconnecting
+    assert transport.value()[:1] == b"\x15", "a TLS alert record"
+    server.connectionLost(Failure(ConnectionError("closed")))
+    assert server.wrappedProtocol.lost is not None
+    assert isinstance(server.wrappedProtocol.lost.value, SSL.Error)
 
 # -- reload -----------------------------------------------------------------------------------
 
