@@ -51,7 +51,9 @@ class ListenerService(Service):
         self._listening_factory = factory
         if config.tls is not None:
             self.tls = ServerTLS(ListenerTLSSettings.from_mapping(config.tls), config.name)
-            self._listening_factory = TLSListenerFactory(self.tls, factory, stats, log, reactor)
+            self._listening_factory = TLSListenerFactory(
+                self.tls, factory, stats, log, reactor, log_facts=config.access_log
+            )
         self.port: IListeningPort | None = None
         self._reactor = reactor
         self._log = log

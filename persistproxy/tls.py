@@ -431,6 +431,9 @@ class ServerTLS:
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         for name in self._alpn:
             if name in offered:
+                # Kept on the connection: the handshake report reads it from there, which
+                # is cheaper than asking OpenSSL (see tls_transport.alpn_selected).
+                connection.set_app_data(name)
                 return name
         # Go on without ALPN rather than fail the handshake: the client may still speak
         # HTTP/1.1, as it would to a server that does not know ALPN.

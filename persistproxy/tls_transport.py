@@ -72,6 +72,28 @@ _THEN_CLOSE = 2
 # -- per-connection facts ---------------------------------------------------------------------
 
 
+#: Protocol version numbers (C{SSL_version}) by name, to skip a string conversion per handshake.
+_VERSION_NAMES = {SSL.TLS1_2_VERSION: "TLSv1.2", SSL.TLS1_3_VERSION: "TLSv1.3"}
+
+
+def version_name(connection: SSL.Connection) -> str:
+    """C{get_protocol_version_name()}, through a table for the versions a listener allows."""
+    return _VERSION_NAMES.get(connection.get_protocol_version()) or str(
+        connection.get_protocol_version_name()
+    )
+
+
+def alpn_selected(connection: SSL.Connection) -> str | None:
+    """
+    The ALPN protocol of a listener's connection: L{ServerTLS} notes its choice on the
+    connection (app data) when it makes it, so no OpenSSL call is needed.
+    """
+    name = connection.get_app_data()
+    if isinstance(name, bytes):
+        return name.decode("ascii", "replace")
+    return None
+
+
 def connection_facts(connection: SSL.Connection) -> dict[str, Any]:
     """
     What the access log says about a TLS connection whose handshake is complete.
@@ -79,7 +101,7 @@ def connection_facts(connection: SSL.Connection) -> dict[str, Any]:
     alpn = connection.get_alpn_proto_negotiated()
     server_name = connection.get_servername()
     return {
-        "tls_version": connection.get_protocol_version_name(),
+        "tls_version": version_name(connection),
         "tls_resumed": session_reused(connection),
         "alpn": alpn.decode("ascii", "replace") if alpn else None,
         "sni": server_name.decode("ascii", "replace") if server_name else None,
@@ -456,8 +478,14 @@ class TLSListenerFactory:
         stats: ListenerStats | None = None,
         log: EventLog | None = None,
         clock: Any = None,
+        log_facts: bool = True,
     ) -> None:
+        """
+        @param log_facts: whether the wrapped protocols write access lines, which then carry
+            the facts of the handshake (L{connection_facts}); only gathered if so.
+        """
         self.tls = tls
+        self._log_facts = log_facts
         self.wrappedFactory = wrapped
         self._stats = stats
         self._log = log
@@ -495,17 +523,18 @@ class TLSListenerFactory:
         connection = protocol.getHandle()
         if connection is None:  # pragma: no cover - only ever called with one
             return
-        facts = connection_facts(connection)
         stats = self._stats
         if stats is not None:
+            resumed = session_reused(connection)
             stats.tls_handshakes += 1
-            if facts["tls_resumed"]:
+            if resumed:
                 stats.tls_resumed += 1
-            key = (facts["tls_version"], facts["alpn"] or "", facts["tls_resumed"])
+            key = (version_name(connection), alpn_selected(connection) or "", resumed)
             stats.tls_kinds[key] = stats.tls_kinds.get(key, 0) + 1
-        wrapped = protocol.wrappedProtocol
-        if hasattr(wrapped, "log_extra"):
-            wrapped.log_extra = facts
+        if self._log_facts:
+            wrapped = protocol.wrappedProtocol
+            if hasattr(wrapped, "log_extra"):
+                wrapped.log_extra = connection_facts(connection)
 
     def handshake_failed(self, protocol: TLSServerProtocol, reason: Failure) -> None:
         if self._log is not None:

@@ -361,6 +361,27 @@ def test_the_metrics_say_version_alpn_and_resumption(pki: PKI, clock: Clock) -> 
     assert (handshakes.value, resumed.value) == (2, 1)
 
 
+def test_handshake_facts_for_access_lines_only_when_they_are_written(
+    pki: PKI, clock: Clock
+) -> None:
+    from persistproxy.metrics import ListenerStats
+
+    def link(log_facts: bool) -> Link:
+        tls = ServerTLS(settings(pki.site), "web")
+        factory = TLSListenerFactory(
+            tls, Factory.forProtocol(Recorder), ListenerStats(), None, clock, log_facts=log_facts
+        )
+        return Link(factory, clock, client_context(SSL.TLS1_3_VERSION), alpn=[b"http/1.1"])
+
+    assert link(False).wrapped.log_extra is None
+    assert link(True).wrapped.log_extra == {
+        "tls_version": "TLSv1.3",
+        "tls_resumed": False,
+        "alpn": "http/1.1",
+        "sni": "site.test",
+    }
+
+
 def test_without_cache_and_tickets_nothing_resumes(pki: PKI, clock: Clock) -> None:
     stats = ListenerStats()
     factory = listener(pki, clock, stats, session_cache=False, session_tickets=False)
