@@ -87,6 +87,8 @@ class ListenerContext:
     body_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
     idle_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
     send_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
+    #: Connections whose FIN is out, draining the client's input for LINGER_SECONDS.
+    linger_queue: TimeoutQueue[ClientConnection] = field(init=False)
     #: Whether the proxy is draining: responses then say C{Connection: close}.
     is_draining: Callable[[], bool] = lambda: False
     #: Where access lines go; None when the listener's C{access_log} is off.
@@ -110,6 +112,7 @@ class ListenerContext:
         self.body_queue = queue(config.body_timeout, ClientConnection.timed_out)
         self.idle_queue = queue(config.keepalive_timeout, ClientConnection.timed_out)
         self.send_queue = queue(config.send_timeout, ClientConnection.send_timed_out)
+        self.linger_queue = TimeoutQueue(clock, LINGER_SECONDS, ClientConnection.timed_out)
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
 
@@ -351,7 +354,9 @@ class ClientConnection(Protocol):
         Our FIN is out: drain the client's input until it closes, for a moment at most.
         """
         if self._phase != "closed":
-            self._deadline(LINGER_SECONDS)
+            if self._timer is not None:
+                self._timer.cancel()  # the send deadline of _close_gracefully, if armed
+            self._wait(self._ctx.linger_queue)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"
@@ -803,17 +808,21 @@ class ClientConnection(Protocol):
         transport = self.transport
         if transport is None:
             return
-        # Until our FIN is out, the client must keep reading; after it, linger briefly.
+        # Until our FIN is out, the client must keep reading; after it (writeConnectionLost,
+        # usually at once), linger briefly.
         self._wait(None)
-        self._deadline(self._ctx.config.send_timeout or 60)
         lose_write = getattr(transport, "loseWriteConnection", None)
-        if lose_write is not None:
-            if self._pause:
-                self._pause = 0
-                transport.resumeProducing()  # type: ignore[attr-defined]
-            lose_write()
-        else:
+        if lose_write is None:
+            self._deadline(self._ctx.config.send_timeout or 60)
             transport.loseConnection()
+            return
+        if self._pause:
+            self._pause = 0
+            transport.resumeProducing()  # type: ignore[attr-defined]
+        lose_write()
+        if self._phase == "lingering" and self._waiting is not self._ctx.linger_queue:
+            # The FIN waits behind unsent bytes: the client has this long to read them.
+            self._deadline(self._ctx.config.send_timeout or 60)
 
     def _close_now(self) -> None:
         self._wait(None)

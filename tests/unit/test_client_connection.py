@@ -5,7 +5,7 @@ hop-by-hop headers, framing, bad input, retries and timeouts.
 
 from __future__ import annotations
 
-from fakes import OK_RESPONSE, Harness, parse_response
+from fakes import OK_RESPONSE, HalfCloseTransport, Harness, parse_response
 
 GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
 
@@ -555,3 +555,39 @@ def test_a_last_request_stops_reading_only_when_more_arrives() -> None:
     assert transport.write_closed
     assert transport.producerState == "producing"
     assert h.origin.connections[0].requests == 1
+
+
+def test_closing_connections_share_the_listeners_timers() -> None:
+    """
+    A connection per request (HTTP/1.0, TLS handshake benchmarks) must not cost a reactor
+    call per connection: lingering waits in the listener's queue like the other phases.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from persistproxy.http.client_connection import ClientConnection
+
+    class FinAtOnce(HalfCloseTransport):
+        """A TCP transport with nothing buffered: the FIN leaves during the call."""
+
+        def loseWriteConnection(self) -> None:
+            super().loseWriteConnection()
+            self.owner.writeConnectionLost()
+
+    h = Harness()
+    transports = []
+    for _ in range(20):
+        client = ClientConnection(h.ctx)
+        transport = FinAtOnce(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
+        transport.owner = client  # type: ignore[attr-defined]
+        client.makeConnection(transport)
+        client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        h.origin.respond(OK_RESPONSE)
+        assert transport.write_closed
+        transports.append(transport)
+    # One call per listener queue in use (header, linger) and the pool's own, not 20 more.
+    calls = [str(c.func) for c in h.clock.getDelayedCalls()]
+    assert len(calls) <= 4, calls
+    h.clock.advance(1.9)
+    assert not any(t.disconnecting for t in transports)
+    h.clock.advance(0.2)  # LINGER_SECONDS: these clients never closed, so they are cut
+    assert all(t.disconnecting for t in transports)
