@@ -88,13 +88,17 @@ class ProxyPort(tcp.Port):
 
     def doRead(self) -> None:
         accepted = 0
+        # socket.accept() converts the listening socket's family and type to enums for
+        # every connection; the C method and plain ints give the same socket.
+        family, kind = int(self.addressFamily), int(self.socketType)
+        make_socket = socket.socket
         try:
-            accept = self.socket.accept
+            accept: Any = self.socket._accept  # type: ignore[union-attr]
             build: Any = self.factory.buildProtocol  # type: ignore[union-attr]
             address: Any = self._buildAddr
             for _ in range(self.numberAccepts):
                 try:
-                    skt, addr = accept()
+                    fd, addr = accept()
                 except BlockingIOError:
                     break
                 except OSError as e:
@@ -104,6 +108,7 @@ class ProxyPort(tcp.Port):
                     # recover (it keeps a descriptor in reserve for this).
                     tcp.Port.doRead(self)  # type: ignore[no-untyped-call]
                     return
+                skt = make_socket(family, kind, 0, fd)
                 accepted += 1
                 if len(addr) == 4:
                     # IPv6: the scope id, as Twisted does.

@@ -190,7 +190,11 @@ class ClientConnection(Protocol):
         "log_extra",
     )
 
-    def __init__(self, ctx: ListenerContext, held: bool = False) -> None:
+    def __init__(self, ctx: ListenerContext, held: bool = False, peer: Any = None) -> None:
+        """
+        @param peer: the client's address as the listener accepted it, if known (saves
+            building it again from the transport).
+        """
         self._ctx = ctx
         #: Accepted past the listener's max_connections: unread until a slot frees.
         self.held = held
@@ -211,7 +215,7 @@ class ClientConnection(Protocol):
         self._waiting: TimeoutQueue[ClientConnection] | None = None
         self._timer: Deadline | None = None
         self._peer = b""
-        self._peer_str = ""
+        self._peer_str = getattr(peer, "host", None) or ""
         self._valid_host: bytes | None = None
         self._quiet = 0
         self._direct = False
@@ -240,8 +244,9 @@ class ClientConnection(Protocol):
         # TCP_NODELAY and TCP keep-alive come from the listening socket (sockopts.py).
         transport = self.transport
         self._direct = can_write_directly(transport)
-        peer = transport.getPeer()  # type: ignore[union-attr]
-        self._peer_str = getattr(peer, "host", None) or "unix"  # a UNIX socket has no host
+        if not self._peer_str:
+            peer = transport.getPeer()  # type: ignore[union-attr]
+            self._peer_str = getattr(peer, "host", None) or "unix"  # a UNIX socket has no host
         self._peer = self._peer_str.encode("latin-1")
         ctx = self._ctx
         self._born = ctx.clock.seconds()

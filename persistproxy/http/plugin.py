@@ -38,14 +38,14 @@ class HTTPFactory(Factory):
         if limits is not None:
             refused = limits.admit(getattr(addr, "host", ""))
             if refused == HOLD:
-                connection = ClientConnection(ctx, held=True)
+                connection = ClientConnection(ctx, held=True, peer=addr)
                 limits.hold(connection)
                 self._proxy.register_connection(ctx.name, connection)
                 return connection
             if refused is not None:
                 response = error_response(503, refused, extra_headers=b"Retry-After: 5\r\n")
                 return Rejection(ctx.clock, response)
-        connection = ClientConnection(ctx)
+        connection = ClientConnection(ctx, peer=addr)
         self._proxy.register_connection(ctx.name, connection)
         return connection
 

@@ -62,7 +62,7 @@ class _Refusing:
     def __init__(self) -> None:
         self.calls = 0
 
-    def accept(self) -> Any:
+    def _accept(self) -> Any:
         self.calls += 1
         if self.calls == 1:
             raise PermissionError(errno.EPERM, "netfilter")
