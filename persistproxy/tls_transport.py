@@ -50,6 +50,7 @@ from persistproxy.fastwrite import can_write_directly, lose_write_directly, writ
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
 from persistproxy.tls import ServerTLS, session_reused, ssl_error_text
+from persistproxy.tls_calls import make_calls
 
 __all__ = [
     "TLSListenerFactory",
@@ -57,11 +58,6 @@ __all__ = [
     "connection_facts",
     "tls_info",
 ]
-
-#: The largest TLS record's plaintext: one C{recv} never returns more.
-_RECORD = 16384
-#: How much one C{bio_read} takes out of OpenSSL's outgoing memory BIO.
-_CHUNK = 65536
 
 # What to do once the writes made before the handshake completed are out.
 _THEN_NOTHING = 0
@@ -210,7 +206,8 @@ class TLSServerProtocol:
         tls = self._tls
         if tls is None:
             return
-        tls.bio_write(data)
+        calls = self.factory.calls
+        calls.feed(tls, data)
         self._delivering = True
         try:
             if not self._handshake_done:
@@ -231,9 +228,9 @@ class TLSServerProtocol:
             wrapped = self.wrappedProtocol
             while not self._aborted:
                 try:
-                    plain = tls.recv(_RECORD)
-                except SSL.WantReadError:
-                    break
+                    plain = calls.read(tls)
+                    if plain is None:
+                        break
                 except SSL.ZeroReturnError:
                     self._peer_notified()
                     break
@@ -296,9 +293,7 @@ class TLSServerProtocol:
         if tls is None:
             return
         try:
-            # pyOpenSSL turns partial writes on, so one SSL_write may take only a record;
-            # sendall loops. A memory BIO never refuses: the whole of data is encrypted now.
-            tls.sendall(data)
+            self.factory.calls.encrypt(tls, data)
         except SSL.Error:
             self._fail(Failure())
             return
@@ -400,18 +395,9 @@ class TLSServerProtocol:
         tls = self._tls
         if tls is None:
             return
-        chunks = []
-        while True:
-            try:
-                chunk = tls.bio_read(_CHUNK)
-            except SSL.WantReadError:
-                break
-            chunks.append(chunk)
-            if len(chunk) < _CHUNK:
-                break
-        if not chunks:
+        data = self.factory.calls.take(tls)
+        if not data:
             return
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self._direct:
             write_directly(self.transport, data)
         else:
@@ -486,6 +472,8 @@ class TLSListenerFactory:
         """
         self.tls = tls
         self._log_facts = log_facts
+        #: OpenSSL's per-record calls (see tls_calls.py).
+        self.calls = make_calls()
         self.wrappedFactory = wrapped
         self._stats = stats
         self._log = log

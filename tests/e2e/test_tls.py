@@ -70,6 +70,7 @@ def tls_config(
     tls: str = "",
     upstream: str = "",
     top: str = "",
+    listener: str = "",
 ) -> str:
     certs = ", ".join(f"{{ cert = {_q(c)}, key = {_q(k)} }}" for c, k in certificates)
     return f"""{top}
@@ -77,6 +78,7 @@ def tls_config(
 name = "web"
 bind = "tcp:0:interface=127.0.0.1"
 upstream = "app"
+{listener}
 
 [listener.tls]
 certificates = [ {certs} ]
@@ -254,6 +256,33 @@ def test_large_bodies_cross_the_tls_listener_intact(
                   f"{base}/bytes/2000000")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256((tmp_path / "slow").read_bytes()).hexdigest() == pattern_sha256(2_000_000)
+
+
+def test_a_client_over_its_connection_limit_reads_a_503_after_the_handshake(
+    pki: PKI, origin: Origin, proxy_factory: Callable[..., Proxy]
+) -> None:
+    """The refusal is written before any TLS byte arrives; it must follow the handshake, be
+    readable, and end with a close_notify rather than a reset."""
+    proxy = start_tls_proxy(
+        proxy_factory,
+        tls_config(
+            [f"127.0.0.1:{origin.port}"],
+            [pki_pair(pki, "site")],
+            listener="max_connections_per_client = 1",
+        ),
+    )
+    with tls_connect(proxy.port, pki) as first:
+        assert roundtrip(first)[0] == 200
+        with tls_connect(proxy.port, pki) as second:
+            data = b""
+            while True:
+                chunk = second.recv(65536)  # SSLEOFError here would mean no close_notify
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 503 "), data[:200]
+        assert b"Retry-After: 5\r\n" in data
+        assert roundtrip(first)[0] == 200, "the first connection is untouched"
 
 
 @pytest.mark.parametrize(

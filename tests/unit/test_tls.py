@@ -456,6 +456,34 @@ def test_a_large_write_arrives_whole(pki: PKI, clock: Clock) -> None:
     assert link.plain == body
 
 
+@pytest.mark.parametrize("calls", ["binding", "public"])
+def test_both_ways_of_calling_openssl_carry_records_both_ways(
+    pki: PKI, clock: Clock, calls: str
+) -> None:
+    from persistproxy.tls_calls import BindingCalls, PublicCalls
+
+    factory = listener(pki, clock)
+    assert isinstance(factory.calls, BindingCalls)
+    if calls == "public":
+        factory.calls = PublicCalls()
+    for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+        link = Link(factory, clock, client_context(version))
+        link.client.sendall(b"ping" * 5000)  # several records in one read
+        link.pump()
+        assert link.wrapped.received == b"ping" * 5000
+        link.transport.clear()
+        link.plain = b""
+        body = bytes(range(256)) * 700  # more than one read of the outgoing buffer
+        link.server.write(body)
+        clock.advance(0)
+        link.client.bio_write(link.transport.value())
+        link._read()
+        assert link.plain == body
+        link.client.shutdown()  # the client's close_notify: answered, then closed
+        link.server.dataReceived(link.client.bio_read(65536))
+        assert link.transport.disconnecting
+
+
 def test_what_is_written_before_the_handshake_follows_it_then_half_close(
     pki: PKI, clock: Clock
 ) -> None:
