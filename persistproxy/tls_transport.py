@@ -18,7 +18,9 @@ and no more:
  - Producers are the TCP transport's business: encryption is synchronous, so the TCP buffer
    is the only place bytes wait and its flow control is the right one.
  - A half-close (C{loseWriteConnection}) sends the close_notify and then the FIN, which a
-   graceful HTTP close needs and Twisted's TLS transport does not have.
+   graceful HTTP close needs and Twisted's TLS transport does not have. The other way round,
+   the client's close_notify or FIN reaches a half-closeable protocol as C{readConnectionLost},
+   as over plain TCP, so the responses it owes are still sent.
  - Each completed handshake is reported to the factory (metrics, and C{log_extra} of the
    wrapped protocol for its access lines).
 
@@ -58,6 +60,10 @@ __all__ = [
     "connection_facts",
     "tls_info",
 ]
+
+# How the client said it is done sending (TLSServerProtocol._peer_done bits).
+_PEER_CLOSE_NOTIFY = 1
+_PEER_FIN = 2
 
 # What to do once the writes made before the handshake completed are out.
 _THEN_NOTHING = 0
@@ -139,6 +145,7 @@ class TLSServerProtocol:
         "_dirty",
         "_handshake_done",
         "_notified",
+        "_peer_done",
         "_pending",
         "_producer",
         "_reason",
@@ -173,6 +180,8 @@ class TLSServerProtocol:
         self._pending: list[bytes] | None = None
         self._after_handshake = _THEN_NOTHING
         self._producer: Any = None
+        #: The client said it sends nothing more: a close_notify or a FIN, 1 and 2 (bits).
+        self._peer_done = 0
         #: A TLS failure, given to the wrapped protocol instead of the TCP reason.
         self._reason: Failure | None = None
 
@@ -226,13 +235,15 @@ class TLSServerProtocol:
                     if self._notified:
                         return
             wrapped = self.wrappedProtocol
+            # Reading may make OpenSSL answer (a no_renegotiation alert, a TLS 1.3 KeyUpdate).
+            self._dirty = True
             while not self._aborted:
                 try:
                     plain = calls.read(tls)
                     if plain is None:
                         break
                 except SSL.ZeroReturnError:
-                    self._peer_notified()
+                    self._peer_finished(_PEER_CLOSE_NOTIFY)
                     break
                 except SSL.Error:
                     self._fail(Failure())
@@ -246,11 +257,10 @@ class TLSServerProtocol:
                 self._flush()
 
     def readConnectionLost(self) -> None:
-        # The client's FIN. As with Twisted's TLS transport, that ends the connection: any
-        # close_notify before it has been read already.
+        # The client's FIN (any close_notify before it has been read already).
         if self._dirty:
             self._flush()
-        self.transport.loseConnection()
+        self._peer_finished(_PEER_FIN)
 
     def writeConnectionLost(self) -> None:
         # Our FIN is out: the wrapped protocol may now start lingering.
@@ -329,9 +339,16 @@ class TLSServerProtocol:
         if self.disconnecting or not self.connected:
             return
         self.disconnecting = True
-        if not self._handshake_done and self._pending and not self._notified:
+        if (
+            not self._handshake_done
+            and self._pending
+            and not self._notified
+            and self._after_handshake == _THEN_NOTHING
+        ):
             self._after_handshake = _THEN_CLOSE
             return
+        # (A close asked for again while an answer still waits for the handshake: the
+        # client had its chance, the connection goes now.)
         if self._producer is not None:
             return  # unregisterProducer finishes the close
         self._close_tcp()
@@ -340,6 +357,7 @@ class TLSServerProtocol:
         self.disconnecting = True
         self._aborted = True
         self._notified = True
+        self._dirty = False  # nothing more leaves, not even what is encrypted already
         self.transport.abortConnection()
 
     def getPeer(self) -> Any:
@@ -347,6 +365,11 @@ class TLSServerProtocol:
 
     def getHost(self) -> Any:
         return self.transport.getHost()
+
+    def getPeerCertificate(self) -> Any:
+        """ISSLTransport: the client's certificate (listeners do not ask for one: None)."""
+        tls = self._tls
+        return tls.get_peer_certificate() if tls is not None else None
 
     def getHandle(self) -> SSL.Connection | None:
         """The OpenSSL connection (what L{tls_info} and pyOpenSSL callers expect)."""
@@ -431,11 +454,32 @@ class TLSServerProtocol:
             self._notified = True
         self.transport.loseConnection()
 
-    def _peer_notified(self) -> None:
-        """The client's close_notify: answer it and close, as Twisted's TLS transport does."""
+    def _peer_finished(self, how: int) -> None:
+        """
+        The client will send nothing more. An HTTP protocol still answers what it already
+        received (as over plain TCP; TLS 1.3 allows this half-close, and a client may send its
+        close_notify right after its last request), then closes; anything else closes now.
+        """
+        if self._peer_done & how:
+            return
+        self._peer_done |= how
+        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if wrapped is not None and self._handshake_done and not self.disconnecting:
+            wrapped.readConnectionLost()
+            return
+        self._drop_producer()
         self.disconnecting = True
         self._close_notify()
         self.transport.loseConnection()
+
+    def _drop_producer(self) -> None:
+        """
+        Closing whatever the producer says: a paused producer would otherwise be resumed by
+        the TCP transport instead of the connection being closed, and its writes go nowhere.
+        """
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
 
     def _fail(self, failure: Failure) -> None:
         """A TLS error: send OpenSSL's alert, then close; the wrapped protocol hears why."""
@@ -446,6 +490,7 @@ class TLSServerProtocol:
         self._notified = True
         self.disconnecting = True
         self._flush()
+        self._drop_producer()
         self.transport.loseConnection()
 
 

@@ -12,6 +12,7 @@ truncated response body detected although the origin closes without close_notify
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -256,6 +257,25 @@ def test_large_bodies_cross_the_tls_listener_intact(
                   f"{base}/bytes/2000000")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256((tmp_path / "slow").read_bytes()).hexdigest() == pattern_sha256(2_000_000)
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_response(
+    pki: PKI, origin: Origin, proxy_factory: Callable[..., Proxy]
+) -> None:
+    """As over plain TCP: the client's FIN after its request (no close_notify: that is how
+    `printf ... | openssl s_client`-style clients and scripts end) ends its input, not ours."""
+    proxy = start_tls_proxy(
+        proxy_factory, tls_config([f"127.0.0.1:{origin.port}"], [pki_pair(pki, "site")])
+    )
+    with tls_connect(proxy.port, pki) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        socket.socket.shutdown(sock, socket.SHUT_WR)  # TCP FIN under TLS
+        data = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    assert data.endswith(b"}"), "the whole body, then the server closed"
 
 
 def test_a_client_over_its_connection_limit_reads_a_503_after_the_handshake(

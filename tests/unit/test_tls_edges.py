@@ -1,0 +1,333 @@
+"""
+Edge cases of the TLS server transport (tls_transport.py) found by review: refusals that
+never see a handshake, producers paused when the client ends the TLS session, the client's
+close_notify as a half-close, nothing sent after an abort, OpenSSL's answers to
+post-handshake messages, and the order data / close_notify / FIN over a real socket with
+Twisted's own TCP transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any
+
+from OpenSSL import SSL
+from test_tls import (
+    PKI,
+    HalfCloseTransport,
+    Link,
+    client_context,
+    settings,
+)
+from test_tls import pki as _pki
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from persistproxy.accept import ProxyServer
+from persistproxy.limits import Rejection
+from persistproxy.tls import ServerTLS
+from persistproxy.tls_transport import TLSListenerFactory, TLSServerProtocol
+
+pki = _pki  # the same module-scoped fixture: certificates made once, at test time
+
+
+_LOST = Failure(ConnectionError("lost"))
+
+
+class Later(Protocol):
+    """Keeps what it reads; answers only when told (as an upstream response would)."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = _LOST) -> None:
+        self.lost = reason
+
+
+@implementer(IPushProducer)
+class Producer:
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# -- a TLS connection over a real (AF_UNIX) socket pair and Twisted's TCP transport ----------
+
+
+class SocketLink:
+    """
+    The server side is a real L{ProxyServer} (tcp.Connection) over one end of a socket pair,
+    driven by a L{MemoryReactorClock}; the client is pyOpenSSL in memory, reading the other end.
+    """
+
+    def __init__(self, pki: PKI, wrapped: type[Protocol] = Later) -> None:
+        self.reactor = MemoryReactorClock()
+        tls = ServerTLS(settings(pki.site), "web")
+        self.factory = TLSListenerFactory(
+            tls, Factory.forProtocol(wrapped), None, None, self.reactor
+        )
+        ours, self.peer = socket.socketpair()
+        self.peer.setblocking(False)
+        self.server: TLSServerProtocol = self.factory.buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 40000)
+        )
+        self.tcp = ProxyServer(ours, self.server, ("127.0.0.1", 40000), None, 0, self.reactor)
+        self.server.makeConnection(self.tcp)
+        self.wrapped: Any = self.server.wrappedProtocol
+        self.client = SSL.Connection(client_context(SSL.TLS1_3_VERSION), None)
+        self.client.set_connect_state()
+        self.client.set_tlsext_host_name(b"site.test")
+        self.plain = b""
+        for _ in range(10):
+            with contextlib.suppress(SSL.WantReadError):
+                self.client.do_handshake()
+            self.to_server()
+            self.reactor.advance(0)
+            self.from_server()
+        assert self.server._handshake_done
+
+    def do_write(self) -> None:
+        """What the reactor does when the socket is writable (and the TCP transport wants it)."""
+        tcp = self.tcp
+        if tcp.connected and tcp in self.reactor.writers:
+            why = tcp.doWrite()
+            if why:
+                self.reactor.removeWriter(tcp)
+                self.reactor.removeReader(tcp)
+                tcp.connectionLost(Failure(why))
+
+    def to_server(self) -> None:
+        try:
+            data = self.client.bio_read(65536)
+        except SSL.WantReadError:
+            return
+        self.server.dataReceived(data)
+
+    def from_server(self) -> bytes:
+        got = b""
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        if got:
+            self.client.bio_write(got)
+            while True:
+                try:
+                    self.plain += self.client.recv(65536)
+                except (SSL.WantReadError, SSL.ZeroReturnError, SSL.Error):
+                    break
+        return got
+
+
+# -- a refused (503) TLS client that never finishes its handshake is never closed ---------
+
+
+def test_a_refused_client_that_never_finishes_the_handshake_is_closed(pki: PKI) -> None:
+    """
+    Rejection writes its 503 and half-closes at once; over TLS both wait for the handshake.
+    Its linger timer then calls loseConnection, which also waits for the handshake: a client
+    that sends nothing (or half a ClientHello) holds the descriptor forever, and rejected
+    connections count against no limit.
+    """
+    clock = Clock()
+    factory = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"),
+        Factory.forProtocol(lambda: Rejection(clock, b"HTTP/1.1 503 busy\r\n\r\n")),
+        None,
+        None,
+        clock,
+    )
+    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    clock.advance(3600)
+    assert transport.disconnecting, "the refused connection is still open an hour later"
+
+
+# -- the client's close_notify after its request: the response is dropped ----------------
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseable(Later):
+    """Answers what it received once the client is done sending, then closes (as HTTP does)."""
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"answer to " + self.received)  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def test_a_request_followed_by_close_notify_still_gets_its_response(pki: PKI) -> None:
+    """
+    TLS 1.3 (RFC 8446 6.1) lets a client close its write side with close_notify and still
+    read. A half-closeable protocol hears it as readConnectionLost, as over plain TCP, and
+    its answer goes out before our close_notify; a protocol that cannot half-close is closed.
+    """
+    clock = Clock()
+    factory = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(HalfCloseable), None, None, clock
+    )
+    link = Link(factory, clock, client_context(SSL.TLS1_3_VERSION))
+    link.client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    link.client.shutdown()
+    link.server.dataReceived(link.client.bio_read(65536))
+    clock.advance(0)
+    link.client.bio_write(link.transport.value())
+    link._read()
+    assert link.plain.startswith(b"answer to GET /"), link.plain
+    assert link.closed_by_server and link.transport.disconnecting
+
+    plain = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Later), None, None, clock
+    )
+    link = Link(plain, clock, client_context(SSL.TLS1_3_VERSION))
+    link.client.shutdown()
+    link.server.dataReceived(link.client.bio_read(65536))
+    assert link.transport.disconnecting
+
+
+# -- a paused producer when the TLS side closes: the TCP connection never closes -----------
+
+
+def test_close_notify_while_a_paused_producer_is_registered_closes_the_connection(
+    pki: PKI,
+) -> None:
+    """
+    A slow reader pauses the response's producer (the exchange). The client then sends
+    close_notify: the transport answers and asks TCP to close. When TCP's buffer drains,
+    Twisted resumes the paused producer instead of closing; everything it then writes is
+    dropped by the TLS layer (_notified), so TCP never writes again and never closes. The
+    wrapped protocol is not told either: a streaming upstream keeps it open forever.
+    """
+    link = SocketLink(pki)
+    producer = Producer()
+    link.server.registerProducer(producer, True)
+    link.server.write(b"x" * 2_000_000)
+    link.reactor.advance(0)  # flushed: partly sent, the rest in TCP's buffer
+    assert producer.paused == 1
+    link.client.shutdown()
+    link.to_server()  # the client's close_notify
+    for _ in range(200):  # the client reads everything
+        link.from_server()
+        link.do_write()
+        link.reactor.advance(0)
+    for _ in range(5):  # the producer goes on producing (an SSE stream, say)
+        link.server.write(b"y" * 1000)
+        link.reactor.advance(0)
+        link.from_server()
+    assert not link.tcp.connected or link.wrapped.lost is not None, (
+        "neither reading nor writing, never closed, and the wrapped protocol not told"
+    )
+
+
+def test_tls_error_while_a_paused_producer_is_registered_closes_the_connection(
+    pki: PKI,
+) -> None:
+    """The same through _fail: garbage from the client after the handshake."""
+    link = SocketLink(pki)
+    producer = Producer()
+    link.server.registerProducer(producer, True)
+    link.server.write(b"x" * 2_000_000)
+    link.reactor.advance(0)
+    assert producer.paused == 1
+    link.server.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a bad record
+    assert link.server.disconnecting
+    for _ in range(200):
+        link.from_server()
+        link.do_write()
+        link.reactor.advance(0)
+    assert not link.tcp.connected, "stuck open with a resumed producer whose writes vanish"
+
+
+# -- abortConnection does not discard records waiting for the end of the event ------------
+
+
+def test_nothing_is_sent_after_abort_connection(pki: PKI) -> None:
+    """
+    A write waits for the end of the event; abortConnection before then leaves _dirty set,
+    so the scheduled flush still sends it, straight to the socket (write_directly does not
+    know the TCP transport is aborting: abortConnection sets neither disconnecting nor
+    disconnected).
+    """
+    link = SocketLink(pki)
+    link.from_server()
+    link.server.write(b"partial response")
+    link.server.abortConnection()
+    link.reactor.advance(0)
+    assert link.from_server() == b"", "records were sent after abortConnection"
+
+
+# -- records OpenSSL writes while reading wait for the next write --------------------------
+
+
+def test_what_openssl_answers_to_a_post_handshake_message_is_sent(pki: PKI) -> None:
+    """
+    After the handshake, reading never marks the outgoing BIO dirty. A TLS 1.2 client that
+    asks to renegotiate gets OpenSSL's answer (a no_renegotiation alert) only with the next
+    response; Twisted's TLS transport flushes after every read.
+    """
+    clock = Clock()
+    factory = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Later), None, None, clock
+    )
+    link = Link(factory, clock, client_context(SSL.TLS1_2_VERSION))
+    link.transport.clear()
+    assert link.client.renegotiate()
+    with contextlib.suppress(SSL.WantReadError):
+        link.client.do_handshake()
+    link.server.dataReceived(link.client.bio_read(65536))
+    clock.advance(0)
+    assert link.server._tls is not None
+    assert link.transport.value() != b"", "OpenSSL's answer waits in the BIO"
+
+
+# -- checked and fine ------------------------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseSeen(Later):
+    write_lost = False
+
+    def writeConnectionLost(self) -> None:
+        self.write_lost = True
+
+
+def test_half_close_over_a_real_socket_sends_data_then_close_notify_then_fin(pki: PKI) -> None:
+    link = SocketLink(pki, HalfCloseSeen)
+    link.from_server()
+    link.server.write(b"head")
+    link.server.write(b"body")
+    link.server.loseWriteConnection()
+    assert link.wrapped.write_lost  # FIN out at once: the wrapped protocol may linger
+    link.from_server()
+    assert link.plain == b"headbody"
+    assert link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+    assert link.peer.recv(10) == b""  # the FIN
+    link.server.write(b"late")  # nothing after close_notify
+    link.reactor.advance(0)
+    assert link.tcp.connected and link.tcp._tempDataLen == 0 and not link.tcp.dataBuffer
