@@ -19,7 +19,13 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["backlogged", "can_write_directly", "lose_write_directly", "write_directly"]
+__all__ = [
+    "backlogged",
+    "can_write_directly",
+    "fin_can_follow",
+    "lose_write_directly",
+    "write_directly",
+]
 
 
 def can_write_directly(transport: Any) -> bool:
@@ -29,10 +35,13 @@ def can_write_directly(transport: Any) -> bool:
     return isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen")
 
 
-def write_directly(transport: Any, data: bytes) -> None:
+def write_directly(transport: Any, data: bytes, flags: int = 0) -> None:
     """
     C{transport.write(data)}, through a direct C{send} when nothing is buffered before it.
     Only for transports that L{can_write_directly}.
+
+    @param flags: for the direct C{send}; C{MSG_MORE} when a FIN follows at once (the
+        kernel then sends the data and the FIN in one segment).
     """
     if (
         transport._tempDataLen
@@ -44,7 +53,7 @@ def write_directly(transport: Any, data: bytes) -> None:
         transport.write(data)
         return
     try:
-        sent = transport.socket.send(data)
+        sent = transport.socket.send(data, flags)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
@@ -67,20 +76,26 @@ def backlogged(transport: Any, direct: bool) -> bool:
     return bool(transport._tempDataLen or transport.dataBuffer)
 
 
+def fin_can_follow(transport: Any) -> bool:
+    """
+    Whether L{lose_write_directly} would send the FIN at once if nothing were buffered (for
+    transports that L{can_write_directly}); then the last bytes may go with C{MSG_MORE}.
+    """
+    return bool(
+        transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and transport.producer is None
+    )
+
+
 def lose_write_directly(transport: Any) -> None:
     """
     C{transport.loseWriteConnection()}, sending the FIN at once when nothing is buffered (only
     for transports that L{can_write_directly}). Twisted's version waits for the next
     writability event: a reactor turn and two C{epoll_ctl} calls later.
     """
-    if (
-        transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and transport.producer is None
-        and not transport._tempDataLen
-        and not transport.dataBuffer
-    ):
+    if fin_can_follow(transport) and not transport._tempDataLen and not transport.dataBuffer:
         transport._writeDisconnecting = transport._writeDisconnected = True
         transport._closeWriteConnection()
     else:

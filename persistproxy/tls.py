@@ -5,7 +5,8 @@ actually works.
 
 Twisted's C{CertificateOptions} turns the session cache and tickets off, and even with the
 cache on OpenSSL drops a session whose client closed without a close_notify (most HTTP
-clients), so a naive listener resumes nothing. Here:
+clients), so a naive listener resumes nothing. Here (the connections themselves are
+L{persistproxy.tls_transport}'s):
 
  - One I{session context} per listener is built once, at start-up, and every connection is
    created from it: OpenSSL keeps the session cache and the ticket keys in the context a
@@ -14,8 +15,10 @@ clients), so a naive listener resumes nothing. Here:
    It holds no certificate; its server-name callback always switches the connection to one
    of the I{certificate contexts} (also built once), the first certificate when no name
    matches or none was sent. All contexts share one session-id context.
- - C{OP_IGNORE_UNEXPECTED_EOF} keeps the session of a client that just closes the socket.
-   The price is that TLS no longer tells a truncated stream from a finished one; HTTP framing
+ - The session of a client that just closes the socket is kept: the transport
+   (L{persistproxy.tls_transport}) marks such a connection shut down before OpenSSL frees
+   it, and C{OP_IGNORE_UNEXPECTED_EOF} does the same for code that hands OpenSSL the end of
+   the stream. TLS then no longer tells a truncated stream from a finished one; HTTP framing
    does (Content-Length and chunked bodies are checked by the HTTP parser, and a connection
    lost in the middle of a request body aborts that request upstream).
  - On SIGHUP (L{CertificateReloader}) only the certificate contexts are rebuilt from the

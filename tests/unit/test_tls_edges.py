@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from typing import Any
 
 from OpenSSL import SSL
@@ -73,19 +74,30 @@ class Producer:
 # -- a TLS connection over a real (AF_UNIX) socket pair and Twisted's TCP transport ----------
 
 
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback, TCP_NODELAY as the listener gives it."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        peer = socket.create_connection(listening.getsockname())
+        ours, _ = listening.accept()
+    ours.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ours, peer
+
+
 class SocketLink:
     """
     The server side is a real L{ProxyServer} (tcp.Connection) over one end of a socket pair,
     driven by a L{MemoryReactorClock}; the client is pyOpenSSL in memory, reading the other end.
     """
 
-    def __init__(self, pki: PKI, wrapped: type[Protocol] = Later) -> None:
+    def __init__(self, pki: PKI, wrapped: type[Protocol] = Later, tcp: bool = False) -> None:
         self.reactor = MemoryReactorClock()
         tls = ServerTLS(settings(pki.site), "web")
         self.factory = TLSListenerFactory(
             tls, Factory.forProtocol(wrapped), None, None, self.reactor
         )
-        ours, self.peer = socket.socketpair()
+        ours, self.peer = _tcp_pair() if tcp else socket.socketpair()
         self.peer.setblocking(False)
         self.server: TLSServerProtocol = self.factory.buildProtocol(
             IPv4Address("TCP", "127.0.0.1", 40000)
@@ -331,3 +343,32 @@ def test_half_close_over_a_real_socket_sends_data_then_close_notify_then_fin(pki
     link.server.write(b"late")  # nothing after close_notify
     link.reactor.advance(0)
     assert link.tcp.connected and link.tcp._tempDataLen == 0 and not link.tcp.dataBuffer
+
+
+def test_with_a_producer_registered_the_last_records_are_not_held_for_a_fin(pki: PKI) -> None:
+    """
+    The last records go with MSG_MORE only when the FIN follows at once; with a producer
+    registered Twisted sends the FIN later, so the records must leave uncorked now.
+    """
+    link = SocketLink(pki, HalfCloseSeen, tcp=True)  # MSG_MORE corks on TCP only
+    link.from_server()
+    link.server.registerProducer(Producer(), True)
+    link.server.write(b"last words")
+    link.server.loseWriteConnection()
+    assert not link.wrapped.write_lost  # the FIN waits for the producer
+    time.sleep(0.05)  # loopback delivery; a corked segment would wait ~200 ms
+    link.from_server()
+    assert link.plain == b"last words"
+    assert link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+
+
+def test_data_and_fin_leave_together_over_tcp(pki: PKI) -> None:
+    link = SocketLink(pki, HalfCloseSeen, tcp=True)
+    link.from_server()
+    link.server.write(b"bye")
+    link.server.loseWriteConnection()
+    assert link.wrapped.write_lost
+    time.sleep(0.05)
+    link.from_server()
+    assert link.plain == b"bye" and link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+    assert link.peer.recv(10) == b""
