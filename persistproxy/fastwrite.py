@@ -15,17 +15,23 @@ cost as little memory as possible.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
 
 __all__ = [
+    "MSG_MORE",
     "backlogged",
     "can_write_directly",
     "fin_can_follow",
     "lose_write_directly",
     "write_directly",
 ]
+
+
+#: Linux's "more data follows" send flag, for the last bytes before a FIN (0 elsewhere).
+MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
 
 
 def can_write_directly(transport: Any) -> bool:

@@ -31,7 +31,6 @@ has to wait for a handshake after the first.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.fastwrite import (
+    MSG_MORE,
     can_write_directly,
     fin_can_follow,
     lose_write_directly,
@@ -66,9 +66,6 @@ __all__ = [
     "connection_facts",
     "tls_info",
 ]
-
-#: Linux's "more data follows" send flag (0 elsewhere: no effect).
-_MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
 
 # How the client said it is done sending (TLSServerProtocol._peer_done bits).
 _PEER_CLOSE_NOTIFY = 1
@@ -458,7 +455,7 @@ class TLSServerProtocol:
         self._notified = True
         with contextlib.suppress(SSL.Error):
             tls.shutdown()
-        self._flush(_MSG_MORE if fin_follows else 0)
+        self._flush(MSG_MORE if fin_follows else 0)
 
     def _close_tcp(self) -> None:
         self.disconnecting = True

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -28,7 +29,14 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
+from persistproxy.fastwrite import (
+    MSG_MORE,
+    backlogged,
+    can_write_directly,
+    fin_can_follow,
+    lose_write_directly,
+    write_directly,
+)
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
 from persistproxy.http.headers import (
@@ -97,6 +105,9 @@ class ListenerContext:
     limits: ConnectionLimits | None = None
     #: Called with the connection when it closes; the listener's registry hooks in here.
     on_close: Callable[[ClientConnection], None] | None = None
+    #: Runs a function once the current I/O event is handled (ProxyReactor.call_after_event;
+    #: the next turn with any other reactor).
+    after_event: Callable[[Callable[[], object]], object] = field(init=False)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -115,6 +126,8 @@ class ListenerContext:
         self.linger_queue = TimeoutQueue(clock, LINGER_SECONDS, ClientConnection.timed_out)
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
+        after = getattr(clock, "call_after_event", None)
+        self.after_event = after if after is not None else partial(clock.callLater, 0)
 
     @staticmethod
     def log_path(target: bytes) -> str:
@@ -169,6 +182,7 @@ class ClientConnection(Protocol):
         "_hosts",
         "_in_message",
         "_length",
+        "_out",
         "_parser",
         "_pause",
         "_peer",
@@ -219,6 +233,8 @@ class ClientConnection(Protocol):
         self._valid_host: bytes | None = None
         self._quiet = 0
         self._direct = False
+        #: Response bytes written during the current I/O event, sent in one go when it ends.
+        self._out: list[bytes] | None = None
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
         self._born = 0.0
@@ -365,6 +381,7 @@ class ClientConnection(Protocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"
+        self._out = None
         self._wait(None)
         if self._timer is not None:
             self._timer.stop()
@@ -585,10 +602,27 @@ class ClientConnection(Protocol):
     # -- used by the exchange -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._direct:
-            write_directly(self.transport, data)
-        else:
+        if not self._direct:
             self.transport.write(data)  # type: ignore[union-attr]
+            return
+        # A response's head and body (and the next pipelined response) usually come from
+        # one upstream read: one send at the end of it instead of one per part.
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self._ctx.after_event(self._send_out)
+        else:
+            out.append(data)
+
+    def _send_out(self, flags: int = 0) -> None:
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        transport = self.transport
+        if transport is None or self._phase == "closed":
+            return
+        write_directly(transport, out[0] if len(out) == 1 else b"".join(out), flags)
 
     def backlogged(self) -> bool:
         """Whether our response bytes are queued: then the response needs flow control."""
@@ -596,6 +630,7 @@ class ClientConnection(Protocol):
 
     def abort(self) -> None:
         self._phase = "closed"
+        self._out = None
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def may_keep_alive(self, client_wants: bool, ordinal: int) -> bool:
@@ -819,12 +854,18 @@ class ClientConnection(Protocol):
         lose_write = getattr(transport, "loseWriteConnection", None)
         if lose_write is None:
             self._deadline(self._ctx.config.send_timeout or 60)
+            self._send_out()
             transport.loseConnection()
             return
         if self._pause:
             self._pause = 0
             transport.resumeProducing()  # type: ignore[attr-defined]
-        lose_write()
+        if self._direct:
+            # The last bytes and the FIN in one segment when the FIN can follow at once.
+            self._send_out(MSG_MORE if fin_can_follow(transport) else 0)
+            lose_write_directly(transport)
+        else:
+            lose_write()
         if self._phase == "lingering" and self._waiting is not self._ctx.linger_queue:
             # The FIN waits behind unsent bytes: the client has this long to read them.
             self._deadline(self._ctx.config.send_timeout or 60)
@@ -834,6 +875,7 @@ class ClientConnection(Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if self.transport is not None:
+            self._send_out()
             self.transport.loseConnection()
 
     def _wait(self, queue: TimeoutQueue[ClientConnection] | None) -> None:
