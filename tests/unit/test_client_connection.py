@@ -5,7 +5,11 @@ hop-by-hop headers, framing, bad input, retries and timeouts.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fakes import OK_RESPONSE, HalfCloseTransport, Harness, parse_response
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 
 GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
 
@@ -591,3 +595,67 @@ def test_closing_connections_share_the_listeners_timers() -> None:
     assert not any(t.disconnecting for t in transports)
     h.clock.advance(0.2)  # LINGER_SECONDS: these clients never closed, so they are cut
     assert all(t.disconnecting for t in transports)
+
+
+class _CountingSocket:
+    """A real socket whose sends are counted (write_directly sends through .send)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.sends: list[tuple[bytes, int]] = []
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self.sends.append((bytes(data), flags))
+        return int(self._sock.send(data, flags))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_a_response_written_in_one_event_leaves_in_one_send_over_tcp() -> None:
+    """
+    Over a real TCP transport, the head and the body of a response (one upstream read) are
+    one send at the end of the event; a closing response's last send carries MSG_MORE so
+    the kernel puts the FIN in the same segment.
+    """
+    import socket
+
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import MemoryReactorClock
+
+    from persistproxy.accept import ProxyServer
+    from persistproxy.fastwrite import MSG_MORE
+    from persistproxy.http.client_connection import ClientConnection
+
+    h = Harness()
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        peer = socket.create_connection(listening.getsockname())
+        ours, _ = listening.accept()
+    with peer:
+        client = ClientConnection(h.ctx, peer=IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = ProxyServer(ours, client, ("127.0.0.1", 40000), None, 0, MemoryReactorClock())
+        counting = _CountingSocket(ours)
+        transport.socket = counting  # type: ignore[assignment]
+        client.makeConnection(transport)
+        client.dataReceived(GET)
+        h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        assert counting.sends == [], "nothing before the end of the event"
+        h.clock.advance(0)  # the end of the event (call_after_event under ProxyReactor)
+        assert len(counting.sends) == 1
+        data, flags = counting.sends[0]
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nhello")
+        assert flags == 0
+
+        client.dataReceived(b"GET /b HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")
+        h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+        assert len(counting.sends) == 2, "a closing response goes at once, with the FIN"
+        data, flags = counting.sends[1]
+        assert data.endswith(b"bye") and flags == MSG_MORE
+        peer.settimeout(5)
+        received = b""
+        while chunk := peer.recv(65536):
+            received += chunk
+        assert received.endswith(b"bye"), "all of it, then the FIN"
+        transport.connectionLost(Failure(ConnectionDone()))
