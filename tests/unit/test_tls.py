@@ -484,33 +484,22 @@ def test_both_ways_of_calling_openssl_carry_records_both_ways(
         assert link.transport.disconnecting
 
 
-def test_what_is_written_before_the_handshake_follows_it_then_half_close(
-    pki: PKI, clock: Clock
+@pytest.mark.parametrize(("half_close", "version"), [(True, 0x304), (False, 0x303)])
+def test_what_is_written_before_the_handshake_follows_it_then_the_close_asked_for(
+    pki: PKI, clock: Clock, half_close: bool, version: int
 ) -> None:
     """A refusal (503) written at connection time reaches the client after the handshake."""
     factory = TLSListenerFactory(
         ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Refuser), None, None, clock
     )
-    link = Link(factory, clock, client_context(SSL.TLS1_3_VERSION))
-    assert link.plain == b"HTTP/1.1 503 busy\r\n\r\n"
-    assert link.closed_by_server
-    assert link.transport.write_closed
-
-
-def test_what_is_written_before_the_handshake_follows_it_then_close(
-    pki: PKI, clock: Clock
-) -> None:
-    factory = TLSListenerFactory(
-        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Refuser), None, None, clock
-    )
-    Refuser.half_close = False
+    Refuser.half_close = half_close
     try:
-        link = Link(factory, clock, client_context(SSL.TLS1_2_VERSION))
+        link = Link(factory, clock, client_context(version))
     finally:
         Refuser.half_close = True
     assert link.plain == b"HTTP/1.1 503 busy\r\n\r\n"
     assert link.closed_by_server
-    assert link.transport.disconnecting
+    assert link.transport.write_closed if half_close else link.transport.disconnecting
 
 
 def test_a_close_before_any_byte_is_just_a_close(pki: PKI, clock: Clock) -> None:
