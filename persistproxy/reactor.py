@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 
 from persistproxy.accept import ProxyPort
 
-__all__ = ["ProxyReactor", "install"]
+__all__ = ["ProxyReactor", "after_event_caller", "install"]
 
 _log = Logger()
 
@@ -105,6 +106,18 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
                     self._run_after_event()
 
     doIteration = doPoll
+
+
+def after_event_caller(clock: Any) -> Callable[[Callable[[], object]], object]:
+    """
+    How to run a function once the current I/O event is handled: C{clock.call_after_event}
+    under L{ProxyReactor}; the next reactor turn (C{callLater(0)}) with any other reactor,
+    a test's C{Clock} included.
+    """
+    after = getattr(clock, "call_after_event", None)
+    if after is not None:
+        return after  # type: ignore[no-any-return]
+    return partial(clock.callLater, 0)
 
 
 def install() -> None:

@@ -31,7 +31,6 @@ has to wait for a handshake after the first.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
@@ -57,6 +56,7 @@ from persistproxy.fastwrite import (
 )
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
+from persistproxy.reactor import after_event_caller
 from persistproxy.tls import ServerTLS, session_reused, ssl_error_text
 from persistproxy.tls_calls import make_calls
 
@@ -535,16 +535,8 @@ class TLSListenerFactory:
         self._log = log
         if clock is None:
             from twisted.internet import reactor as clock
-        after: Callable[[Callable[[], None]], None] | None = getattr(
-            clock, "call_after_event", None
-        )
-        if after is None:
-            # Any other reactor (a test's Clock): the next turn is close enough.
-            def after(f: Callable[[], None]) -> None:
-                clock.callLater(0, f)
-
         #: Runs a function once the current I/O event is handled.
-        self.after_event: Callable[[Callable[[], None]], None] = after
+        self.after_event = after_event_caller(clock)
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -46,6 +45,7 @@ from persistproxy.http.headers import (
     remove_nominated,
 )
 from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
+from persistproxy.reactor import after_event_caller
 from persistproxy.timers import TimeoutQueue
 
 if TYPE_CHECKING:
@@ -126,8 +126,7 @@ class ListenerContext:
         self.linger_queue = TimeoutQueue(clock, LINGER_SECONDS, ClientConnection.timed_out)
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
-        after = getattr(clock, "call_after_event", None)
-        self.after_event = after if after is not None else partial(clock.callLater, 0)
+        self.after_event = after_event_caller(clock)
 
     @staticmethod
     def log_path(target: bytes) -> str:
