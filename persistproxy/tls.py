@@ -59,11 +59,10 @@ __all__ = [
     "session_reused",
 ]
 
-try:  # pyOpenSSL has no accessor for these; its cffi binding of OpenSSL has the functions.
-    from OpenSSL._util import ffi as _ffi
+try:  # pyOpenSSL has no accessor for SSL_session_reused; its cffi binding of OpenSSL has it.
     from OpenSSL._util import lib as _lib
 except ImportError:  # pragma: no cover - a future pyOpenSSL without the private module
-    _ffi = _lib = None
+    _lib = None
 
 #: Not in every pyOpenSSL; the value is OpenSSL's since 3.0.
 OP_IGNORE_UNEXPECTED_EOF: int = getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7)

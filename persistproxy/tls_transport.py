@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from persistproxy.fastwrite import (
     MSG_MORE,
+    backlogged,
     can_write_directly,
     fin_can_follow,
     lose_write_directly,
@@ -383,10 +384,7 @@ class TLSServerProtocol:
 
     def backlogged(self) -> bool:
         """Whether the TCP transport under us has bytes queued (see fastwrite.backlogged)."""
-        if not self._direct:
-            return True
-        transport = self.transport
-        return bool(transport._tempDataLen or transport.dataBuffer)
+        return backlogged(self.transport, self._direct)
 
     # -- producers: the TCP transport's -------------------------------------------------------
 
