@@ -23,6 +23,16 @@ and no more:
    as over plain TCP, so the responses it owes are still sent.
  - Each completed handshake is reported to the factory (metrics, and C{log_extra} of the
    wrapped protocol for its access lines).
+ - TLS 1.3 session tickets, which OpenSSL writes when the client's Finished arrives, leave
+   with the next thing sent: when the client next sends something (its request, its
+   close_notify) or we write, not alone. A client reads them only when it reads after the
+   handshake, which an HTTP client does for its response, so nothing is lost; what changes
+   is that a client which completes the handshake and leaves at once never gets them,
+   every time, as from nginx, instead of sometimes, by a race between our send and its close.
+   C{testssl} decides from such a connection whether to test resumption with TLS 1.3 or
+   TLS 1.2, and then fails its own TLS 1.3 test by the same race (its client closes right
+   after the handshake, before a ticket can be read); with the tickets held, it always tests
+   TLS 1.2, as it does against nginx.
 
 Renegotiation is off in the contexts (C{OP_NO_RENEGOTIATION}), so application data never
 has to wait for a handshake after the first.
@@ -224,6 +234,7 @@ class TLSServerProtocol:
             return
         calls = self.factory.calls
         calls.feed(tls, data)
+        hold_tickets = False
         self._delivering = True
         try:
             if not self._handshake_done:
@@ -241,6 +252,11 @@ class TLSServerProtocol:
                     self._write_pending()
                     if self._notified:
                         return
+                else:
+                    # All OpenSSL wrote on a TLS 1.3 client's Finished is session tickets:
+                    # held for the next send (module docstring). A TLS 1.2 server's last
+                    # flight (its Finished) must go now: the client waits for it.
+                    hold_tickets = tls.get_protocol_version() == SSL.TLS1_3_VERSION
             wrapped = self.wrappedProtocol
             # Reading may make OpenSSL answer (a no_renegotiation alert, a TLS 1.3 KeyUpdate).
             self._dirty = True
@@ -248,6 +264,8 @@ class TLSServerProtocol:
                 try:
                     plain = calls.read(tls)
                     if plain is None:
+                        if hold_tickets:
+                            self._dirty = False
                         break
                 except SSL.ZeroReturnError:
                     self._peer_finished(_PEER_CLOSE_NOTIFY)
@@ -255,6 +273,7 @@ class TLSServerProtocol:
                 except SSL.Error:
                     self._fail(Failure())
                     break
+                hold_tickets = False
                 wrapped.dataReceived(plain)
                 if self._tls is None:
                     return

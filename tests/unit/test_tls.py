@@ -332,6 +332,43 @@ def test_tls13_resumes_from_the_cache_when_tickets_are_off(pki: PKI, clock: Cloc
     assert stats.tls_resumed == 1
 
 
+def test_tls13_tickets_leave_with_the_next_send_not_alone(pki: PKI, clock: Clock) -> None:
+    """A TLS 1.3 client that leaves right after the handshake never has a ticket (as from
+    nginx), and one that sends its request gets them with the answer. (Sent alone, they
+    raced the client's close, which made testssl's resumption check flaky.)"""
+    factory = listener(pki, clock)
+    context = client_context(SSL.TLS1_3_VERSION)
+    sends: list[bytes] = []
+    original = HalfCloseTransport.write
+
+    def counting(self: HalfCloseTransport, data: bytes) -> None:
+        sends.append(data)
+        original(self, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HalfCloseTransport, "write", counting)
+        quick = Link(factory, clock, context)
+        assert quick.client.get_state_string() == b"SSL negotiation finished successfully"
+        assert len(sends) == 1, "only the server's first flight, no tickets on their own"
+        unusable = quick.client.get_session()
+        quick.close()
+        assert not session_reused(Link(factory, clock, context, session=unusable).client)
+
+        sends.clear()
+        talker = Link(factory, clock, context)
+        talker.send(b"ping")
+        assert talker.plain == b"pong"
+        assert len(sends) == 2, "first flight; then tickets and answer in one send"
+        session = talker.client.get_session()
+    assert session_reused(Link(factory, clock, context, session=session).client)
+
+
+def test_a_tls12_servers_last_flight_leaves_at_once(pki: PKI, clock: Clock) -> None:
+    link = Link(listener(pki, clock), clock, client_context(SSL.TLS1_2_VERSION))
+    assert link.client.get_state_string() == b"SSL negotiation finished successfully"
+    assert link.transport.value() == b""  # all sent, and the client has read it
+
+
 def test_the_metrics_say_version_alpn_and_resumption(pki: PKI, clock: Clock) -> None:
     from persistproxy.metrics import ProxyStats, StatsCollector
 
