@@ -174,6 +174,7 @@ class ClientConnection(Protocol):
         "_ctx",
         "_current",
         "_direct",
+        "_eof",
         "_feeding",
         "_head_size",
         "_headers",
@@ -232,6 +233,8 @@ class ClientConnection(Protocol):
         self._valid_host: bytes | None = None
         self._quiet = 0
         self._direct = False
+        #: The client half-closed (its FIN, or its close_notify over TLS).
+        self._eof = False
         #: Response bytes written during the current I/O event, sent in one go when it ends.
         self._out: list[bytes] | None = None
         #: Fields added to each access line of this connection (TLS facts, for instance).
@@ -359,6 +362,7 @@ class ClientConnection(Protocol):
         if self._phase in ("lingering", "closed"):
             self._close_now()
             return
+        self._eof = True
         self._phase = "closing"
         if self._current is not None:
             # The request being received can never be completed.
@@ -371,12 +375,16 @@ class ClientConnection(Protocol):
 
     def writeConnectionLost(self) -> None:
         """
-        Our FIN is out: drain the client's input until it closes, for a moment at most.
+        Our FIN is out: drain the client's input until it closes, for a moment at most; or
+        close at once if the client half-closed already, as there is nothing left to drain.
         """
         if self._phase != "closed":
             if self._timer is not None:
                 self._timer.cancel()  # the send deadline of _close_gracefully, if armed
-            self._wait(self._ctx.linger_queue)
+            if self._eof:
+                self._close_now()
+            else:
+                self._wait(self._ctx.linger_queue)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._phase = "closed"

@@ -5,6 +5,8 @@ The Prometheus endpoint of a running proxy: counters move with traffic, pools ar
 from __future__ import annotations
 
 import re
+import socket
+import time
 import urllib.request
 
 from conftest import ProxyFactory
@@ -54,3 +56,27 @@ def test_twistd_runs_the_proxy_reactor_unless_told_otherwise(
     """The plugin installs persistproxy's epoll reactor (no per-event log context)."""
     proxy = proxy_factory(origin)
     assert any("reactor class: persistproxy.reactor.ProxyReactor" in line for line in proxy.lines())
+
+
+def test_a_client_that_half_closes_gets_its_answer_and_its_connection_ends_at_once(
+    origin: Origin, proxy_factory: ProxyFactory
+) -> None:
+    """The client's FIN after its request: the response, our FIN, and the socket closed
+    then, not held for the linger time (2 s) that drains clients still sending."""
+    text = make_config([f"127.0.0.1:{origin.port}"], listener={"name": "web"})
+    text = '[metrics]\nbind = "tcp:0:interface=127.0.0.1"\n\n' + text
+    proxy = proxy_factory(config_text=text)
+    event = proxy.wait_event("metrics.started", 10)
+    assert event is not None, proxy.lines()[-10:]
+    metric = 'persistproxy_connections_open{listener="web"}'
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: example\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+        eof_at = time.monotonic()
+        while _value(_scrape(int(event["port"])), metric) != 0:
+            assert time.monotonic() - eof_at < 1.5, "still open: lingering after the client's FIN"
+            time.sleep(0.05)

@@ -659,3 +659,31 @@ def test_a_response_written_in_one_event_leaves_in_one_send_over_tcp() -> None:
             received += chunk
         assert received.endswith(b"bye"), "all of it, then the FIN"
         transport.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_client_that_half_closed_is_closed_once_answered_not_after_lingering() -> None:
+    """
+    Lingering drains a client that may still be sending; one whose FIN came first has
+    nothing left to send, so once its response and our FIN are out, the socket closes (a
+    plain close: waiting out the linger time ended in a reset).
+    """
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    client.readConnectionLost()
+    assert not transport.disconnecting, "the request it sent is still answered"
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[0] == 200
+    assert transport.write_closed and not transport.disconnecting
+    client.writeConnectionLost()  # our FIN is out
+    assert transport.disconnecting, "closed at once, not after the linger time"
+
+    # A client that did not half-close is drained for the linger time, as before.
+    other, other_transport = h.client()
+    other.dataReceived(b"GET /a HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")
+    h.origin.respond(OK_RESPONSE)
+    assert other_transport.write_closed
+    other.writeConnectionLost()
+    assert not other_transport.disconnecting
+    h.clock.advance(2.1)
+    assert other_transport.disconnecting
