@@ -27,8 +27,9 @@ and no more:
    with the next thing sent: when the client next sends something (its request, its
    close_notify) or we write, not alone. A client reads them only when it reads after the
    handshake, which an HTTP client does for its response, so nothing is lost; what changes
-   is that a client which completes the handshake and leaves at once never gets them,
-   every time, as from nginx, instead of sometimes, by a race between our send and its close.
+   is that a client which completes the handshake and leaves at once without reading
+   (C{openssl s_client < /dev/null}) never gets them, as from nginx, instead of sometimes, by
+   a race between our send and its close.
    C{testssl} decides from such a connection whether to test resumption with TLS 1.3 or
    TLS 1.2, and then fails its own TLS 1.3 test by the same race (its client closes right
    after the handshake, before a ticket can be read); with the tickets held, it always tests
@@ -253,9 +254,11 @@ class TLSServerProtocol:
                     if self._notified:
                         return
                 else:
-                    # All OpenSSL wrote on a TLS 1.3 client's Finished is session tickets:
-                    # held for the next send (module docstring). A TLS 1.2 server's last
-                    # flight (its Finished) must go now: the client waits for it.
+                    # What OpenSSL writes on a TLS 1.3 client's Finished is its session
+                    # tickets (and, if the Finished came with a KeyUpdate, the answer, which
+                    # need only precede our next data): held for the next send (module
+                    # docstring). A TLS 1.2 server's last flight (its Finished) must go now:
+                    # the client waits for it.
                     hold_tickets = tls.get_protocol_version() == SSL.TLS1_3_VERSION
             wrapped = self.wrappedProtocol
             # Reading may make OpenSSL answer (a no_renegotiation alert, a TLS 1.3 KeyUpdate).
