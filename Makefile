@@ -44,4 +44,4 @@ bench: $(VENV)/.installed
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-sslyze build *.egg-info
