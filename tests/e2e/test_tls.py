@@ -24,41 +24,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 from e2ehelpers import TWISTD, ManagedProc, Origin, Proxy, curl, get, pattern_sha256
+from pki import PKI, make_pki
 
 # -- certificates -------------------------------------------------------------------------------
 
 
-@dataclass
-class PKI:
-    dir: Path
-    ca: trustme.CA
-    ca_pem: Path
-
-    def issue(self, name: str, *hosts: str, ca: trustme.CA | None = None) -> tuple[Path, Path]:
-        cert = (ca or self.ca).issue_cert(*hosts)
-        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
-        cert_path.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
-        cert.private_key_pem.write_to_path(str(key_path))
-        return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    ca_pem = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    pki = PKI(directory, ca, ca_pem)
-    pki.issue("site", "site.test", "localhost")
-    pki.issue("other", "other.test")
-    return pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _q(value: Any) -> str:
@@ -213,7 +192,9 @@ def test_sni_chooses_between_two_certificates(
         tls_config([f"127.0.0.1:{origin.port}"], [pki_pair(pki, "site"), pki_pair(pki, "other")]),
     )
     with tls_connect(proxy.port, pki, "other.test") as sock:
-        assert peer_names(sock) == ["other.test"]
+        assert peer_names(sock) == ["other.test", "*.wild.test"]
+    with tls_connect(proxy.port, pki, "a.wild.test") as sock:  # a wildcard name
+        assert peer_names(sock) == ["other.test", "*.wild.test"]
         assert roundtrip(sock)[0] == 200
     with tls_connect(proxy.port, pki, "site.test") as sock:
         assert peer_names(sock) == ["site.test", "localhost"]

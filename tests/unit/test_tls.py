@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 import trustme
 from cryptography import x509
 from OpenSSL import SSL
+from pki import PKI, make_pki
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -46,32 +46,9 @@ from persistproxy.upstream_tls import UpstreamTLSError, endpoint_wrapper
 # -- certificates -----------------------------------------------------------------------------
 
 
-@dataclass
-class PKI:
-    dir: Path
-    ca: trustme.CA
-    ca_pem: Path
-    site: tuple[str, str]
-    other: tuple[str, str]
-
-    def issue(self, name: str, *hosts: str, ca: trustme.CA | None = None) -> tuple[str, str]:
-        cert = (ca or self.ca).issue_cert(*hosts)
-        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
-        cert_path.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
-        cert.private_key_pem.write_to_path(str(key_path))
-        return str(cert_path), str(key_path)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    ca_pem = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    pki = PKI(directory, ca, ca_pem, ("", ""), ("", ""))
-    pki.site = pki.issue("site", "site.test", "localhost")
-    pki.other = pki.issue("other", "other.test", "*.wild.test")
-    return pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def settings(*pairs: tuple[str, str], **kw: Any) -> ListenerTLSSettings:
