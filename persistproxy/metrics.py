@@ -37,6 +37,9 @@ class ListenerStats:
     tls_resumed: int = 0
     #: Completed handshakes by (protocol version, ALPN protocol or "", resumed).
     tls_kinds: dict[tuple[str, str, bool], int] = field(default_factory=dict)
+    #: Exchanges that ended without a complete response, by who cut them ("client",
+    #: "upstream"); also counted in C{responses} (499 if no response had started).
+    aborted: dict[str, int] = field(default_factory=dict)
 
     def count_response(self, status: int) -> None:
         key = status // 100
@@ -92,8 +95,17 @@ class StatsCollector(Collector):
             open_conns.add_metric([name], ls.connections_open)
             for klass, count in sorted(ls.responses.items()):
                 responses.add_metric([name, f"{klass}xx"], count)
+        aborted = CounterMetricFamily(
+            "persistproxy_requests_aborted",
+            "Requests whose response was cut short or never sent, by who ended them",
+            labels=["listener", "by"],
+        )
+        for name, ls in self._stats.listeners.items():
+            for by, count in sorted(ls.aborted.items()):
+                aborted.add_metric([name, by], count)
         yield open_conns
         yield responses
+        yield aborted
         tls = CounterMetricFamily(
             "persistproxy_tls_handshakes_by_kind",
             "TLS handshakes completed, by protocol version, ALPN result and resumption",

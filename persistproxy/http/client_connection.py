@@ -335,6 +335,11 @@ class ClientConnection(RequestHeadReader, Protocol):
             limits.went_busy(self._peer_str, self)
         self._current = None
         queue = self._queue
+        if queue:
+            # The one being answered is accounted for; those pipelined behind it never began.
+            head = queue[0]
+            self.exchange_aborted(head, "client")
+            head.cancel()
         while queue:
             queue.pop().cancel()
         ctx = self._ctx
@@ -494,24 +499,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         queue = self._queue
         if queue and queue[0] is exchange:
             del queue[0]
-        ctx = self._ctx
-        ctx.stats.count_response(exchange.status)
-        access_log = ctx.access_log
-        if access_log is not None:
-            access_log.log(
-                ctx.name,
-                self._peer_str,
-                exchange.method.decode("latin-1"),
-                ctx.log_path(exchange.target),
-                "1.1" if exchange.client_http11 else "1.0",
-                exchange.status,
-                exchange.bytes_out,
-                (ctx.clock.seconds() - exchange.started) * 1000,
-                exchange.server,
-                exchange.reused,
-                exchange.retries + exchange.stale,
-                self.log_extra,
-            )
+        self._account(exchange, exchange.status)
         if self._phase == "closed":
             return
         if not exchange.keep_alive:
@@ -527,6 +515,44 @@ class ClientConnection(RequestHeadReader, Protocol):
             self._go_idle()
         elif self._phase == "closing":
             self._close_gracefully()
+
+    def exchange_aborted(self, exchange: Exchange, by: str) -> None:
+        """
+        The exchange being answered ends without a complete response: the origin cut it
+        (C{by="upstream"}) or the client's connection is gone (C{"client"}). It still gets
+        its access line and its count, as in nginx: the status is the one already sent,
+        or 499 if no response had started, and C{"aborted"} says by whom.
+        """
+        queue = self._queue
+        if queue and queue[0] is exchange:
+            del queue[0]
+        self._account(exchange, exchange.status if exchange.response_started else 499, by)
+
+    def _account(self, exchange: Exchange, status: int, aborted: str | None = None) -> None:
+        """An exchange's count in the metrics and its access line."""
+        ctx = self._ctx
+        ctx.stats.count_response(status)
+        if aborted is not None:
+            ctx.stats.aborted[aborted] = ctx.stats.aborted.get(aborted, 0) + 1
+        access_log = ctx.access_log
+        if access_log is not None:
+            extra = self.log_extra
+            if aborted is not None:
+                extra = {**(extra or {}), "aborted": aborted}
+            access_log.log(
+                ctx.name,
+                self._peer_str,
+                exchange.method.decode("latin-1"),
+                ctx.log_path(exchange.target),
+                "1.1" if exchange.client_http11 else "1.0",
+                status,
+                exchange.bytes_out,
+                (ctx.clock.seconds() - exchange.started) * 1000,
+                exchange.server,
+                exchange.reused,
+                exchange.retries + exchange.stale,
+                extra,
+            )
 
     @property
     def peer(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import time
 import urllib.request
 
@@ -42,6 +43,19 @@ def test_metrics_count_requests_responses_and_pools(
     assert _value(after, 'persistproxy_requests_total{listener="web"}') == requests_before + 4
     assert _value(after, 'persistproxy_responses_total{code="2xx",listener="web"}') >= 3
     assert _value(after, 'persistproxy_responses_total{code="4xx",listener="web"}') >= 1
+    # A client that gives up on its (slow) response with a reset: a 499 and an aborted count.
+    # (A FIN alone is a half-close, which is still answered.)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /slow/2 HTTP/1.1\r\nHost: example\r\n\r\n")
+        time.sleep(0.3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + 5
+    metric = 'persistproxy_requests_aborted_total{by="client",listener="web"}'
+    while metric not in (text := _scrape(int(event["port"]))):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+    assert _value(text, metric) == 1
+    assert _value(text, 'persistproxy_responses_total{code="4xx",listener="web"}') >= 2
     server = f"127.0.0.1:{origin.port}"
     assert _value(after, f'persistproxy_upstream_idle{{server="{server}",upstream="app"}}') >= 1
     assert (

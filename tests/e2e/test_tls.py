@@ -580,3 +580,6 @@ def test_a_truncated_upstream_body_is_detected_without_close_notify(
         pytest.raises(ConnectionError, match="body truncated at 10 of 1000"),
     ):
         roundtrip(sock, "/truncated")
+    # The cut exchange still has its access line: the status sent, and who cut it.
+    [line] = access_events(proxy, 1)
+    assert (line["status"], line["path"], line["aborted"]) == (200, "/truncated", "upstream")

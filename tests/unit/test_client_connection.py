@@ -687,3 +687,53 @@ def test_a_client_that_half_closed_is_closed_once_answered_not_after_lingering()
     assert not other_transport.disconnecting
     h.clock.advance(2.1)
     assert other_transport.disconnecting
+
+
+def test_a_client_gone_before_its_response_gets_a_499_access_line_and_count() -> None:
+    h = Harness()
+    client, _transport = h.client()
+    client.dataReceived(GET)
+    upstream = h.origin.connections[0]
+    client.connectionLost(Failure(ConnectionDone()))
+    [line] = h.events("access")
+    assert (line["status"], line["bytes"], line["aborted"]) == (499, 0, "client")
+    assert line["path"] == "/a"
+    assert h.stats.responses == {4: 1} and h.stats.aborted == {"client": 1}
+    assert upstream.transport.disconnecting, "the origin's work is abandoned"  # type: ignore[union-attr]
+
+
+def test_a_client_gone_mid_response_is_logged_with_the_status_and_bytes_sent() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    sent = len(transport.value())
+    client.connectionLost(Failure(ConnectionDone()))
+    [line] = h.events("access")
+    assert (line["status"], line["bytes"], line["aborted"]) == (200, sent, "client")
+    assert h.stats.responses == {2: 1} and h.stats.aborted == {"client": 1}
+
+
+def test_an_origin_cutting_its_response_short_is_logged_once_as_aborted_upstream() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    h.origin.close()
+    assert transport.disconnecting, "the client sees the cut, not a complete response"
+    client.connectionLost(Failure(ConnectionDone()))
+    [line] = h.events("access")
+    assert (line["status"], line["aborted"]) == (200, "upstream")
+    assert h.stats.aborted == {"upstream": 1} and h.stats.responses == {2: 1}
+    assert h.events("upstream.error")[0]["reason"]
+
+
+def test_complete_exchanges_have_no_aborted_field() -> None:
+    h = Harness()
+    client, _transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    client.connectionLost(Failure(ConnectionDone()))
+    [line] = h.events("access")
+    assert line["status"] == 200 and "aborted" not in line
+    assert h.stats.aborted == {}
