@@ -494,6 +494,10 @@ class CertificateReloader(Service):
         super().startService()  # type: ignore[no-untyped-call]
         if self._previous is None:
             self._previous = signal.signal(self._signum, self._on_signal)
+        # An expired certificate still loads (clients refuse it, not OpenSSL): say so at
+        # start as at every reload, rather than only in the clients' errors.
+        for tls in self._listeners:
+            self._warn_expired(tls, tls.certificates)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -523,15 +527,21 @@ class CertificateReloader(Service):
                     kept="the certificates loaded before",
                 )
                 continue
-            now = datetime.now(UTC)
             self._log.info(
                 "tls.reloaded",
                 listener=tls.listener,
                 certificates=[c.cert_path for c in certificates],
             )
-            for c in certificates:
-                if c.not_after < now:
-                    self._log.warning(
-                        "tls.certificate_expired", listener=tls.listener, file=c.cert_path
-                    )
+            self._warn_expired(tls, certificates)
         return ok
+
+    def _warn_expired(self, tls: ServerTLS, certificates: Sequence[_Certificate]) -> None:
+        now = datetime.now(UTC)
+        for c in certificates:
+            if c.not_after < now:
+                self._log.warning(
+                    "tls.certificate_expired",
+                    listener=tls.listener,
+                    file=c.cert_path,
+                    not_after=c.not_after.isoformat(),
+                )

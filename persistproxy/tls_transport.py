@@ -161,6 +161,7 @@ class TLSServerProtocol:
         "_delivering",
         "_direct",
         "_dirty",
+        "_fresh",
         "_handshake_done",
         "_notified",
         "_peer_done",
@@ -185,6 +186,8 @@ class TLSServerProtocol:
         self._tls: SSL.Connection | None = None
         self._direct = False
         self._handshake_done = False
+        #: No byte has arrived yet.
+        self._fresh = True
         #: Inside dataReceived: what is written leaves when the delivery ends.
         self._delivering = False
         #: OpenSSL's outgoing BIO may hold records not sent yet.
@@ -233,6 +236,14 @@ class TLSServerProtocol:
         tls = self._tls
         if tls is None:
             return
+        if self._fresh:
+            self._fresh = False
+            # A TLS client's first byte is 22 (a handshake record); a letter is a plain-text
+            # protocol's request (GET ...) sent to the TLS port by mistake.
+            answer = self.factory.plaintext_answer
+            if answer is not None and 65 <= data[0] <= 90:
+                self._answer_plaintext(answer)
+                return
         calls = self.factory.calls
         calls.feed(tls, data)
         hold_tickets = False
@@ -512,6 +523,17 @@ class TLSServerProtocol:
             self._producer = None
             self.transport.unregisterProducer()
 
+    def _answer_plaintext(self, answer: bytes) -> None:
+        """Plain text to a TLS port: the wrapped protocol's answer in plain text, then close
+        (as nginx's "400 The plain HTTP request was sent to HTTPS port")."""
+        failure = Failure(SSL.Error([("", "", "plain text (not TLS) from the client")]))
+        self._reason = failure
+        self.factory.handshake_failed(self, failure)
+        self._notified = True
+        self.disconnecting = True
+        self.transport.write(answer)
+        self.transport.loseConnection()
+
     def _fail(self, failure: Failure) -> None:
         """A TLS error: send OpenSSL's alert, then close; the wrapped protocol hears why."""
         if self._reason is None:
@@ -551,6 +573,9 @@ class TLSListenerFactory:
         #: OpenSSL's per-record calls (see tls_calls.py).
         self.calls = make_calls()
         self.wrappedFactory = wrapped
+        #: What the wrapped protocol answers a client that speaks plain text to the TLS
+        #: port (an HTTP factory's C{plaintext_answer}: a 400); None: just close.
+        self.plaintext_answer: bytes | None = getattr(wrapped, "plaintext_answer", None)
         self._stats = stats
         self._log = log
         if clock is None:

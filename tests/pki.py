@@ -7,6 +7,7 @@ C{*.wild.test}), written as PEM files so that the proxy loads them as a user's w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import trustme
@@ -20,9 +21,14 @@ class PKI:
     ca: trustme.CA
     ca_pem: Path
 
-    def issue(self, name: str, *hosts: str, ca: trustme.CA | None = None) -> tuple[str, str]:
-        """A certificate (with its chain) and key for C{hosts}, as C{name}.pem/.key."""
-        cert = (ca or self.ca).issue_cert(*hosts)
+    def issue(
+        self, name: str, *hosts: str, ca: trustme.CA | None = None, **validity: datetime
+    ) -> tuple[str, str]:
+        """
+        A certificate (with its chain) and key for C{hosts}, as C{name}.pem/.key;
+        C{validity}: trustme's C{not_before}/C{not_after}.
+        """
+        cert = (ca or self.ca).issue_cert(*hosts, **validity)
         cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
         cert_path.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(key_path))

@@ -278,7 +278,11 @@ class ClientConnection(RequestHeadReader, Protocol):
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
-            self._reject(400, str(e) or "malformed request")
+            if parser.get_method() == b"PRI" and parser.get_http_version() == "2.0":
+                # HTTP/2's connection preface (prior knowledge): llhttp stops at it.
+                self._reject(505, "HTTP/2 is not supported on this listener")
+            else:
+                self._reject(400, str(e) or "malformed request")
         else:
             if self._phase == "head":
                 # httptools keeps a header line that has not ended to itself: count the bytes

@@ -26,6 +26,10 @@ class HTTPFactory(Factory):
     """
 
     noisy = False
+    #: The answer of a TLS listener to a plain-HTTP request (see TLSListenerFactory).
+    plaintext_answer = error_response(
+        400, "a plain HTTP request was sent to a TLS port; use https://"
+    )
 
     def __init__(self, ctx: ListenerContext, proxy: Any) -> None:
         self.ctx = ctx

@@ -205,6 +205,20 @@ def test_sni_chooses_between_two_certificates(
         assert peer_names(sock) == ["site.test", "localhost"]
 
 
+def test_plain_http_to_the_tls_port_gets_a_400_that_says_so(
+    pki: PKI, origin: Origin, proxy_factory: Callable[..., Proxy]
+) -> None:
+    proxy = start_tls_proxy(
+        proxy_factory, tls_config([f"127.0.0.1:{origin.port}"], [pki_pair(pki, "site")])
+    )
+    result = curl("-sS", "-i", f"http://127.0.0.1:{proxy.port}/echo")
+    out = result.stdout.decode("latin-1")
+    assert out.startswith("HTTP/1.1 400 "), out
+    assert "plain HTTP request was sent to a TLS port" in out
+    with tls_connect(proxy.port, pki) as sock:  # TLS clients are served as before
+        assert roundtrip(sock)[0] == 200
+
+
 def test_alpn_negotiates_http_1_1(
     pki: PKI, origin: Origin, proxy_factory: Callable[..., Proxy]
 ) -> None:

@@ -379,6 +379,8 @@ def test_unsupported_things_get_501_and_505() -> None:
     _rejected(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501)
     _rejected(b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n", 501)
     _rejected(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505)
+    preface = _rejected(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505)
+    assert b"HTTP/2 is not supported" in preface
 
 
 def test_oversized_head_gets_431_whole_or_trickled() -> None:

@@ -537,6 +537,37 @@ def test_a_bad_client_hello_is_answered_with_an_alert_and_a_close(
     assert server.wrappedProtocol.lost is not None
     assert isinstance(server.wrappedProtocol.lost.value, SSL.Error)
 
+
+
+def test_plain_text_to_the_tls_port_gets_the_wrapped_factorys_plain_answer(
+    pki: PKI, clock: Clock
+) -> None:
+    answer = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n"
+    factory = listener(pki, clock)
+    factory.plaintext_answer = answer
+    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    server.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value() == answer and transport.disconnecting
+    server.connectionLost(Failure(ConnectionError("closed")))
+    assert isinstance(server.wrappedProtocol.lost.value, SSL.Error)
+    assert server.wrappedProtocol.received == b"", "the request never reaches the protocol"
+
+    # A factory without an answer (a protocol that is not HTTP): closed, as for nonsense
+    # (OpenSSL recognises an HTTP request and sends no alert).
+    bare = listener(pki, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    bare_transport = HalfCloseTransport()
+    bare.makeConnection(bare_transport)
+    bare.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    assert bare_transport.value() == b"" and bare_transport.disconnecting
+
+    # Only the first byte counts: a ClientHello split anywhere still completes.
+    link = Link(factory, clock, client_context(SSL.TLS1_3_VERSION))
+    link.send(b"ping")
+    assert link.plain == b"pong"
+
+
 # -- reload -----------------------------------------------------------------------------------
 
 
@@ -607,6 +638,32 @@ def test_sighup_schedules_a_reload_on_the_reactor(pki: PKI) -> None:
     finally:
         reloader.stopService()
     assert signal.getsignal(signal.SIGHUP) == previous
+
+
+def test_an_expired_certificate_is_warned_about_at_start_and_at_reload(pki: PKI) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    expired = pki.issue(
+        "expired", "old.test", not_before=now - timedelta(days=30), not_after=now - timedelta(1)
+    )
+    tls = ServerTLS(settings(pki.site, expired), "web")
+    stream = io.StringIO()
+    reloader = CertificateReloader(_CallFromThread(), [tls], make_event_log(stream))
+
+    def warnings() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        return [e for e in lines if e["event"] == "tls.certificate_expired"]
+
+    reloader.startService()
+    try:
+        [warning] = warnings()
+        assert (warning["file"], warning["level"]) == (expired[0], "warning")
+        assert warning["not_after"].startswith((now - timedelta(1)).date().isoformat())
+        assert reloader.reload()
+        assert len(warnings()) == 2
+    finally:
+        reloader.stopService()
 
 
 # -- configuration ----------------------------------------------------------------------------
