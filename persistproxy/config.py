@@ -232,6 +232,12 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
     s.reject_unknown()
     if result.idle_timeout <= 0:
         raise s.fail("idle_timeout", "must be > 0: a pooled connection must be kept a while")
+    if not result.tls:
+        # Someone who names a CA or a server name means TLS; with tls off the requests
+        # would go in plain text, silently. (Defaults, as in the sample file, are fine.)
+        for key in ("tls_ca", "tls_server_name"):
+            if getattr(result, key):
+                raise s.fail(key, "set, but tls is false: set tls = true, or remove it")
     return result
 
 

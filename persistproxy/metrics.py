@@ -37,8 +37,9 @@ class ListenerStats:
     tls_resumed: int = 0
     #: Completed handshakes by (protocol version, ALPN protocol or "", resumed).
     tls_kinds: dict[tuple[str, str, bool], int] = field(default_factory=dict)
-    #: Exchanges that ended without a complete response, by who cut them ("client",
-    #: "upstream"); also counted in C{responses} (499 if no response had started).
+    #: Exchanges that ended without a complete response, by what ended them ("client",
+    #: "upstream", "timeout", "drain", "bad_request"); also counted in C{responses} (499 if
+    #: no response had started).
     aborted: dict[str, int] = field(default_factory=dict)
 
     def count_response(self, status: int) -> None:

@@ -342,7 +342,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         if queue:
             # The one being answered is accounted for; those pipelined behind it never began.
             head = queue[0]
-            self.exchange_aborted(head, "client")
+            self.exchange_aborted(head, "drain" if self._ctx.is_draining() else "client")
             head.cancel()
         while queue:
             queue.pop().cancel()
@@ -472,7 +472,16 @@ class ClientConnection(RequestHeadReader, Protocol):
         """Whether our response bytes are queued: then the response needs flow control."""
         return backlogged(self.transport, self._direct)
 
-    def abort(self) -> None:
+    def abort(self, by: str = "timeout") -> None:
+        """
+        Cut the connection (a reset): the response being sent can no longer be completed.
+        C{by} is what the access line of that exchange says ended it.
+        """
+        queue = self._queue
+        if queue:
+            head = queue[0]
+            self.exchange_aborted(head, by)
+            head.cancel()
         self._phase = "closed"
         self._out = None
         self.transport.abortConnection()  # type: ignore[union-attr]
@@ -523,7 +532,8 @@ class ClientConnection(RequestHeadReader, Protocol):
     def exchange_aborted(self, exchange: Exchange, by: str) -> None:
         """
         The exchange being answered ends without a complete response: the origin cut it
-        (C{by="upstream"}) or the client's connection is gone (C{"client"}). It still gets
+        (C{by="upstream"}), the client's connection is gone (C{"client"}), or we cut it
+        (C{"timeout"}, C{"drain"}, C{"bad_request"}: a body found malformed midway). It still gets
         its access line and its count, as in nginx: the status is the one already sent,
         or 499 if no response had started, and C{"aborted"} says by whom.
         """
@@ -674,7 +684,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         if current is not None and current.response_started:
             # Its response is already streaming: all that can be done is to stop.
             current.cancel()
-            self.abort()
+            self.abort("bad_request")
             return
         if current is not None:
             self._drop_from(current)

@@ -366,8 +366,7 @@ class Exchange:
         )
         if self.response_started:
             # Part of the response is out: the only honest signal left is a cut connection.
-            self._client.exchange_aborted(self, "upstream")
-            self._client.abort()
+            self._client.abort("upstream")
         else:
             self._respond_error(status, reason)
 

@@ -739,3 +739,13 @@ def test_complete_exchanges_have_no_aborted_field() -> None:
     [line] = h.events("access")
     assert line["status"] == 200 and "aborted" not in line
     assert h.stats.aborted == {}
+
+
+def test_an_exchange_cut_by_a_drain_says_so() -> None:
+    h = Harness()
+    client, _transport = h.client()
+    client.dataReceived(GET)
+    h.ctx.is_draining = lambda: True
+    client.connectionLost(Failure(ConnectionDone()))  # the drain timeout's reset
+    [line] = h.events("access")
+    assert (line["status"], line["aborted"]) == (499, "drain")

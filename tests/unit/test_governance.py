@@ -51,6 +51,9 @@ def test_send_timeout_cuts_a_client_that_stops_reading() -> None:
     h.clock.advance(0.2)
     assert transport.disconnecting
     assert h.events("client.send_timeout")
+    [line] = h.events("access")
+    assert (line["status"], line["aborted"]) == (200, "timeout")
+    assert upstream.transport.disconnecting, "the origin's response is abandoned too"  # type: ignore[union-attr]
 
 
 def test_max_lifetime_ends_keep_alive() -> None:

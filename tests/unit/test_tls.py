@@ -764,6 +764,23 @@ def test_an_unusable_upstream_ca_file_is_a_config_error(pki: PKI, tmp_path: Path
     assert upstream_error(str(garbage)).endswith("no PEM certificate in the file")
 
 
+def test_upstream_tls_keys_without_tls_are_a_config_error(pki: PKI) -> None:
+    """tls_ca or tls_server_name with tls off would send the requests in plain text,
+    silently: refused, naming the key. (Their defaults, as in the sample file, are fine.)"""
+    for key, value in (("tls_ca", str(pki.ca_pem)), ("tls_server_name", "a")):
+        document = {
+            "listener": [{"name": "web", "bind": "tcp:0", "upstream": "app"}],
+            "upstream": [{"name": "app", "servers": ["a:1"], key: value}],
+        }
+        with pytest.raises(ConfigError) as info:
+            parse_config(document, "p.toml")
+        assert str(info.value) == (
+            f"p.toml: upstream.app.{key}: set, but tls is false: set tls = true, or remove it"
+        )
+        document["upstream"][0]["tls"] = True  # type: ignore[index]
+        parse_config(document, "p.toml")
+
+
 def test_an_encrypted_key_is_refused_with_the_reason(pki: PKI, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
