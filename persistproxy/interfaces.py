@@ -54,7 +54,9 @@ class IProxyContext(Interface):
     def register_connection(listener: str, connection: object) -> None:
         """
         Make an open connection known to graceful drain; it must provide C{close_if_idle()}
-        and be unregistered with L{unregister_connection} when it closes.
+        and be unregistered with L{unregister_connection} when it closes. If the drain
+        timeout expires while it is still open, its C{drain_cut()} is called if it has one
+        (to account for work cut short), else its transport is aborted.
         """
 
     def unregister_connection(listener: str, connection: object) -> None:

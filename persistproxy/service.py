@@ -153,6 +153,10 @@ class ProxyService(MultiService):
         self.log.warning("drain.timeout", open_connections=self.open_connections())
         for connections in list(self._connections.values()):
             for connection in list(connections):
+                cut = getattr(connection, "drain_cut", None)
+                if cut is not None:
+                    cut()  # it accounts for what it was answering, then resets
+                    continue
                 transport = getattr(connection, "transport", None)
                 if transport is not None:
                     transport.abortConnection()

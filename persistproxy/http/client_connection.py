@@ -309,7 +309,11 @@ class ClientConnection(RequestHeadReader, Protocol):
             exchange = self._current
             self._current = None
             if exchange in self._queue and not exchange.response_started:
-                self._drop_from(exchange)
+                if self._queue[0] is exchange:  # begun: it has its line, as a 499
+                    self.exchange_aborted(exchange, "client")
+                    exchange.cancel()
+                else:
+                    self._drop_from(exchange)
         if not self._queue:
             self._close_now()
 
@@ -342,7 +346,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         if queue:
             # The one being answered is accounted for; those pipelined behind it never began.
             head = queue[0]
-            self.exchange_aborted(head, "drain" if self._ctx.is_draining() else "client")
+            self.exchange_aborted(head, "client")
             head.cancel()
         while queue:
             queue.pop().cancel()
@@ -482,9 +486,15 @@ class ClientConnection(RequestHeadReader, Protocol):
             head = queue[0]
             self.exchange_aborted(head, by)
             head.cancel()
+            while queue:  # pipelined behind it: never begun, so never logged
+                queue.pop().cancel()
         self._phase = "closed"
         self._out = None
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def drain_cut(self) -> None:
+        """The drain timeout expired with this connection still busy (see service.py)."""
+        self.abort("drain")
 
     def may_keep_alive(self, client_wants: bool, ordinal: int) -> bool:
         """
@@ -788,7 +798,6 @@ class ClientConnection(RequestHeadReader, Protocol):
             return
         if phase in ("head", "body"):
             ctx.stats.timeouts += 1
-            partial = True
             ctx.log.info(
                 "client.timeout",
                 listener=ctx.name,
@@ -803,25 +812,13 @@ class ClientConnection(RequestHeadReader, Protocol):
                     self.abort()
                     return
                 self._drop_from(exchange)
-            if partial and not self._queue:
-                self._phase = "closing"
-                response = error_response(408, f"no complete request {phase} in time")
-                self.write(response)
-                access_log = ctx.access_log
-                if access_log is not None:
-                    # A slow client shows up in the access log like any other answer.
-                    access_log.log(
-                        ctx.name,
-                        self._peer_str,
-                        "-",
-                        ctx.log_path(self._url) if self._url else "-",
-                        "-",
-                        408,
-                        len(response),
-                        0.0,
-                        None,
-                        False,
-                        0,
-                        self.log_extra,
-                    )
-            self._close_gracefully()
+            # A 408 in its place in the pipeline: the responses owed before it go first,
+            # then it (with its access line and count), then the close.
+            self._current = None
+            self._phase = "closing"
+            self._pause_reading(_PAUSE_CLOSING)
+            response = error_response(408, f"no complete request {phase} in time")
+            failed = Exchange.failed(self, ctx, response, 408, self._url or b"-")
+            self._queue.append(failed)
+            if len(self._queue) == 1:
+                failed.start()

@@ -122,13 +122,20 @@ class Exchange:
 
     @classmethod
     def failed(
-        cls, client: ClientConnection, ctx: ListenerContext, response: bytes, status: int
+        cls,
+        client: ClientConnection,
+        ctx: ListenerContext,
+        response: bytes,
+        status: int,
+        target: bytes = b"-",
     ) -> Exchange:
         """
         A placeholder that answers with a ready-made error response and closes, keeping its
         place in the pipeline so that earlier requests are still answered first.
+
+        @param target: the request target for the access line, when it is known.
         """
-        exchange = cls(client, ctx, b"-", b"-", b"", False, False, False, False)
+        exchange = cls(client, ctx, b"-", target, b"", False, False, False, False)
         exchange.error = response
         exchange.status = status
         return exchange

@@ -741,11 +741,64 @@ def test_complete_exchanges_have_no_aborted_field() -> None:
     assert h.stats.aborted == {}
 
 
-def test_an_exchange_cut_by_a_drain_says_so() -> None:
+def test_an_exchange_cut_by_the_drain_timeout_says_so() -> None:
     h = Harness()
-    client, _transport = h.client()
+    client, transport = h.client()
     client.dataReceived(GET)
-    h.ctx.is_draining = lambda: True
-    client.connectionLost(Failure(ConnectionDone()))  # the drain timeout's reset
+    client.drain_cut()
+    assert transport.disconnecting
+    client.connectionLost(Failure(ConnectionDone()))  # the reset, a turn later
     [line] = h.events("access")
     assert (line["status"], line["aborted"]) == (499, "drain")
+
+
+def _lines(h: Harness) -> list[tuple[str, int, str | None]]:
+    return [(a["path"], a["status"], a.get("aborted")) for a in h.events("access")]
+
+
+def test_a_cut_exchange_has_one_line_and_those_pipelined_behind_it_none() -> None:
+    """Requests behind the one being answered never began: no 499 for them."""
+    b = b"GET /b HTTP/1.1\r\nHost: example\r\n\r\n"
+    h = Harness()
+    client, _transport = h.client()
+    client.dataReceived(GET + b)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    h.origin.close()  # the origin cuts /a
+    client.connectionLost(Failure(ConnectionDone()))
+    assert _lines(h) == [("/a", 200, "upstream")]
+    assert h.stats.aborted == {"upstream": 1} and h.stats.responses == {2: 1}
+
+    h = Harness(listener={"send_timeout": 10})
+    client, _transport = h.client()
+    client.dataReceived(GET + b)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+    client._queue[0].pauseProducing()
+    h.clock.advance(10.1)
+    client.connectionLost(Failure(ConnectionDone()))
+    assert _lines(h) == [("/a", 200, "timeout")]
+
+
+def test_a_half_close_in_the_middle_of_the_body_being_forwarded_is_a_499() -> None:
+    h = Harness()
+    client, _transport = h.client()
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: example\r\nContent-Length: 10\r\n\r\nabc")
+    upstream = h.origin.connections[0]
+    client.readConnectionLost()
+    assert upstream.transport.disconnecting  # type: ignore[union-attr]
+    client.connectionLost(Failure(ConnectionDone()))
+    assert _lines(h) == [("/up", 499, "client")]
+
+
+def test_a_pipelined_body_timeout_lets_the_response_before_it_finish_then_408() -> None:
+    h = Harness(listener={"body_timeout": 5})
+    client, transport = h.client()
+    client.dataReceived(GET + b"POST /b HTTP/1.1\r\nHost: example\r\nContent-Length: 10\r\n\r\nab")
+    h.clock.advance(5.1)  # /b's body stalls while /a waits for its origin
+    assert not transport.disconnecting and not transport.write_closed
+    h.origin.respond(OK_RESPONSE)
+    out = transport.value()
+    assert out.index(b"HTTP/1.1 200 OK") < out.index(b"HTTP/1.1 408 ")
+    assert transport.write_closed
+    assert [(p, st) for p, st, _ in _lines(h)] == [("/a", 200), ("/b", 408)]
+    assert h.stats.responses == {2: 1, 4: 1} and h.stats.timeouts == 1
+    assert b"POST /b" not in h.origin.sent(), "nothing of /b reached the origin"
