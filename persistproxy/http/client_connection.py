@@ -342,14 +342,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         if limits is not None and limits.idle_per_client:
             limits.went_busy(self._peer_str, self)
         self._current = None
-        queue = self._queue
-        if queue:
-            # The one being answered is accounted for; those pipelined behind it never began.
-            head = queue[0]
-            self.exchange_aborted(head, "client")
-            head.cancel()
-        while queue:
-            queue.pop().cancel()
+        self._cut_pipeline("client")
         ctx = self._ctx
         ctx.stats.connections_open -= 1
         if ctx.on_close is not None:
@@ -481,16 +474,21 @@ class ClientConnection(RequestHeadReader, Protocol):
         Cut the connection (a reset): the response being sent can no longer be completed.
         C{by} is what the access line of that exchange says ended it.
         """
+        self._cut_pipeline(by)
+        self._phase = "closed"
+        self._out = None
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _cut_pipeline(self, by: str) -> None:
+        """End every exchange: the one being answered is accounted for (C{by}); those
+        pipelined behind it never began, so they have no line."""
         queue = self._queue
         if queue:
             head = queue[0]
             self.exchange_aborted(head, by)
             head.cancel()
-            while queue:  # pipelined behind it: never begun, so never logged
+            while queue:
                 queue.pop().cancel()
-        self._phase = "closed"
-        self._out = None
-        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def drain_cut(self) -> None:
         """The drain timeout expired with this connection still busy (see service.py)."""
