@@ -526,13 +526,8 @@ class TLSServerProtocol:
     def _answer_plaintext(self, answer: bytes) -> None:
         """Plain text to a TLS port: the wrapped protocol's answer in plain text, then close
         (as nginx's "400 The plain HTTP request was sent to HTTPS port")."""
-        failure = Failure(SSL.Error([("", "", "plain text (not TLS) from the client")]))
-        self._reason = failure
-        self.factory.handshake_failed(self, failure)
-        self._notified = True
-        self.disconnecting = True
         self.transport.write(answer)
-        self.transport.loseConnection()
+        self._fail(Failure(SSL.Error([("", "", "plain text (not TLS) from the client")])))
 
     def _fail(self, failure: Failure) -> None:
         """A TLS error: send OpenSSL's alert, then close; the wrapped protocol hears why."""

@@ -684,19 +684,35 @@ class ClientConnection(RequestHeadReader, Protocol):
             status=status,
             reason=detail,
         )
+        if self._end_current("bad_request"):
+            return
+        self._answer_last(status, detail, b"-")
+
+    def _end_current(self, by: str) -> bool:
+        """
+        Give up the request whose body is being received, and everything pipelined after
+        it. L{True} if its response was already streaming: then the connection is cut
+        (C{by} says why in its access line) and nothing more can be answered.
+        """
         current = self._current
         self._current = None
+        if current is None:
+            return False
+        if current.response_started:
+            self.abort(by)  # cancels it, after its access line
+            return True
+        self._drop_from(current)
+        return False
+
+    def _answer_last(self, status: int, detail: str, target: bytes) -> None:
+        """
+        Answer C{status} in the place of the request being read, after the responses owed
+        before it (with its access line and count), then close; nothing more is read.
+        """
         self._phase = "closing"
         self._pause_reading(_PAUSE_CLOSING)
         self._wait(None)
-        if current is not None and current.response_started:
-            # Its response is already streaming: all that can be done is to stop.
-            current.cancel()
-            self.abort("bad_request")
-            return
-        if current is not None:
-            self._drop_from(current)
-        failed = Exchange.failed(self, ctx, error_response(status, detail), status)
+        failed = Exchange.failed(self, self._ctx, error_response(status, detail), status, target)
         self._queue.append(failed)
         if len(self._queue) == 1:
             failed.start()
@@ -802,21 +818,6 @@ class ClientConnection(RequestHeadReader, Protocol):
                 client=self._peer_str,
                 phase=phase,
             )
-            if phase == "body" and self._current is not None:
-                exchange = self._current
-                self._current = None
-                if exchange.response_started:
-                    exchange.cancel()
-                    self.abort()
-                    return
-                self._drop_from(exchange)
-            # A 408 in its place in the pipeline: the responses owed before it go first,
-            # then it (with its access line and count), then the close.
-            self._current = None
-            self._phase = "closing"
-            self._pause_reading(_PAUSE_CLOSING)
-            response = error_response(408, f"no complete request {phase} in time")
-            failed = Exchange.failed(self, ctx, response, 408, self._url or b"-")
-            self._queue.append(failed)
-            if len(self._queue) == 1:
-                failed.start()
+            if self._end_current("timeout"):
+                return
+            self._answer_last(408, f"no complete request {phase} in time", self._url or b"-")
