@@ -248,7 +248,7 @@ def _tls_ca(s: _Section) -> str:
     path = s.string("tls_ca", "")
     if not path:
         return ""
-    from persistproxy.upstream_tls import load_trust_root
+    from persistproxy.tls.upstream import load_trust_root
 
     full = str(Path(path).absolute())
     try:
@@ -265,12 +265,12 @@ _PluginValidator = Callable[[ListenerConfig], None]
 
 def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping[str, Any] | None:
     """
-    Check C{[listener.tls]} now, certificate files included (see L{persistproxy.tls}).
+    Check C{[listener.tls]} now, certificate files included (see L{persistproxy.tls.server}).
     """
     table = s.table("tls")
     if table is None:
         return None
-    from persistproxy.tls import parse_listener_tls
+    from persistproxy.tls.server import parse_listener_tls
 
     # Relative file names are relative to the directory twistd starts in, as tls_ca's are.
     ts = _Section(source, f"listener.{name}.tls", table)

@@ -36,12 +36,12 @@ class IProxyContext(Interface):
 
     def upstream(name: str) -> object:
         """
-        The L{persistproxy.router.UpstreamGroup} called C{name}: its servers and pools.
+        The L{persistproxy.upstream.group.UpstreamGroup} called C{name}: its servers and pools.
         """
 
     def limits(listener: str) -> object:
         """
-        The L{persistproxy.limits.ConnectionLimits} of a listener (total, per-client and
+        The L{persistproxy.listener.limits.ConnectionLimits} of a listener (total, per-client and
         idle-per-client limits): call C{admit(host)} in C{buildProtocol} and C{release(host)}
         when the connection closes.
         """

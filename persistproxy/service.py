@@ -18,12 +18,12 @@ from zope.interface import implementer
 
 from persistproxy.config import ProxyConfig
 from persistproxy.interfaces import IProtocolPlugin, IProxyContext
-from persistproxy.limits import ConnectionLimits
-from persistproxy.listener import ListenerService
+from persistproxy.listener.limits import ConnectionLimits
+from persistproxy.listener.service import ListenerService
 from persistproxy.logs import AccessLog, EventLog
 from persistproxy.metrics import ListenerStats, ProxyStats
-from persistproxy.router import EndpointWrapper, Router, UpstreamGroup
-from persistproxy.upstream_tls import endpoint_wrapper
+from persistproxy.tls.upstream import endpoint_wrapper
+from persistproxy.upstream.group import EndpointWrapper, Router, UpstreamGroup
 
 __all__ = ["ProxyService"]
 

@@ -74,7 +74,7 @@ class Options(usage.Options):
             sys.exit(0)
         if "twisted.internet.reactor" not in sys.modules and sys.platform.startswith("linux"):
             # No reactor chosen with --reactor: use epoll without the per-event log context.
-            from persistproxy.reactor import install
+            from persistproxy.net.reactor import install
 
             install()
         parent = getattr(self, "parent", None)
@@ -121,7 +121,7 @@ def makeService(options: Options) -> IService:
     log = make_event_log(level=config.log_level)
     root = MultiService()
     proxy = ProxyService(reactor, config, options.plugins, log)
-    from persistproxy.tls import CertificateReloader
+    from persistproxy.tls.server import CertificateReloader
 
     # SIGHUP (systemctl reload) re-reads the TLS listeners' certificates and keys. Its handler
     # is installed before the listeners bind, and even without TLS listeners, so that a

@@ -28,7 +28,11 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.fastwrite import (
+from persistproxy.http.errors import error_response
+from persistproxy.http.exchange import Exchange
+from persistproxy.http.request_head import UNKNOWN_METHOD, BadRequest, RequestHeadReader
+from persistproxy.net.after_event import after_event_caller
+from persistproxy.net.fastwrite import (
     MSG_MORE,
     backlogged,
     can_write_directly,
@@ -36,19 +40,15 @@ from persistproxy.fastwrite import (
     lose_write_directly,
     write_directly,
 )
-from persistproxy.http.errors import error_response
-from persistproxy.http.exchange import Exchange
-from persistproxy.http.request_head import UNKNOWN_METHOD, BadRequest, RequestHeadReader
 from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
-from persistproxy.reactor import after_event_caller
 from persistproxy.timers import TimeoutQueue
 
 if TYPE_CHECKING:
     from persistproxy.config import ListenerConfig
-    from persistproxy.limits import ConnectionLimits
+    from persistproxy.listener.limits import ConnectionLimits
     from persistproxy.logs import AccessLog, EventLog
     from persistproxy.metrics import ListenerStats
-    from persistproxy.router import UpstreamGroup
+    from persistproxy.upstream.group import UpstreamGroup
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 

@@ -28,7 +28,7 @@ from persistproxy.http.upstream_connection import (
 if TYPE_CHECKING:
     from persistproxy.http.client_connection import ClientConnection, ListenerContext
     from persistproxy.http.headers import Header
-    from persistproxy.pool import ServerPool
+    from persistproxy.upstream.pool import ServerPool
 
 __all__ = ["Exchange"]
 

@@ -15,7 +15,7 @@ from persistproxy.config import ConfigError, ListenerConfig
 from persistproxy.http.client_connection import ClientConnection, ListenerContext
 from persistproxy.http.errors import error_response
 from persistproxy.interfaces import IProtocolPlugin, IProxyContext
-from persistproxy.limits import HOLD, Rejection
+from persistproxy.listener.limits import HOLD, Rejection
 
 __all__ = ["HTTPFactory", "HTTPProtocolPlugin"]
 

@@ -23,7 +23,6 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.http.headers import (
     HOP_BY_HOP,
     connection_tokens,
@@ -31,6 +30,7 @@ from persistproxy.http.headers import (
     nominated_headers,
     remove_nominated,
 )
+from persistproxy.net.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.policy import Deadline
 
 if TYPE_CHECKING:

@@ -69,7 +69,8 @@ def test_twistd_runs_the_proxy_reactor_unless_told_otherwise(
 ) -> None:
     """The plugin installs persistproxy's epoll reactor (no per-event log context)."""
     proxy = proxy_factory(origin)
-    assert any("reactor class: persistproxy.reactor.ProxyReactor" in line for line in proxy.lines())
+    wanted = "reactor class: persistproxy.net.reactor.ProxyReactor"
+    assert any(wanted in line for line in proxy.lines())
 
 
 def test_a_client_that_half_closes_gets_its_answer_and_its_connection_ends_at_once(

@@ -19,7 +19,7 @@ from persistproxy.http.client_connection import ClientConnection, ListenerContex
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.logs import AccessLog, make_event_log
 from persistproxy.metrics import ListenerStats
-from persistproxy.router import UpstreamGroup
+from persistproxy.upstream.group import UpstreamGroup
 
 
 class HalfCloseTransport(StringTransport):

@@ -11,8 +11,8 @@ from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 
-from persistproxy.accept import ProxyPort, ProxyServer
-from persistproxy.reactor import ProxyReactor
+from persistproxy.net.accept import ProxyPort, ProxyServer
+from persistproxy.net.reactor import ProxyReactor
 
 
 class Seen(Protocol):

@@ -625,9 +625,9 @@ def test_a_response_written_in_one_event_leaves_in_one_send_over_tcp() -> None:
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import MemoryReactorClock
 
-    from persistproxy.accept import ProxyServer
-    from persistproxy.fastwrite import MSG_MORE
     from persistproxy.http.client_connection import ClientConnection
+    from persistproxy.net.accept import ProxyServer
+    from persistproxy.net.fastwrite import MSG_MORE
 
     h = Harness()
     with socket.socket() as listening:

@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from persistproxy.http.plugin import HTTPFactory
-from persistproxy.limits import ConnectionLimits, Rejection
+from persistproxy.listener.limits import ConnectionLimits, Rejection
 from persistproxy.metrics import ListenerStats
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from persistproxy.reactor import ProxyReactor
+from persistproxy.net.reactor import ProxyReactor
 
 
 class _Reader:

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from persistproxy.sockopts import configure_listening_socket
+from persistproxy.net.sockopts import configure_listening_socket
 
 TCP = socket.IPPROTO_TCP
 

@@ -33,15 +33,15 @@ from twisted.test.iosim import ConnectionCompleter
 from persistproxy.config import ConfigError, UpstreamConfig, parse_config
 from persistproxy.logs import make_event_log
 from persistproxy.metrics import ListenerStats
-from persistproxy.tls import (
+from persistproxy.tls.server import (
     CertificateReloader,
     ListenerTLSSettings,
     ServerTLS,
     TLSLoadError,
     session_reused,
 )
-from persistproxy.tls_transport import TLSListenerFactory, tls_info
-from persistproxy.upstream_tls import UpstreamTLSError, endpoint_wrapper
+from persistproxy.tls.transport import TLSListenerFactory, tls_info
+from persistproxy.tls.upstream import UpstreamTLSError, endpoint_wrapper
 
 # -- certificates -----------------------------------------------------------------------------
 
@@ -474,7 +474,7 @@ def test_a_large_write_arrives_whole(pki: PKI, clock: Clock) -> None:
 def test_both_ways_of_calling_openssl_carry_records_both_ways(
     pki: PKI, clock: Clock, calls: str
 ) -> None:
-    from persistproxy.tls_calls import BindingCalls, PublicCalls
+    from persistproxy.tls.calls import BindingCalls, PublicCalls
 
     factory = listener(pki, clock)
     assert isinstance(factory.calls, BindingCalls)

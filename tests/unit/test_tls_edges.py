@@ -30,10 +30,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.accept import ProxyServer
-from persistproxy.limits import Rejection
-from persistproxy.tls import ServerTLS
-from persistproxy.tls_transport import TLSListenerFactory, TLSServerProtocol
+from persistproxy.listener.limits import Rejection
+from persistproxy.net.accept import ProxyServer
+from persistproxy.tls.server import ServerTLS
+from persistproxy.tls.transport import TLSListenerFactory, TLSServerProtocol
 
 pki = _pki  # the same module-scoped fixture: certificates made once, at test time
 

@@ -6,6 +6,6 @@ from twisted.application.reactors import Reactor
 
 persistproxy_reactor = Reactor(
     "persistproxy",
-    "persistproxy.reactor",
+    "persistproxy.net.reactor",
     "epoll without the legacy per-event logging context (Linux).",
 )

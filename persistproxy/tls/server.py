@@ -6,7 +6,7 @@ actually works.
 Twisted's C{CertificateOptions} turns the session cache and tickets off, and even with the
 cache on OpenSSL drops a session whose client closed without a close_notify (most HTTP
 clients), so a naive listener resumes nothing. Here (the connections themselves are
-L{persistproxy.tls_transport}'s):
+L{persistproxy.tls.transport}'s):
 
  - One I{session context} per listener is built once, at start-up, and every connection is
    created from it: OpenSSL keeps the session cache and the ticket keys in the context a
@@ -16,7 +16,7 @@ L{persistproxy.tls_transport}'s):
    of the I{certificate contexts} (also built once), the first certificate when no name
    matches or none was sent. All contexts share one session-id context.
  - The session of a client that just closes the socket is kept: the transport
-   (L{persistproxy.tls_transport}) marks such a connection shut down before OpenSSL frees
+   (L{persistproxy.tls.transport}) marks such a connection shut down before OpenSSL frees
    it, and C{OP_IGNORE_UNEXPECTED_EOF} does the same for code that hands OpenSSL the end of
    the stream. TLS then no longer tells a truncated stream from a finished one; HTTP framing
    does (Content-Length and chunked bodies are checked by the HTTP parser, and a connection

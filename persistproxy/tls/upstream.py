@@ -3,7 +3,7 @@
 TLS to upstream servers: verified with service-identity, resumed across connections.
 
 An C{[[upstream]]} with C{tls = true} dials each server through L{TLSClientEndpoint}, which
-the L{persistproxy.router.UpstreamGroup} gets from L{endpoint_wrapper}. Three things differ
+the L{persistproxy.upstream.group.UpstreamGroup} gets from L{endpoint_wrapper}. Three things differ
 from Twisted's C{wrapClientTLS}:
 
  - The connection is handed to the pool only once the handshake, certificate and host name
@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from persistproxy.config import UpstreamConfig
 from persistproxy.logs import EventLog
-from persistproxy.tls import OP_IGNORE_UNEXPECTED_EOF, session_reused, ssl_error_text
+from persistproxy.tls.server import OP_IGNORE_UNEXPECTED_EOF, session_reused, ssl_error_text
 
 try:  # the verification result has no pyOpenSSL accessor; its cffi binding has it
     from OpenSSL._util import ffi as _ffi

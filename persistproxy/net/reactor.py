@@ -10,7 +10,7 @@ events; profiling put the wrapper at several microseconds of each request. Error
 an event handler are still caught and logged, and the descriptor is still dropped by
 C{_doReadOrWrite} exactly as before.
 
-Its TCP ports accept through L{persistproxy.accept}, which drops per-connection work Twisted's
+Its TCP ports accept through L{persistproxy.net.accept}, which drops per-connection work Twisted's
 port does only for its legacy logging.
 
 It also offers C{call_after_event}: work deferred to the end of the I/O event (or timed call)
@@ -26,15 +26,14 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 
-from persistproxy.accept import ProxyPort
+from persistproxy.net.accept import ProxyPort
 
-__all__ = ["ProxyReactor", "after_event_caller", "install"]
+__all__ = ["ProxyReactor", "install"]
 
 _log = Logger()
 
@@ -60,7 +59,7 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
             except Exception:
                 _log.failure("unhandled error in {f!r}, run after an event", f=f)
 
-    # -- listening with the lean accept path (persistproxy.accept)
+    # -- listening with the lean accept path (persistproxy.net.accept)
 
     def listenTCP(
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
@@ -106,18 +105,6 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
                     self._run_after_event()
 
     doIteration = doPoll
-
-
-def after_event_caller(clock: Any) -> Callable[[Callable[[], object]], object]:
-    """
-    How to run a function once the current I/O event is handled: C{clock.call_after_event}
-    under L{ProxyReactor}; the next reactor turn (C{callLater(0)}) with any other reactor,
-    a test's C{Clock} included.
-    """
-    after = getattr(clock, "call_after_event", None)
-    if after is not None:
-        return after  # type: ignore[no-any-return]
-    return partial(clock.callLater, 0)
 
 
 def install() -> None:

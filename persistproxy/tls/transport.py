@@ -12,9 +12,9 @@ and no more:
 
  - Records the wrapped protocol writes while one I/O event is handled (a response head, its
    body, a close_notify) leave in one C{send}, at the end of that event (see
-   L{persistproxy.reactor.ProxyReactor.call_after_event}); what it writes while we are
+   L{persistproxy.net.reactor.ProxyReactor.call_after_event}); what it writes while we are
    delivering a request leaves when the delivery ends, with the handshake's last flight.
- - Sending is direct to the socket when nothing is queued before it (L{persistproxy.fastwrite}).
+ - Sending is direct to the socket when nothing is queued before it (L{persistproxy.net.fastwrite}).
  - Producers are the TCP transport's business: encryption is synchronous, so the TCP buffer
    is the only place bytes wait and its flow control is the right one.
  - A half-close (C{loseWriteConnection}) sends the close_notify and then the FIN, which a
@@ -58,7 +58,10 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from persistproxy.fastwrite import (
+from persistproxy.logs import EventLog
+from persistproxy.metrics import ListenerStats
+from persistproxy.net.after_event import after_event_caller
+from persistproxy.net.fastwrite import (
     MSG_MORE,
     backlogged,
     can_write_directly,
@@ -66,11 +69,8 @@ from persistproxy.fastwrite import (
     lose_write_directly,
     write_directly,
 )
-from persistproxy.logs import EventLog
-from persistproxy.metrics import ListenerStats
-from persistproxy.reactor import after_event_caller
-from persistproxy.tls import ServerTLS, session_reused, ssl_error_text
-from persistproxy.tls_calls import make_calls
+from persistproxy.tls.calls import make_calls
+from persistproxy.tls.server import ServerTLS, session_reused, ssl_error_text
 
 __all__ = [
     "TLSListenerFactory",

@@ -18,12 +18,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
 from persistproxy.config import ListenerConfig
-from persistproxy.limits import ConnectionLimits
+from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
-from persistproxy.sockopts import configure_listening_socket
-from persistproxy.tls import ListenerTLSSettings, ServerTLS
-from persistproxy.tls_transport import TLSListenerFactory
+from persistproxy.net.sockopts import configure_listening_socket
+from persistproxy.tls.server import ListenerTLSSettings, ServerTLS
+from persistproxy.tls.transport import TLSListenerFactory
 
 __all__ = ["ListenerService"]
 

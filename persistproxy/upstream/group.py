@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory
 from persistproxy.config import UpstreamConfig
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.logs import EventLog
-from persistproxy.pool import Connector, ServerPool
+from persistproxy.upstream.pool import Connector, ServerPool
 
 __all__ = ["EndpointWrapper", "Router", "UpstreamGroup"]
 

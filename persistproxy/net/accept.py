@@ -12,7 +12,7 @@ Profiling TLS handshakes (a connection per request) put these at several percent
 CPU time of a connection. Here they are gone or computed on demand; everything else, error
 recovery included, is Twisted's.
 
-L{persistproxy.reactor.ProxyReactor} listens (and adopts systemd's sockets) with these.
+L{persistproxy.net.reactor.ProxyReactor} listens (and adopts systemd's sockets) with these.
 """
 
 from __future__ import annotations
