@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from persistproxy.errors import ConfigError
+from persistproxy.tls.server import parse_listener_tls
+from persistproxy.tls.trust import load_trust_root
+
 __all__ = [
     "ConfigError",
     "ListenerConfig",
@@ -25,12 +29,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-
-class ConfigError(Exception):
-    """
-    A configuration problem, already phrased as one line for the operator.
-    """
 
 
 @dataclass(frozen=True)
@@ -248,8 +246,6 @@ def _tls_ca(s: _Section) -> str:
     path = s.string("tls_ca", "")
     if not path:
         return ""
-    from persistproxy.tls.upstream import load_trust_root
-
     full = str(Path(path).absolute())
     try:
         load_trust_root(full)
@@ -270,8 +266,6 @@ def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping
     table = s.table("tls")
     if table is None:
         return None
-    from persistproxy.tls.server import parse_listener_tls
-
     # Relative file names are relative to the directory twistd starts in, as tls_ca's are.
     ts = _Section(source, f"listener.{name}.tls", table)
     return parse_listener_tls(table, ts.fail, Path.cwd(), protocol)

@@ -1,73 +1,205 @@
 # -*- test-case-name: tests.unit.test_plugins -*-
 """
-The interfaces a protocol plugin implements and the narrow context it is given.
+Everything a protocol plugin implements, is given, and must honour: a third-party protocol
+depends on this module only.
 
-A third-party protocol depends on this module only. It is found with Twisted's plugin system
-(C{getPlugins(IProtocolPlugin, persistproxy.plugins)}), so a package that drops a module into
-any C{persistproxy/plugins/} directory on C{sys.path} adds a protocol that listeners can name
-with C{protocol = "<name>"}.
+A plugin is found with Twisted's plugin system (C{getPlugins(IProtocolPlugin,
+persistproxy.plugins)}), so a package that drops a module into any C{persistproxy/plugins/}
+directory on C{sys.path} adds a protocol that listeners name with C{protocol = "<name>"}.
+
+What the listener does for every protocol, around whatever factory the plugin returns (the
+plugin writes none of it): admission (C{max_connections} with holding, per-client limits and
+the refusal), drain registration and the drain cut, TLS termination, TCP keep-alive and
+C{TCP_NODELAY}, and the client-connection counters. What the plugin supplies is only what is
+protocol-specific: the bytes of a refusal, the answer to plain text on a TLS port, how to close
+when idle, and its own traffic.
+
+Structural contracts (what the core calls on a plugin's objects, and what it lends to them) are
+C{typing.Protocol} classes, so plugin code type-checks without C{type: ignore}; the plugin
+itself is a zope interface, as Twisted's plugin system wants.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from zope.interface import Attribute, Interface
 
+from persistproxy.config import ListenerConfig, UpstreamConfig
+from persistproxy.errors import ConfigError
+
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IProtocolFactory
+    from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 
-    from persistproxy.config import ListenerConfig
+    from persistproxy.listener.limits import ConnectionLimits
+    from persistproxy.logs import AccessLog, EventLog
+    from persistproxy.metrics import ListenerStats
+    from persistproxy.upstream.group import Server, UpstreamGroup
 
-__all__ = ["IProtocolPlugin", "IProxyContext"]
+__all__ = [
+    "ConfigError",
+    "DrainAware",
+    "IProtocolPlugin",
+    "IProxyContext",
+    "ListenerConfig",
+    "PooledConnection",
+    "ProxyContext",
+    "TLSAware",
+    "UpstreamConfig",
+    "UpstreamConnector",
+]
+
+
+# -- what the core calls on a plugin's client-side protocol (each optional) ------------------
+
+
+@runtime_checkable
+class DrainAware(Protocol):
+    """
+    A client-side protocol that knows when it is idle. Without it, a drain leaves the
+    connection to finish by itself until C{drain_timeout}, then aborts it.
+    """
+
+    def close_if_idle(self) -> bool:
+        """
+        The proxy drains: close now (gracefully) if nothing is in flight and say C{True};
+        otherwise finish what is in flight, close then, and say C{False}.
+        """
+
+    def drain_cut(self) -> None:
+        """
+        The drain timeout expired with this connection still open: account for the work cut
+        short (an access line), then abort the transport.
+        """
+
+
+@runtime_checkable
+class TLSAware(Protocol):
+    """
+    A client-side protocol that wants the facts of its TLS handshake (version, resumed, ALPN,
+    SNI), for its access lines.
+    """
+
+    def tls_established(self, facts: dict[str, Any]) -> None: ...
+
+
+# -- the upstream side: what a pool lends --------------------------------------------------
+
+
+class PooledConnection(Protocol):
+    """
+    A connection to an upstream server that a L{persistproxy.upstream.pool.ServerPool} can
+    lend, take back and reap, whatever protocol it speaks. HTTP's upstream connection is one;
+    a Redis plugin's is another. The pool sets C{idle_since}, C{in_pool} and C{on_lost}.
+    """
+
+    #: When it last went idle in the pool (the clock's seconds).
+    idle_since: float
+    #: Whether it sits in the pool's idle stack now.
+    in_pool: bool
+    #: Called with the connection when its transport is gone; the pool hooks in here.
+    on_lost: Callable[[Any], None] | None
+
+    def usable(self, now: float, margin: float) -> bool:
+        """
+        Whether it may be lent now: open, between requests, and not within C{margin} seconds
+        of a keep-alive limit the server announced or was learned.
+        """
+
+    def close(self) -> None:
+        """Close it gracefully (never while lent)."""
+
+
+C = TypeVar("C", bound=PooledConnection)
+C_co = TypeVar("C_co", covariant=True)
+
+
+class UpstreamConnector(Protocol[C_co]):
+    """
+    Makes a protocol's upstream connections: the factory the pool dials a server with.
+
+    Connectors are hashable, and connectors that compare equal share pools: two HTTP
+    listeners forwarding to one upstream lend each other's idle connections.
+    """
+
+    def factory_for(self, server: Server, config: UpstreamConfig) -> IProtocolFactory:
+        """
+        The factory whose protocol (a L{PooledConnection}) speaks to C{server} of the
+        upstream configured by C{config}.
+        """
+
+    def __hash__(self) -> int: ...
+
+
+# -- what the core lends a plugin ----------------------------------------------------------
 
 
 class IProxyContext(Interface):
     """
     What the proxy lends a plugin to build a listener's protocol: no more than that, so a
     plugin can be tested with a stand-in and does not depend on the rest of the config.
+    L{ProxyContext} is the typed, frozen value that provides it.
     """
 
     reactor = Attribute("The reactor (IReactorCore, IReactorTime, IReactorTCP) to use.")
-    log = Attribute("A structlog logger that writes the proxy's JSON lines.")
-    access_log = Attribute(
-        "A L{persistproxy.logs.AccessLog}: C{log(record)} writes one access line (batched)."
-    )
+    clock = Attribute("The same reactor, typed as IReactorTime, for timers.")
+    log = Attribute("The event log (structlog): C{log.info(event, **fields)}.")
+    access_log = Attribute("Where access lines go: C{log(record)} (batched, never blocks).")
 
-    def upstream(name: str) -> object:
+    def upstream(name: str, connector: UpstreamConnector[Any]) -> UpstreamGroup[Any]:
         """
-        The L{persistproxy.upstream.group.UpstreamGroup} called C{name}: its servers and pools.
-        """
-
-    def limits(listener: str) -> object:
-        """
-        The L{persistproxy.listener.limits.ConnectionLimits} of a listener (total, per-client and
-        idle-per-client limits): call C{admit(host)} in C{buildProtocol} and C{release(host)}
-        when the connection closes.
+        The servers of the C{[[upstream]]} called C{name}, with pools of the connections
+        C{connector} makes. Balancing and server state are shared by every protocol that
+        uses the group; the pools are this connector's own.
         """
 
-    def stats(listener: str) -> object:
+    def limits(listener: str) -> ConnectionLimits:
         """
-        The L{persistproxy.metrics.ListenerStats} of a listener, for its counters.
-        """
-
-    def register_connection(listener: str, connection: object) -> None:
-        """
-        Make an open connection known to graceful drain; it must provide C{close_if_idle()}
-        and be unregistered with L{unregister_connection} when it closes. If the drain
-        timeout expires while it is still open, its C{drain_cut()} is called if it has one
-        (to account for work cut short), else its transport is aborted.
+        The listener's limits, for protocols with an idle state between requests:
+        C{went_idle(host, connection)} / C{went_busy(host, connection)} enforce
+        C{max_idle_per_client} (the oldest idle connection's C{reap_idle()} is called).
+        Admission itself is the listener's.
         """
 
-    def unregister_connection(listener: str, connection: object) -> None:
-        """
-        Forget a connection registered with L{register_connection}.
-        """
+    def stats(listener: str) -> ListenerStats:
+        """The listener's counters."""
 
     def draining() -> bool:
-        """
-        Whether the proxy is shutting down gracefully (answer with C{Connection: close}).
-        """
+        """Whether the proxy is shutting down gracefully (finish, then close)."""
+
+
+@dataclass(frozen=True)
+class ProxyContext:
+    """
+    The L{IProxyContext} every plugin gets: frozen, and holding no configuration beyond what
+    its methods return.
+    """
+
+    reactor: Any
+    clock: IReactorTime
+    log: EventLog
+    access_log: AccessLog
+    _upstream: Callable[[str, UpstreamConnector[Any]], UpstreamGroup[Any]]
+    _limits: Mapping[str, ConnectionLimits]
+    _stats: Callable[[str], ListenerStats]
+    _draining: Callable[[], bool]
+
+    def upstream(self, name: str, connector: UpstreamConnector[C]) -> UpstreamGroup[C]:
+        return self._upstream(name, connector)
+
+    def limits(self, listener: str) -> ConnectionLimits:
+        return self._limits[listener]
+
+    def stats(self, listener: str) -> ListenerStats:
+        return self._stats(listener)
+
+    def draining(self) -> bool:
+        return self._draining()
+
+
+# -- the plugin ----------------------------------------------------------------------------
 
 
 class IProtocolPlugin(Interface):
@@ -76,16 +208,28 @@ class IProtocolPlugin(Interface):
     """
 
     name = Attribute("The value of the listener's C{protocol} key, e.g. C{'http'}.")
+    description = Attribute("One line for C{--list-protocols}.")
+    plaintext_answer = Attribute(
+        "Bytes a TLS listener of this protocol sends to a client that spoke plain text "
+        "instead of TLS, before closing (an HTTP 400); C{b''} closes without a word."
+    )
 
     def validate(listener: ListenerConfig) -> None:
         """
         Check the listener's keys that belong to this protocol (C{listener.extra} holds the
-        keys the core does not know). Raise L{persistproxy.config.ConfigError} with
+        keys the core does not know). Raise L{ConfigError} with
         C{"<key>: <problem>"} for the first bad one; the core adds the file and table.
         """
 
-    def build_factory(listener: ListenerConfig, context: IProxyContext) -> IProtocolFactory:
+    def build_factory(listener: ListenerConfig, context: ProxyContext) -> IProtocolFactory:
         """
-        The factory whose protocols serve the listener's accepted connections. Called once
-        per listener at start-up; never blocks.
+        The factory whose protocols serve the listener's admitted connections. Called once
+        per listener at start-up; never blocks. Its C{buildProtocol} may return C{None} to
+        refuse a connection outright.
+        """
+
+    def refusal(reason: str) -> bytes:
+        """
+        The bytes sent to a connection the listener refuses (a per-client limit), before it
+        is closed gracefully: HTTP answers 503 with C{Retry-After}; a byte relay says nothing.
         """

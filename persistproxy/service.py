@@ -9,30 +9,24 @@ and nothing else of the configuration.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IProtocolFactory
-from zope.interface import implementer
 
 from persistproxy.config import ProxyConfig
-from persistproxy.interfaces import IProtocolPlugin, IProxyContext
+from persistproxy.interfaces import IProtocolPlugin, ProxyContext
+from persistproxy.listener.admission import ConnectionRegistry
 from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.listener.service import ListenerService
 from persistproxy.logs import AccessLog, EventLog
-from persistproxy.metrics import ListenerStats, ProxyStats
+from persistproxy.metrics import ProxyStats
 from persistproxy.tls.upstream import endpoint_wrapper
-from persistproxy.upstream.group import EndpointWrapper, Router, UpstreamGroup
+from persistproxy.upstream.group import EndpointWrapper, Router
 
 __all__ = ["ProxyService"]
 
 
-class Drainable(Protocol):
-    def close_if_idle(self) -> bool: ...
-
-
-@implementer(IProxyContext)
 class ProxyService(MultiService):
     """
     Everything one persistproxy process runs.
@@ -47,6 +41,10 @@ class ProxyService(MultiService):
         upstream_tls: EndpointWrapper | None = None,
         access_log: AccessLog | None = None,
     ) -> None:
+        """
+        @param upstream_tls: wraps every upstream's endpoints (tests); by default each
+            upstream's own TLS settings decide.
+        """
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.log = log
@@ -54,14 +52,14 @@ class ProxyService(MultiService):
         self.config = config
         self.proxy_stats = ProxyStats()
         self.router = Router(
-            {
-                name: UpstreamGroup(
-                    reactor, up, log, upstream_tls or endpoint_wrapper(reactor, up, log)
-                )
-                for name, up in config.upstreams.items()
-            }
+            reactor,
+            config.upstreams,
+            log,
+            (lambda up: upstream_tls)
+            if upstream_tls is not None
+            else (lambda up: endpoint_wrapper(reactor, up, log)),
         )
-        self._connections: dict[str, set[Drainable]] = {}
+        self.connections = ConnectionRegistry()
         self._limits = {
             lc.name: ConnectionLimits(
                 lc.name,
@@ -74,42 +72,32 @@ class ProxyService(MultiService):
             for lc in config.listeners
         }
         self._draining = False
-        self._drained: Deferred[None] | None = None
+        #: What every plugin is lent (see L{persistproxy.interfaces.IProxyContext}).
+        self.context = ProxyContext(
+            reactor=reactor,
+            clock=reactor,
+            log=log,
+            access_log=self.access_log,
+            _upstream=self.router.group,
+            _limits=self._limits,
+            _stats=self.proxy_stats.listener,
+            _draining=lambda: self._draining,
+        )
         self.listeners: list[ListenerService] = []
         for listener in config.listeners:
-            factory: IProtocolFactory = plugins[listener.protocol].build_factory(listener, self)
+            plugin = plugins[listener.protocol]
             service = ListenerService(
                 reactor,
                 listener,
-                factory,
+                plugin,
+                plugin.build_factory(listener, self.context),
                 log,
                 self._limits[listener.name],
-                stats=self.proxy_stats.listener(listener.name),
+                self.proxy_stats.listener(listener.name),
+                self.connections,
             )
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners.append(service)
-
-    # -- IProxyContext ------------------------------------------------------------------------
-
-    def upstream(self, name: str) -> UpstreamGroup:
-        return self.router.group(name)
-
-    def limits(self, listener: str) -> ConnectionLimits:
-        return self._limits[listener]
-
-    def stats(self, listener: str) -> ListenerStats:
-        return self.proxy_stats.listener(listener)
-
-    def register_connection(self, listener: str, connection: Any) -> None:
-        self._connections.setdefault(listener, set()).add(connection)
-
-    def unregister_connection(self, listener: str, connection: Any) -> None:
-        connections = self._connections.get(listener)
-        if connections is not None:
-            connections.discard(connection)
-        if self._drained is not None and not self.open_connections():
-            d, self._drained = self._drained, None
-            d.callback(None)
 
     def draining(self) -> bool:
         return self._draining
@@ -117,12 +105,12 @@ class ProxyService(MultiService):
     # -- drain --------------------------------------------------------------------------------
 
     def open_connections(self) -> int:
-        return sum(len(c) for c in self._connections.values())
+        return len(self.connections)
 
     def pool_gauges(self) -> list[tuple[str, str, int, int, int, int]]:
         return [
-            (name, pool.address, pool.active, pool.idle, pool.waiting, pool.connects)
-            for name, group in self.router.groups.items()
+            (group.config.name, pool.address, pool.active, pool.idle, pool.waiting, pool.connects)
+            for group in self.router.groups
             for pool in group.pools
         ]
 
@@ -131,13 +119,13 @@ class ProxyService(MultiService):
         timeout = self.config.drain_timeout
         self.log.info("drain.started", open_connections=self.open_connections(), timeout=timeout)
         await DeferredList([listener.stop_listening() for listener in self.listeners])
-        for connections in list(self._connections.values()):
-            for connection in list(connections):
-                connection.close_if_idle()
+        for connection in self.connections.snapshot():
+            connection.close_if_idle()
         if self.open_connections():
-            self._drained = Deferred()
+            drained: Deferred[None] = Deferred()
+            self.connections.on_empty = lambda: drained.callback(None)
             call = self.reactor.callLater(timeout, self._drain_expired)
-            await self._drained
+            await drained
             if call.active():
                 call.cancel()
         self.router.close()
@@ -151,18 +139,11 @@ class ProxyService(MultiService):
 
     def _drain_expired(self) -> None:
         self.log.warning("drain.timeout", open_connections=self.open_connections())
-        for connections in list(self._connections.values()):
-            for connection in list(connections):
-                cut = getattr(connection, "drain_cut", None)
-                if cut is not None:
-                    cut()  # it accounts for what it was answering, then resets
-                    continue
-                transport = getattr(connection, "transport", None)
-                if transport is not None:
-                    transport.abortConnection()
-        if self._drained is not None:
-            d, self._drained = self._drained, None
-            d.callback(None)
+        for connection in self.connections.snapshot():
+            connection.drain_cut()  # it accounts for what it was answering, then resets
+        on_empty, self.connections.on_empty = self.connections.on_empty, None
+        if on_empty is not None:
+            on_empty()
 
     def stopService(self) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._drain())

@@ -121,7 +121,7 @@ def makeService(options: Options) -> IService:
     log = make_event_log(level=config.log_level)
     root = MultiService()
     proxy = ProxyService(reactor, config, options.plugins, log)
-    from persistproxy.tls.server import CertificateReloader
+    from persistproxy.tls.reload import CertificateReloader
 
     # SIGHUP (systemctl reload) re-reads the TLS listeners' certificates and keys. Its handler
     # is installed before the listeners bind, and even without TLS listeners, so that a

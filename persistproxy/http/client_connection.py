@@ -18,20 +18,18 @@ L{persistproxy.http.request_head}'s part.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httptools
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from persistproxy.http.context import ListenerContext, TimedConnection
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
 from persistproxy.http.request_head import UNKNOWN_METHOD, BadRequest, RequestHeadReader
-from persistproxy.net.after_event import after_event_caller
 from persistproxy.net.fastwrite import (
     MSG_MORE,
     backlogged,
@@ -40,87 +38,19 @@ from persistproxy.net.fastwrite import (
     lose_write_directly,
     write_directly,
 )
-from persistproxy.policy import Deadline, KeepAlivePolicy, RetryPolicy
+from persistproxy.policy import Deadline
 from persistproxy.timers import TimeoutQueue
-
-if TYPE_CHECKING:
-    from persistproxy.config import ListenerConfig
-    from persistproxy.listener.limits import ConnectionLimits
-    from persistproxy.logs import AccessLog, EventLog
-    from persistproxy.metrics import ListenerStats
-    from persistproxy.upstream.group import UpstreamGroup
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
-__all__ = ["ClientConnection", "ListenerContext"]
+__all__ = ["ClientConnection"]
 
 #: Bytes of pipelined requests (and bodies waiting for a connection) held before reading pauses.
 PIPELINE_BUFFER = 256 * 1024
-#: Seconds the input is drained after our half-close before the socket is closed outright.
-LINGER_SECONDS = 2.0
 
 _PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 _PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
 _PAUSE_CLOSING = 4  # nothing more will be read
-
-
-@dataclass
-class ListenerContext:
-    """
-    Everything a client connection of one listener needs, passed in rather than looked up.
-    """
-
-    config: ListenerConfig
-    clock: IReactorTime
-    group: UpstreamGroup
-    log: EventLog
-    stats: ListenerStats
-    scheme: bytes = b"http"
-    keepalive: KeepAlivePolicy = field(init=False)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    keepalive_header: bytes = field(init=False)
-    name: str = field(init=False)
-    header_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
-    body_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
-    idle_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
-    send_queue: TimeoutQueue[ClientConnection] | None = field(init=False)
-    #: Connections whose FIN is out, draining the client's input for LINGER_SECONDS.
-    linger_queue: TimeoutQueue[ClientConnection] = field(init=False)
-    #: Whether the proxy is draining: responses then say C{Connection: close}.
-    is_draining: Callable[[], bool] = lambda: False
-    #: Where access lines go; None when the listener's C{access_log} is off.
-    access_log: AccessLog | None = None
-    #: The listener's admission and idle-per-client policy, if any limit is set.
-    limits: ConnectionLimits | None = None
-    #: Called with the connection when it closes; the listener's registry hooks in here.
-    on_close: Callable[[ClientConnection], None] | None = None
-    #: Runs a function once the current I/O event is handled (ProxyReactor.call_after_event;
-    #: the next turn with any other reactor).
-    after_event: Callable[[Callable[[], object]], object] = field(init=False)
-
-    def __post_init__(self) -> None:
-        config = self.config
-        self.keepalive = KeepAlivePolicy(config.keepalive_timeout, config.max_requests)
-        clock = self.clock
-
-        def queue(
-            timeout: float, expire: Callable[[ClientConnection], None]
-        ) -> TimeoutQueue[ClientConnection] | None:
-            return TimeoutQueue(clock, timeout, expire) if timeout > 0 else None
-
-        self.header_queue = queue(config.header_timeout, ClientConnection.timed_out)
-        self.body_queue = queue(config.body_timeout, ClientConnection.timed_out)
-        self.idle_queue = queue(config.keepalive_timeout, ClientConnection.timed_out)
-        self.send_queue = queue(config.send_timeout, ClientConnection.send_timed_out)
-        self.linger_queue = TimeoutQueue(clock, LINGER_SECONDS, ClientConnection.timed_out)
-        self.keepalive_header = self.keepalive.header()
-        self.name = self.config.name
-        self.after_event = after_event_caller(clock)
-
-    @staticmethod
-    def log_path(target: bytes) -> str:
-        """The request target without its query string, which may carry credentials."""
-        return target.partition(b"?")[0].decode("latin-1")
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -150,18 +80,15 @@ class ClientConnection(RequestHeadReader, Protocol):
         "_served",
         "_timer",
         "_waiting",
-        "held",
         "log_extra",
     )
 
-    def __init__(self, ctx: ListenerContext, held: bool = False, peer: Any = None) -> None:
+    def __init__(self, ctx: ListenerContext, peer: Any = None) -> None:
         """
         @param peer: the client's address as the listener accepted it, if known (saves
             building it again from the transport).
         """
         self._ctx = ctx
-        #: Accepted past the listener's max_connections: unread until a slot frees.
-        self.held = held
         # Made when a request starts and dropped while idle: an idle keep-alive connection
         # should cost little memory, and a parser costs ~0.9 KiB but only ~0.2 us to make.
         self._parser: httptools.HttpRequestParser | None = None
@@ -176,7 +103,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         self._pause = 0
         # The timeout queue this connection waits in (header, body or keep-alive), if any;
         # a connection-owned deadline only for the rare timers (lingering, lifetime).
-        self._waiting: TimeoutQueue[ClientConnection] | None = None
+        self._waiting: TimeoutQueue[TimedConnection] | None = None
         self._timer: Deadline | None = None
         self._peer = b""
         self._peer_str = getattr(peer, "host", None) or ""
@@ -204,27 +131,12 @@ class ClientConnection(RequestHeadReader, Protocol):
         self._peer = self._peer_str.encode("latin-1")
         ctx = self._ctx
         self._born = ctx.clock.seconds()
-        ctx.stats.connections_total += 1
-        ctx.stats.connections_open += 1
-        if self.held:
-            transport.pauseProducing()  # type: ignore[union-attr]
-            return
-        self._wait_for_first_request()
-
-    def unhold(self) -> None:
-        """
-        A connection slot is free: start reading this connection's requests.
-        """
-        self.held = False
-        if self._phase == "closed" or self.transport is None:
-            return
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
-        self._wait_for_first_request()
-
-    def _wait_for_first_request(self) -> None:
-        """A new connection must start its first request as promptly as a head must complete."""
-        ctx = self._ctx
+        # A new connection must start its first request as promptly as a head must complete.
         self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
+
+    def tls_established(self, facts: dict[str, Any]) -> None:
+        """The TLS handshake's facts go on each access line of this connection."""
+        self.log_extra = facts
 
     def dataReceived(self, data: bytes) -> None:
         phase = self._phase
@@ -343,10 +255,6 @@ class ClientConnection(RequestHeadReader, Protocol):
             limits.went_busy(self._peer_str, self)
         self._current = None
         self._cut_pipeline("client")
-        ctx = self._ctx
-        ctx.stats.connections_open -= 1
-        if ctx.on_close is not None:
-            ctx.on_close(self)
 
     # -- IPushProducer: the upstream transport pauses us while it cannot take the body ------
 
@@ -777,7 +685,7 @@ class ClientConnection(RequestHeadReader, Protocol):
             self._send_out()
             self.transport.loseConnection()
 
-    def _wait(self, queue: TimeoutQueue[ClientConnection] | None) -> None:
+    def _wait(self, queue: TimeoutQueue[TimedConnection] | None) -> None:
         """
         Wait in C{queue} (header, body or keep-alive timeout) from now, and in no other.
         """

@@ -11,7 +11,7 @@ It decides nothing about timeouts or retries by itself: it asks the listener's p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -26,11 +26,37 @@ from persistproxy.http.upstream_connection import (
 )
 
 if TYPE_CHECKING:
-    from persistproxy.http.client_connection import ClientConnection, ListenerContext
+    from persistproxy.http.context import ListenerContext
     from persistproxy.http.headers import Header
     from persistproxy.upstream.pool import ServerPool
 
-__all__ = ["Exchange"]
+__all__ = ["Exchange", "ExchangeOwner"]
+
+
+class ExchangeOwner(Protocol):
+    """
+    The client connection an exchange answers, as the exchange sees it.
+    """
+
+    transport: Any
+
+    def write(self, data: bytes) -> None: ...
+
+    def backlogged(self) -> bool: ...
+
+    def abort(self, by: str = "timeout") -> None: ...
+
+    def may_keep_alive(self, client_wants: bool, ordinal: int) -> bool: ...
+
+    def request_body_drained(self) -> None: ...
+
+    def resume_from_upstream(self) -> None: ...
+
+    def exchange_finished(self, exchange: Exchange) -> None: ...
+
+    def send_stalled(self) -> None: ...
+
+    def send_flowing(self) -> None: ...
 
 _CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -80,7 +106,7 @@ class Exchange:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: ExchangeOwner,
         ctx: ListenerContext,
         method: bytes,
         target: bytes,
@@ -106,7 +132,7 @@ class Exchange:
         self._buffered = 0
         self._feeding = False  # the client's transport is the producer of the upstream's
         self._relaying = False  # the upstream's transport is the producer of the client's
-        self._pool: ServerPool | None = None
+        self._pool: ServerPool[UpstreamConnection] | None = None
         self._framing = FRAMING_NONE
         self.upstream: UpstreamConnection | None = None
         self.cancelled = False
@@ -123,7 +149,7 @@ class Exchange:
     @classmethod
     def failed(
         cls,
-        client: ClientConnection,
+        client: ExchangeOwner,
         ctx: ListenerContext,
         response: bytes,
         status: int,
@@ -194,7 +220,7 @@ class Exchange:
             self._detach(upstream)
             upstream.abort()
             if self._pool is not None:
-                self._pool.forget(upstream)
+                self._pool.forget()
 
     # -- ConnectionWaiter -------------------------------------------------------------------
 
@@ -321,7 +347,7 @@ class Exchange:
         if connection is not None:
             self._detach(connection)
             if pool is not None:
-                pool.forget(connection)
+                pool.forget()
         if self.cancelled:
             return
         ctx = self._ctx

@@ -1,66 +1,41 @@
 # -*- test-case-name: tests.unit.test_plugins -*-
 """
 The HTTP/1.x reverse proxy as a protocol plugin: the seam between listeners and the engine.
+
+It is written against L{persistproxy.interfaces} only, like any third-party plugin: the
+listener admits, counts, registers for drain and terminates TLS around its factory.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from persistproxy.config import ConfigError, ListenerConfig
-from persistproxy.http.client_connection import ClientConnection, ListenerContext
+from persistproxy.config import ListenerConfig
+from persistproxy.http.client_connection import ClientConnection
+from persistproxy.http.context import ListenerContext
 from persistproxy.http.errors import error_response
-from persistproxy.interfaces import IProtocolPlugin, IProxyContext
-from persistproxy.listener.limits import HOLD, Rejection
+from persistproxy.http.upstream_connection import HTTPConnector
+from persistproxy.interfaces import ConfigError, IProtocolPlugin, ProxyContext
 
 __all__ = ["HTTPFactory", "HTTPProtocolPlugin"]
 
 
 class HTTPFactory(Factory):
     """
-    Builds a L{ClientConnection} for each accepted connection, with its listener's context.
+    Builds a L{ClientConnection} for each admitted connection, with its listener's context.
     """
 
     noisy = False
-    #: The answer of a TLS listener to a plain-HTTP request (see TLSListenerFactory).
-    plaintext_answer = error_response(
-        400, "a plain HTTP request was sent to a TLS port; use https://"
-    )
 
-    def __init__(self, ctx: ListenerContext, proxy: Any) -> None:
+    def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self._proxy = proxy
-        ctx.on_close = self._closed
 
-    def buildProtocol(self, addr: Any) -> Protocol:
-        ctx = self.ctx
-        limits = ctx.limits
-        if limits is not None:
-            refused = limits.admit(getattr(addr, "host", ""))
-            if refused == HOLD:
-                connection = ClientConnection(ctx, held=True, peer=addr)
-                limits.hold(connection)
-                self._proxy.register_connection(ctx.name, connection)
-                return connection
-            if refused is not None:
-                response = error_response(503, refused, extra_headers=b"Retry-After: 5\r\n")
-                return Rejection(ctx.clock, response)
-        connection = ClientConnection(ctx, peer=addr)
-        self._proxy.register_connection(ctx.name, connection)
-        return connection
-
-    def _closed(self, connection: ClientConnection) -> None:
-        limits = self.ctx.limits
-        if limits is not None:
-            if connection.held:
-                limits.forget_held(connection)
-            else:
-                limits.release(connection.peer)
-        self._proxy.unregister_connection(self.ctx.name, connection)
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        return ClientConnection(self.ctx, peer=addr)
 
 
 @implementer(IPlugin, IProtocolPlugin)
@@ -70,6 +45,11 @@ class HTTPProtocolPlugin:
     """
 
     name = "http"
+    description = "HTTP/1.1 and 1.0 reverse proxy, keep-alive on both hops"
+    #: nginx's "400 The plain HTTP request was sent to HTTPS port", in our words.
+    plaintext_answer = error_response(
+        400, "a plain HTTP request was sent to a TLS port; use https://"
+    )
 
     def validate(self, listener: ListenerConfig) -> None:
         if not listener.upstream:
@@ -77,16 +57,19 @@ class HTTPProtocolPlugin:
         for key in listener.extra:
             raise ConfigError(f"{key}: unknown key")
 
-    def build_factory(self, listener: ListenerConfig, context: IProxyContext) -> HTTPFactory:
+    def build_factory(self, listener: ListenerConfig, context: ProxyContext) -> HTTPFactory:
         ctx = ListenerContext(
             config=listener,
-            clock=context.reactor,
-            group=context.upstream(listener.upstream),  # type: ignore[arg-type]
+            clock=context.clock,
+            group=context.upstream(listener.upstream, HTTPConnector(context.clock)),
             log=context.log,
-            stats=context.stats(listener.name),  # type: ignore[arg-type]
+            stats=context.stats(listener.name),
             scheme=b"https" if listener.tls else b"http",
             is_draining=context.draining,
             access_log=context.access_log if listener.access_log else None,
-            limits=context.limits(listener.name),  # type: ignore[arg-type]
+            limits=context.limits(listener.name),
         )
-        return HTTPFactory(ctx, context)
+        return HTTPFactory(ctx)
+
+    def refusal(self, reason: str) -> bytes:
+        return error_response(503, reason, extra_headers=b"Retry-After: 5\r\n")

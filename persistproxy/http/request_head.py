@@ -26,7 +26,7 @@ from persistproxy.http.headers import (
 )
 
 if TYPE_CHECKING:
-    from persistproxy.http.client_connection import ListenerContext
+    from persistproxy.http.context import ListenerContext
     from persistproxy.http.headers import Header
 
 __all__ = ["UNKNOWN_METHOD", "BadRequest", "RequestHeadReader", "UpstreamRequest", "origin_form"]

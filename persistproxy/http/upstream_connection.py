@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -34,11 +36,13 @@ from persistproxy.net.fastwrite import backlogged, can_write_directly, write_dir
 from persistproxy.policy import Deadline
 
 if TYPE_CHECKING:
+    from persistproxy.config import UpstreamConfig
     from persistproxy.http.headers import Header
+    from persistproxy.upstream.group import Server
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
-__all__ = ["ResponseSink", "UpstreamConnection"]
+__all__ = ["HTTPConnector", "ResponseSink", "UpstreamConnection"]
 
 #: Bytes of status line and headers an origin may send before we answer 502.
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -431,3 +435,30 @@ class UpstreamConnection(TwistedProtocol):
     def _timed_out(self) -> None:
         if self.state == "ACTIVE":
             self._fail(f"no response head within {self._response_timeout:g}s", True)
+
+
+class _UpstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, clock: IReactorTime, config: UpstreamConfig) -> None:
+        self._clock = clock
+        self._config = config
+
+    def buildProtocol(self, addr: object) -> UpstreamConnection:
+        return UpstreamConnection(
+            self._clock, self._config.response_timeout, self._config.max_requests
+        )
+
+
+@dataclass(frozen=True)
+class HTTPConnector:
+    """
+    Dials HTTP/1.1 upstream connections for the pools (an
+    L{persistproxy.interfaces.UpstreamConnector}); equal for one reactor, so every HTTP
+    listener forwarding to an upstream shares its pools.
+    """
+
+    clock: IReactorTime
+
+    def factory_for(self, server: Server, config: UpstreamConfig) -> Factory:
+        return _UpstreamFactory(self.clock, config)

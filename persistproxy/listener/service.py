@@ -18,6 +18,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
 from persistproxy.config import ListenerConfig
+from persistproxy.interfaces import IProtocolPlugin
+from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
@@ -30,29 +32,39 @@ __all__ = ["ListenerService"]
 
 class ListenerService(Service):
     """
-    Binds one listener's endpoint to the factory its protocol plugin built.
+    Binds one listener's endpoint to the factory its protocol plugin built, wrapped in what
+    every protocol gets: admission, drain registration, counters, then TLS.
     """
 
     def __init__(
         self,
         reactor: Any,
         config: ListenerConfig,
+        plugin: IProtocolPlugin,
         factory: IProtocolFactory,
         log: EventLog,
-        limits: ConnectionLimits | None = None,
-        stats: ListenerStats | None = None,
+        limits: ConnectionLimits,
+        stats: ListenerStats,
+        registry: ConnectionRegistry,
     ) -> None:
         self.name = f"listener:{config.name}"
         self.config = config
         self.factory = factory
+        admitted = ListenerFactory(factory, reactor, limits, stats, registry, plugin.refusal)
+        self._listening_factory: IProtocolFactory = admitted
         #: The listener's TLS contexts, built once here: never per connection, which would
         #: defeat session resumption. The SIGHUP reloader reaches them through this.
         self.tls: ServerTLS | None = None
-        self._listening_factory = factory
         if config.tls is not None:
             self.tls = ServerTLS(ListenerTLSSettings.from_mapping(config.tls), config.name)
-            self._listening_factory = TLSListenerFactory(
-                self.tls, factory, stats, log, reactor, log_facts=config.access_log
+            self._listening_factory = TLSListenerFactory(  # type: ignore[assignment]
+                self.tls,
+                admitted,
+                stats,
+                log,
+                reactor,
+                log_facts=config.access_log,
+                plaintext_answer=plugin.plaintext_answer,
             )
         self.port: IListeningPort | None = None
         self._reactor = reactor
@@ -86,8 +98,7 @@ class ListenerService(Service):
         self.port = outcome
         # Inherited by every accepted socket: no per-connection setsockopt.
         configure_listening_socket(getattr(outcome, "socket", None), self.config.tcp_keepalive)
-        if self._limits is not None:
-            self._limits.port = outcome
+        self._limits.port = outcome
         address = outcome.getHost()
         self._log.info(
             "listener.started",

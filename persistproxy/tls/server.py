@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from cryptography import x509
@@ -46,12 +44,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
-from twisted.application.service import Service
-
-from persistproxy.logs import EventLog
 
 __all__ = [
-    "CertificateReloader",
     "ListenerTLSSettings",
     "ServerTLS",
     "TLSLoadError",
@@ -151,12 +145,18 @@ class ListenerTLSSettings:
         """From the mapping L{parse_listener_tls} made (what C{ListenerConfig.tls} holds)."""
         return cls(
             certificates=tuple((c["cert"], c["key"]) for c in table["certificates"]),
-            min_version=table.get("min_version", "TLSv1.2"),
-            alpn=tuple(table.get("alpn", ("http/1.1",))),
-            session_cache=table.get("session_cache", True),
-            session_tickets=table.get("session_tickets", True),
-            session_timeout=table.get("session_timeout", 3600),
+            min_version=table.get("min_version", _DEFAULTS["min_version"]),
+            alpn=tuple(table.get("alpn", _DEFAULTS["alpn"])),
+            session_cache=table.get("session_cache", _DEFAULTS["session_cache"]),
+            session_tickets=table.get("session_tickets", _DEFAULTS["session_tickets"]),
+            session_timeout=table.get("session_timeout", _DEFAULTS["session_timeout"]),
         )
+
+
+#: Each key's default, written once (in the class above).
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(ListenerTLSSettings) if f.default is not MISSING
+}
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -211,24 +211,30 @@ def parse_listener_tls(
                 raise fail(f"{where}.{which}", f"expected a file name, got {value!r}")
             paths[which] = os.path.abspath(base / value)
         certificates.append(paths)
-    min_version = typed("min_version", (str,), "a string", "TLSv1.2")
+    min_version = typed("min_version", (str,), "a string", _DEFAULTS["min_version"])
     if min_version not in VERSIONS:
         raise fail("min_version", f"expected TLSv1.2 or TLSv1.3, got {min_version!r}")
-    alpn = typed("alpn", (list,), "a list of protocol names", ["http/1.1"])
+    alpn = typed("alpn", (list,), "a list of protocol names", list(_DEFAULTS["alpn"]))
     for name in alpn:
         if not isinstance(name, str) or not name or len(name.encode()) > 255:
             raise fail("alpn", f"expected protocol names such as 'http/1.1', got {name!r}")
         if protocol == "http" and name in _NOT_HTTP1:
             raise fail("alpn", f"{name!r} is not HTTP/1.x, which is all this listener speaks")
-    timeout = typed("session_timeout", (int,), "a whole number of seconds", 3600)
+    timeout = typed(
+        "session_timeout", (int,), "a whole number of seconds", _DEFAULTS["session_timeout"]
+    )
     if timeout < 1:
         raise fail("session_timeout", f"must be >= 1, got {timeout}")
     result = {
         "certificates": certificates,
         "min_version": min_version,
         "alpn": list(alpn),
-        "session_cache": typed("session_cache", (bool,), "true or false", True),
-        "session_tickets": typed("session_tickets", (bool,), "true or false", True),
+        "session_cache": typed(
+            "session_cache", (bool,), "true or false", _DEFAULTS["session_cache"]
+        ),
+        "session_tickets": typed(
+            "session_tickets", (bool,), "true or false", _DEFAULTS["session_tickets"]
+        ),
         "session_timeout": timeout,
     }
     try:
@@ -461,87 +467,3 @@ def session_reused(connection: SSL.Connection) -> bool:
 
 
 # -- SIGHUP -----------------------------------------------------------------------------------
-
-
-class CertificateReloader(Service):
-    """
-    Re-reads the certificates and keys of every TLS listener on SIGHUP.
-
-    The signal handler only schedules the reload on the reactor; the reload itself reads a
-    few small files synchronously, which is acceptable once per signal. A listener whose new
-    files cannot be used keeps its current certificates and says why.
-    """
-
-    name = "tls-reloader"
-
-    def __init__(
-        self, reactor: Any, listeners: Sequence[ServerTLS], log: EventLog, signum: int = 0
-    ) -> None:
-        self._reactor = reactor
-        self._listeners = list(listeners)
-        self._log = log
-        self._signum = signum or signal.SIGHUP
-        self._previous: Any = None
-
-    def privilegedStartService(self) -> None:
-        # Before the listeners bind (this service comes first): from the moment a listener
-        # is announced, a SIGHUP must reload, not kill with the default action.
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-        if self._previous is None:
-            self._previous = signal.signal(self._signum, self._on_signal)
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        if self._previous is None:
-            self._previous = signal.signal(self._signum, self._on_signal)
-        # An expired certificate still loads (clients refuse it, not OpenSSL): say so at
-        # start as at every reload, rather than only in the clients' errors.
-        for tls in self._listeners:
-            self._warn_expired(tls, tls.certificates)
-
-    def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
-        if self._previous is not None:
-            signal.signal(self._signum, self._previous)
-            self._previous = None
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self.reload)
-
-    def reload(self) -> bool:
-        """
-        Reload every listener's certificates; L{True} when all of them succeeded.
-        """
-        ok = True
-        self._log.info("reload", tls_listeners=[tls.listener for tls in self._listeners])
-        for tls in self._listeners:
-            try:
-                certificates = tls.reload()
-            except TLSLoadError as e:
-                ok = False
-                self._log.error(
-                    "tls.reload_failed",
-                    listener=tls.listener,
-                    file=e.path,
-                    reason=e.reason,
-                    kept="the certificates loaded before",
-                )
-                continue
-            self._log.info(
-                "tls.reloaded",
-                listener=tls.listener,
-                certificates=[c.cert_path for c in certificates],
-            )
-            self._warn_expired(tls, certificates)
-        return ok
-
-    def _warn_expired(self, tls: ServerTLS, certificates: Sequence[_Certificate]) -> None:
-        now = datetime.now(UTC)
-        for c in certificates:
-            if c.not_after < now:
-                self._log.warning(
-                    "tls.certificate_expired",
-                    listener=tls.listener,
-                    file=c.cert_path,
-                    not_after=c.not_after.isoformat(),
-                )

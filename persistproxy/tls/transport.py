@@ -58,6 +58,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from persistproxy.interfaces import TLSAware
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
 from persistproxy.net.after_event import after_event_caller
@@ -554,27 +555,26 @@ class TLSListenerFactory:
         self,
         tls: ServerTLS,
         wrapped: IProtocolFactory,
-        stats: ListenerStats | None = None,
-        log: EventLog | None = None,
-        clock: Any = None,
+        stats: ListenerStats | None,
+        log: EventLog | None,
+        clock: Any,
         log_facts: bool = True,
+        plaintext_answer: bytes = b"",
     ) -> None:
         """
         @param log_facts: whether the wrapped protocols write access lines, which then carry
             the facts of the handshake (L{connection_facts}); only gathered if so.
+        @param plaintext_answer: what the protocol answers a client that speaks plain text
+            to the TLS port (HTTP: a 400); empty: just close.
         """
         self.tls = tls
         self._log_facts = log_facts
         #: OpenSSL's per-record calls (see tls_calls.py).
         self.calls = make_calls()
         self.wrappedFactory = wrapped
-        #: What the wrapped protocol answers a client that speaks plain text to the TLS
-        #: port (an HTTP factory's C{plaintext_answer}: a 400); None: just close.
-        self.plaintext_answer: bytes | None = getattr(wrapped, "plaintext_answer", None)
+        self.plaintext_answer = plaintext_answer
         self._stats = stats
         self._log = log
-        if clock is None:
-            from twisted.internet import reactor as clock
         #: Runs a function once the current I/O event is handled.
         self.after_event = after_event_caller(clock)
 
@@ -609,8 +609,8 @@ class TLSListenerFactory:
             stats.tls_kinds[key] = stats.tls_kinds.get(key, 0) + 1
         if self._log_facts:
             wrapped = protocol.wrappedProtocol
-            if hasattr(wrapped, "log_extra"):
-                wrapped.log_extra = connection_facts(connection)
+            if isinstance(wrapped, TLSAware):
+                wrapped.tls_established(connection_facts(connection))
 
     def handshake_failed(self, protocol: TLSServerProtocol, reason: Failure) -> None:
         if self._log is not None:

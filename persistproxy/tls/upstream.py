@@ -21,8 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
@@ -36,11 +35,9 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import (
-    Certificate,
     CertificateOptions,
     optionsForClientTLS,
     platformTrust,
-    trustRootFromCertificates,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -49,6 +46,7 @@ from zope.interface import implementer
 from persistproxy.config import UpstreamConfig
 from persistproxy.logs import EventLog
 from persistproxy.tls.server import OP_IGNORE_UNEXPECTED_EOF, session_reused, ssl_error_text
+from persistproxy.tls.trust import load_trust_root
 
 try:  # the verification result has no pyOpenSSL accessor; its cffi binding has it
     from OpenSSL._util import ffi as _ffi
@@ -61,7 +59,6 @@ __all__ = [
     "UpstreamTLS",
     "UpstreamTLSError",
     "endpoint_wrapper",
-    "load_trust_root",
 ]
 
 _DONE = Failure(ConnectionDone())
@@ -74,23 +71,6 @@ class UpstreamTLSError(Exception):
     """
     A TLS connection to an upstream server could not be set up; the message says why.
     """
-
-
-def load_trust_root(path: str) -> IOpenSSLTrustRoot:
-    """
-    The CA certificates of a PEM file (C{tls_ca}) as a trust root.
-
-    @raise ValueError: with a one-line reason; L{OSError} if the file cannot be read.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ValueError("no PEM certificate in the file") from None
-    return trustRootFromCertificates(  # type: ignore[no-any-return]
-        [Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
-    )
 
 
 def endpoint_wrapper(

@@ -1,28 +1,30 @@
-# -*- test-case-name: tests.unit.test_router -*-
+# -*- test-case-name: tests.unit.test_upstream_group -*-
 """
-Where a request goes: the listener's upstream group, then one server of it.
+Where a connection goes upstream: the servers of one C{[[upstream]]} table, and a pool per
+server for each protocol that dials them.
 
-A group spreads new requests over its servers round-robin and owns one L{ServerPool} per
-server. Routing rules beyond "this listener forwards to that group" plug in here.
+A L{Server} is shared by every protocol that uses the group (its address, the endpoint to
+dial, its state); the pools are per protocol, because a pooled HTTP connection cannot be lent
+to a Redis plugin. The core never imports a protocol: it dials with whatever
+L{persistproxy.interfaces.UpstreamConnector} the plugin passes to C{context.upstream()}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
 
 from persistproxy.config import UpstreamConfig
-from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
 from persistproxy.upstream.pool import Connector, ServerPool
 
-__all__ = ["EndpointWrapper", "Router", "UpstreamGroup"]
+__all__ = ["EndpointWrapper", "Router", "Server", "UpstreamGroup", "tcp_endpoint"]
 
 #: Turns the plain TCP endpoint of a server into the one to dial (TLS wraps it here).
 EndpointWrapper = Callable[[IStreamClientEndpoint, str], IStreamClientEndpoint]
@@ -41,72 +43,34 @@ def tcp_endpoint(
     return HostnameEndpoint(reactor, host, port, timeout=timeout)  # type: ignore[arg-type]
 
 
-class _UpstreamFactory(Factory):
-    noisy = False
-
-    def __init__(self, reactor: IReactorCore, config: UpstreamConfig) -> None:
-        self._reactor = reactor
-        self._config = config
-
-    def buildProtocol(self, addr: object) -> UpstreamConnection:
-        return UpstreamConnection(
-            self._reactor,  # type: ignore[arg-type]
-            self._config.response_timeout,
-            self._config.max_requests,
-        )
-
-
-class UpstreamGroup:
+class Server:
     """
-    The servers of one C{[[upstream]]} table and their pools.
+    One server of an upstream group, shared by every protocol that dials it.
     """
 
-    def __init__(
-        self,
-        reactor: IReactorCore,
-        config: UpstreamConfig,
-        log: EventLog,
-        wrap: EndpointWrapper | None = None,
-        connector: Callable[[str, int], Connector] | None = None,
-    ) -> None:
-        """
-        @param connector: makes the function that opens a connection to C{(host, port)};
-            tests pass one that hands out in-memory connections.
-        """
-        self.config = config
-        self.pools: list[ServerPool] = []
-        factory = _UpstreamFactory(reactor, config)
-        for host, port in config.servers:
-            if connector is not None:
-                connect = connector(host, port)
-            else:
-                endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
-                if wrap is not None:
-                    endpoint = wrap(endpoint, host)
-                connect = _connector(endpoint, factory)
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            clock: Any = reactor
-            self.pools.append(ServerPool(clock, address, config, connect, log))
-        self._next = 0
+    __slots__ = ("address", "endpoint", "host", "port")
 
-    def pick(self) -> ServerPool:
-        pools = self.pools
-        pool = pools[self._next % len(pools)]
-        self._next += 1
-        return pool
+    def __init__(self, host: str, port: int, endpoint: IStreamClientEndpoint) -> None:
+        self.host = host
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        #: TCP, or TLS over TCP when the upstream says C{tls = true}.
+        self.endpoint = endpoint
 
-    def close(self) -> None:
-        for pool in self.pools:
-            pool.close()
+    def __repr__(self) -> str:
+        return f"<Server {self.address}>"
 
 
-def _connector(
-    endpoint: IStreamClientEndpoint, factory: Factory
-) -> Callable[[], Deferred[UpstreamConnection]]:
-    def connect() -> Deferred[UpstreamConnection]:
-        d: Deferred[UpstreamConnection] = endpoint.connect(factory)  # type: ignore[assignment]
+def dial(endpoint: IStreamClientEndpoint, factory: Any) -> Connector[Any]:
+    """
+    The function a pool calls to open one connection: C{endpoint.connect(factory)}, with
+    C{TCP_NODELAY} set (a proxy writes whole messages; Nagle only delays them).
+    """
 
-        def nodelay(connection: UpstreamConnection) -> UpstreamConnection:
+    def connect() -> Deferred[Any]:
+        d: Deferred[Any] = endpoint.connect(factory)
+
+        def nodelay(connection: Any) -> Any:
             set_nodelay = getattr(connection.transport, "setTcpNoDelay", None)
             if set_nodelay is not None:
                 set_nodelay(True)
@@ -117,17 +81,96 @@ def _connector(
     return connect
 
 
-class Router:
+class UpstreamGroup(Generic[C]):
     """
-    Maps each listener to the upstream group it forwards to.
+    The servers of one C{[[upstream]]} table, each with a pool of one protocol's connections.
     """
 
-    def __init__(self, groups: Mapping[str, UpstreamGroup]) -> None:
-        self.groups = dict(groups)
+    def __init__(
+        self,
+        clock: Any,
+        config: UpstreamConfig,
+        servers: list[Server],
+        log: EventLog,
+        connect: Callable[[Server], Connector[C]],
+    ) -> None:
+        """
+        @param connect: makes the function that opens a connection to a server; the
+            connector's factory over the server's endpoint, or an in-memory one in tests.
+        """
+        self.config = config
+        self.servers = servers
+        self.pools: list[ServerPool[C]] = [
+            ServerPool(clock, server.address, config, connect(server), log) for server in servers
+        ]
+        self._next = 0
 
-    def group(self, name: str) -> UpstreamGroup:
-        return self.groups[name]
+    def pick(self) -> ServerPool[C]:
+        """The pool of the next server, round-robin."""
+        pools = self.pools
+        pool = pools[self._next % len(pools)]
+        self._next += 1
+        return pool
 
     def close(self) -> None:
-        for group in self.groups.values():
+        for pool in self.pools:
+            pool.close()
+
+
+class Router:
+    """
+    The upstream groups by name, each built once per connector that asks for it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        configs: Mapping[str, UpstreamConfig],
+        log: EventLog,
+        wrap: Callable[[UpstreamConfig], EndpointWrapper | None] = lambda config: None,
+    ) -> None:
+        """
+        @param wrap: gives the endpoint wrapper of an upstream (its TLS), if any.
+        """
+        self._reactor = reactor
+        self._configs = dict(configs)
+        self._log = log
+        self.servers: dict[str, list[Server]] = {}
+        for name, config in self._configs.items():
+            wrapper = wrap(config)
+            servers = []
+            for host, port in config.servers:
+                endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
+                if wrapper is not None:
+                    endpoint = wrapper(endpoint, host)
+                servers.append(Server(host, port, endpoint))
+            self.servers[name] = servers
+        self._groups: dict[tuple[str, UpstreamConnector[Any]], UpstreamGroup[Any]] = {}
+
+    def group(self, name: str, connector: UpstreamConnector[C]) -> UpstreamGroup[C]:
+        """
+        The group C{name} with pools of C{connector}'s connections (connectors that compare
+        equal share them).
+        """
+        key = (name, connector)
+        found = self._groups.get(key)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        config = self._configs[name]
+        group: UpstreamGroup[C] = UpstreamGroup(
+            self._reactor,
+            config,
+            self.servers[name],
+            self._log,
+            lambda server: dial(server.endpoint, connector.factory_for(server, config)),
+        )
+        self._groups[key] = group
+        return group
+
+    @property
+    def groups(self) -> list[UpstreamGroup[Any]]:
+        return list(self._groups.values())
+
+    def close(self) -> None:
+        for group in self.groups:
             group.close()

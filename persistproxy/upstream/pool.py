@@ -18,23 +18,26 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from persistproxy.config import UpstreamConfig
-from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.interfaces import C
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
 
 __all__ = ["ConnectionWaiter", "ServerPool"]
 
-Connector = Callable[[], "Deferred[UpstreamConnection]"]
+T = TypeVar("T")
+#: Opens one connection to the pool's server.
+Connector = Callable[[], "Deferred[T]"]
+W = TypeVar("W", contravariant=True)
 
 
-class ConnectionWaiter(Protocol):
+class ConnectionWaiter(Protocol[W]):
     """
     Who asked the pool for a connection. Exactly one of the two methods is called, once,
     unless C{cancelled} became true first.
@@ -42,14 +45,15 @@ class ConnectionWaiter(Protocol):
 
     cancelled: bool
 
-    def connection_ready(self, connection: UpstreamConnection, reused: bool) -> None: ...
+    def connection_ready(self, connection: W, reused: bool) -> None: ...
 
     def connection_failed(self, reason: str, status: int) -> None: ...
 
 
-class ServerPool:
+class ServerPool(Generic[C]):
     """
-    Persistent connections to one C{host:port}, shared by every client connection.
+    Persistent connections to one C{host:port}, shared by every client connection; lends
+    whatever L{persistproxy.interfaces.PooledConnection} its connector makes.
 
     @ivar active: connections lent out or being opened; bounded by C{max_connections}.
     """
@@ -59,20 +63,19 @@ class ServerPool:
         clock: IReactorTime,
         address: str,
         config: UpstreamConfig,
-        connector: Connector,
+        connector: Connector[C],
         log: EventLog,
     ) -> None:
         self.address = address
         self.active = 0
         self.connects = 0
-        self.connect_failures = 0
         self._clock = clock
         self._config = config
         self._connect = connector
         self._log = log
-        self._idle: deque[UpstreamConnection] = deque()
+        self._idle: deque[C] = deque()
         self._idle_count = 0
-        self._waiters: deque[tuple[ConnectionWaiter, Deadline | None]] = deque()
+        self._waiters: deque[tuple[ConnectionWaiter[C], Deadline | None]] = deque()
         self._reaper = Deadline(clock, self._reap)
         self._closed = False
 
@@ -84,7 +87,7 @@ class ServerPool:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def acquire(self, waiter: ConnectionWaiter, fresh: bool = False) -> None:
+    def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
         """
         Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one, else a
         place in the wait queue when C{max_connections} are already out.
@@ -108,12 +111,13 @@ class ServerPool:
             return
         self._open(waiter)
 
-    def release(self, connection: UpstreamConnection, reusable: bool) -> None:
+    def release(self, connection: C, reusable: bool) -> None:
         """
         Take back a lent connection once its response is complete.
         """
         self.active -= 1
-        if not reusable or connection.state != "IDLE" or self._closed:
+        now = self._clock.seconds()
+        if not reusable or self._closed or not connection.usable(now, 0.0):
             connection.close()
             self._wake_waiter()
             return
@@ -128,14 +132,14 @@ class ServerPool:
         if self._idle_count >= self._config.pool_size:
             connection.close()
             return
-        connection.idle_since = self._clock.seconds()
+        connection.idle_since = now
         connection.in_pool = True
         self._idle.append(connection)
         self._idle_count += 1
         if not self._reaper.armed:
             self._reaper.arm(self._config.idle_timeout)
 
-    def forget(self, connection: UpstreamConnection) -> None:
+    def forget(self) -> None:
         """
         A lent connection died; it is not coming back.
         """
@@ -162,7 +166,7 @@ class ServerPool:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _pop_idle(self) -> UpstreamConnection | None:
+    def _pop_idle(self) -> C | None:
         now = self._clock.seconds()
         margin = self._config.keepalive_margin
         timeout = self._config.idle_timeout
@@ -196,19 +200,19 @@ class ServerPool:
             self._idle_count -= 1
             oldest.close()
 
-    def _on_lost(self, connection: UpstreamConnection) -> None:
+    def _on_lost(self, connection: C) -> None:
         # An idle connection that the origin closed stays in the deque, marked CLOSED, and is
         # skipped later: removing it from the middle would be a linear search.
         if connection.in_pool:
             connection.in_pool = False
             self._idle_count -= 1
 
-    def _open(self, waiter: ConnectionWaiter) -> None:
+    def _open(self, waiter: ConnectionWaiter[C]) -> None:
         self.active += 1
         self.connects += 1
         d = self._connect()
 
-        def connected(connection: UpstreamConnection) -> None:
+        def connected(connection: C) -> None:
             connection.on_lost = self._on_lost
             if waiter.cancelled:
                 self.release(connection, True)
@@ -217,7 +221,6 @@ class ServerPool:
 
         def failed(failure: Failure) -> None:
             self.active -= 1
-            self.connect_failures += 1
             reason = failure.getErrorMessage() or repr(failure.value)
             self._log.warning("upstream.connect_failed", server=self.address, reason=reason)
             if not waiter.cancelled:
@@ -236,7 +239,7 @@ class ServerPool:
                 self.acquire(waiter)
                 return
 
-    def _queue_timeout(self, waiter: ConnectionWaiter) -> None:
+    def _queue_timeout(self, waiter: ConnectionWaiter[C]) -> None:
         for i, (queued, _) in enumerate(self._waiters):
             if queued is waiter:
                 del self._waiters[i]

@@ -445,10 +445,11 @@ class Proxy(ManagedProc):
     name = "proxy"
 
     def __init__(self, config_path: str, cwd: str, startup_timeout: float = 20.0,
-                 listener: str = "web") -> None:
+                 listener: str = "web", env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         super().__init__([TWISTD, "--nodaemon", "--pidfile=", "persistproxy",
-                          "--config", config_path], cwd=cwd)
+                          "--config", config_path], cwd=cwd,
+                         env=dict(os.environ, **env) if env else None)
         ev = self.wait_event("listener.started", startup_timeout,
                              lambda e: e.get("listener") == listener)
         if ev is None:

@@ -15,11 +15,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from persistproxy.config import ListenerConfig, UpstreamConfig
-from persistproxy.http.client_connection import ClientConnection, ListenerContext
+from persistproxy.http.client_connection import ClientConnection
+from persistproxy.http.context import ListenerContext
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.logs import AccessLog, make_event_log
 from persistproxy.metrics import ListenerStats
-from persistproxy.upstream.group import UpstreamGroup
+from persistproxy.upstream.group import Server, UpstreamGroup
 
 
 class HalfCloseTransport(StringTransport):
@@ -96,11 +97,13 @@ class Harness:
         up = {"name": "app", "servers": (("127.0.0.1", 8081),), **(upstream or {})}
         self.upstream_config = UpstreamConfig(**up)
         self.origin = FakeOrigin(self.clock, self.upstream_config)
+        servers = [Server(host, port, None) for host, port in self.upstream_config.servers]
         self.group = UpstreamGroup(
             self.clock,
             self.upstream_config,
+            servers,
             self.log,
-            connector=self.origin.connector,  # type: ignore[arg-type]
+            lambda server: self.origin.connector(server.host, server.port),
         )
         lc = {"name": "web", "bind": "tcp:0", "upstream": "app", **(listener or {})}
         self.listener_config = ListenerConfig(**lc)

@@ -11,7 +11,8 @@ from fakes import OK_RESPONSE, Harness, parse_response
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from persistproxy.http.plugin import HTTPFactory
+from persistproxy.http.plugin import HTTPFactory, HTTPProtocolPlugin
+from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits, Rejection
 from persistproxy.metrics import ListenerStats
 
@@ -86,17 +87,6 @@ def test_idle_connection_closes_at_max_lifetime() -> None:
 # -- limits ----------------------------------------------------------------------------------
 
 
-class _Proxy:
-    def __init__(self) -> None:
-        self.registered: set[Any] = set()
-
-    def register_connection(self, listener: str, connection: Any) -> None:
-        self.registered.add(connection)
-
-    def unregister_connection(self, listener: str, connection: Any) -> None:
-        self.registered.discard(connection)
-
-
 class _Port:
     reading = True
 
@@ -107,7 +97,7 @@ class _Port:
         self.reading = True
 
 
-def _limited(**kw: int) -> tuple[Harness, HTTPFactory, ConnectionLimits]:
+def _limited(**kw: int) -> tuple[Harness, ListenerFactory, ConnectionLimits]:
     h = Harness(listener={k: v for k, v in kw.items()})
     limits = ConnectionLimits(
         "web",
@@ -118,10 +108,14 @@ def _limited(**kw: int) -> tuple[Harness, HTTPFactory, ConnectionLimits]:
         ListenerStats(),
     )
     h.ctx.limits = limits
-    return h, HTTPFactory(h.ctx, _Proxy()), limits
+    plugin = HTTPProtocolPlugin()
+    factory = ListenerFactory(
+        HTTPFactory(h.ctx), h.clock, limits, h.stats, ConnectionRegistry(), plugin.refusal
+    )
+    return h, factory, limits
 
 
-def _connect(factory: HTTPFactory, host: str) -> tuple[Any, StringTransport]:
+def _connect(factory: ListenerFactory, host: str) -> tuple[Any, StringTransport]:
     address = IPv4Address("TCP", host, 40000)
     protocol = factory.buildProtocol(address)
     transport = StringTransport(peerAddress=address)
@@ -177,10 +171,10 @@ def test_oldest_idle_connection_of_a_client_is_reaped() -> None:
         h.origin.respond(OK_RESPONSE)
         conns.append((c, t))
         h.clock.advance(1)
-    assert [c._phase for c, _ in conns] == ["lingering", "idle", "idle"]
+    assert [c.inner._phase for c, _ in conns] == ["lingering", "idle", "idle"]
     # A busy connection is not counted as idle.
     conns[1][0].dataReceived(b"GET / HTTP/1.1\r\n")
     c4, _ = _connect(factory, "10.0.0.1")
     c4.dataReceived(GET)
     h.origin.respond(OK_RESPONSE)
-    assert conns[2][0]._phase == "idle" and c4._phase == "idle"
+    assert conns[2][0].inner._phase == "idle" and c4.inner._phase == "idle"

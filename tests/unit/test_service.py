@@ -35,6 +35,9 @@ class _Connection:
             self.closed = True
         return self.idle
 
+    def drain_cut(self) -> None:
+        self.transport.abortConnection()
+
 
 def _service(clock: Clock) -> ProxyService:
     doc = {
@@ -50,13 +53,13 @@ def test_drain_closes_idle_at_once_and_waits_for_busy_ones_up_to_the_timeout() -
     clock = Clock()
     service = _service(clock)
     idle, busy = _Connection(idle=True), _Connection(idle=False)
-    service.register_connection("web", idle)
-    service.register_connection("web", busy)
+    service.connections.add(idle)
+    service.connections.add(busy)
     done: list[Any] = []
     service.stopService().addBoth(done.append)
     assert service.draining()
     assert idle.closed and not busy.closed
-    service.unregister_connection("web", idle)
+    service.connections.discard(idle)
     clock.advance(4.9)
     assert not done and not busy.transport.aborted
     clock.advance(0.2)
@@ -68,12 +71,12 @@ def test_drain_ends_as_soon_as_the_last_connection_closes() -> None:
     clock = Clock()
     service = _service(clock)
     busy = _Connection(idle=False)
-    service.register_connection("web", busy)
+    service.connections.add(busy)
     done: list[Any] = []
     service.stopService().addBoth(done.append)
     clock.advance(1)
     assert not done
-    service.unregister_connection("web", busy)
+    service.connections.discard(busy)
     assert len(done) == 1 and not isinstance(done[0], Failure), done
     assert not busy.transport.aborted
     assert not clock.getDelayedCalls(), "the drain timer was cancelled"

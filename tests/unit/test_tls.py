@@ -33,8 +33,8 @@ from twisted.test.iosim import ConnectionCompleter
 from persistproxy.config import ConfigError, UpstreamConfig, parse_config
 from persistproxy.logs import make_event_log
 from persistproxy.metrics import ListenerStats
+from persistproxy.tls.reload import CertificateReloader
 from persistproxy.tls.server import (
-    CertificateReloader,
     ListenerTLSSettings,
     ServerTLS,
     TLSLoadError,
@@ -88,6 +88,9 @@ class Recorder(Protocol):
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.lost = reason
+
+    def tls_established(self, facts: dict[str, Any]) -> None:
+        self.log_extra = facts
 
 
 
