@@ -28,7 +28,7 @@ from persistproxy.http.upstream_connection import (
 if TYPE_CHECKING:
     from persistproxy.http.context import ListenerContext
     from persistproxy.http.headers import Header
-    from persistproxy.upstream.pool import ServerPool
+    from persistproxy.interfaces import Pool
 
 __all__ = ["Exchange", "ExchangeOwner"]
 
@@ -132,7 +132,7 @@ class Exchange:
         self._buffered = 0
         self._feeding = False  # the client's transport is the producer of the upstream's
         self._relaying = False  # the upstream's transport is the producer of the client's
-        self._pool: ServerPool[UpstreamConnection] | None = None
+        self._pool: Pool[UpstreamConnection] | None = None
         self._framing = FRAMING_NONE
         self.upstream: UpstreamConnection | None = None
         self.cancelled = False

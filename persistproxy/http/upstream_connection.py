@@ -38,7 +38,7 @@ from persistproxy.policy import Deadline
 if TYPE_CHECKING:
     from persistproxy.config import UpstreamConfig
     from persistproxy.http.headers import Header
-    from persistproxy.upstream.group import Server
+    from persistproxy.interfaces import UpstreamServer
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
@@ -460,5 +460,5 @@ class HTTPConnector:
 
     clock: IReactorTime
 
-    def factory_for(self, server: Server, config: UpstreamConfig) -> Factory:
+    def factory_for(self, server: UpstreamServer, config: UpstreamConfig) -> Factory:
         return _UpstreamFactory(self.clock, config)

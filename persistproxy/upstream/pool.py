@@ -18,38 +18,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from persistproxy.config import UpstreamConfig
-from persistproxy.interfaces import C
+from persistproxy.interfaces import C, ConnectionWaiter
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
 
-__all__ = ["ConnectionWaiter", "ServerPool"]
+__all__ = ["Connector", "ServerPool"]
 
 T = TypeVar("T")
 #: Opens one connection to the pool's server.
 Connector = Callable[[], "Deferred[T]"]
-W = TypeVar("W", contravariant=True)
-
-
-class ConnectionWaiter(Protocol[W]):
-    """
-    Who asked the pool for a connection. Exactly one of the two methods is called, once,
-    unless C{cancelled} became true first.
-    """
-
-    cancelled: bool
-
-    def connection_ready(self, connection: W, reused: bool) -> None: ...
-
-    def connection_failed(self, reason: str, status: int) -> None: ...
-
-
 class ServerPool(Generic[C]):
     """
     Persistent connections to one C{host:port}, shared by every client connection; lends
