@@ -48,6 +48,7 @@ class UpstreamConfig:
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
+    max_header_count: int = 100
     tls: bool = False
     tls_verify: bool = True
     tls_ca: str = ""
@@ -70,7 +71,9 @@ class ListenerConfig:
     keepalive_timeout: float = 75.0
     max_requests: int = 1000
     max_head_size: int = 16384
+    max_header_count: int = 100
     max_body_size: int = 0
+    min_chunk_size: int = 16
     add_via: bool = True
     add_forwarded: bool = True
     access_log: bool = True
@@ -222,6 +225,7 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         max_connections=s.integer("max_connections", 0),
         queue_size=s.integer("queue_size", 1024),
         queue_timeout=s.seconds("queue_timeout", 10.0),
+        max_header_count=s.integer("max_header_count", 100, 1),
         tls=s.boolean("tls", False),
         tls_verify=s.boolean("tls_verify", True),
         tls_ca=_tls_ca(s),
@@ -307,7 +311,9 @@ def _listener(
         keepalive_timeout=s.seconds("keepalive_timeout", 75.0),
         max_requests=s.integer("max_requests", 1000),
         max_head_size=s.integer("max_head_size", 16384, 256),
+        max_header_count=s.integer("max_header_count", 100, 1),
         max_body_size=s.integer("max_body_size", 0),
+        min_chunk_size=s.integer("min_chunk_size", 16),
         add_via=s.boolean("add_via", True),
         add_forwarded=s.boolean("add_forwarded", True),
         access_log=s.boolean("access_log", True),

@@ -29,7 +29,12 @@ from zope.interface import implementer
 from persistproxy.http.context import ListenerContext, TimedConnection
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
-from persistproxy.http.request_head import UNKNOWN_METHOD, BadRequest, RequestHeadReader
+from persistproxy.http.request_head import (
+    OTHER_VERSION,
+    UNKNOWN_METHOD,
+    BadRequest,
+    RequestHeadReader,
+)
 from persistproxy.net.fastwrite import (
     MSG_MORE,
     backlogged,
@@ -47,6 +52,15 @@ __all__ = ["ClientConnection"]
 
 #: Bytes of pipelined requests (and bodies waiting for a connection) held before reading pauses.
 PIPELINE_BUFFER = 256 * 1024
+
+#: The second line of defence against bodies of tiny chunks (coalescing is the first): a
+#: window of this many chunks that arrives in less than CHUNK_WINDOW_SECONDS must average at
+#: least the listener's min_chunk_size bytes of data per chunk.
+CHUNK_WINDOW = 4096
+CHUNK_WINDOW_SECONDS = 1.0
+
+#: Phases in which a request is being read, and an unfinished line must be bounded.
+_READING = frozenset(("head", "body", "busy"))
 
 _PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 _PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
@@ -172,6 +186,9 @@ class ClientConnection(RequestHeadReader, Protocol):
     def _feed(self, parser: httptools.HttpRequestParser, data: bytes) -> None:
         try:
             parser.feed_data(data)
+            current = self._current
+            if current is not None and current.body_parts:
+                self._flush_body(current)
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data, e)
         except BadRequest as e:
@@ -190,22 +207,35 @@ class ClientConnection(RequestHeadReader, Protocol):
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
+            reason = str(e)
             if parser.get_method() == b"PRI" and parser.get_http_version() == "2.0":
                 # HTTP/2's connection preface (prior knowledge): llhttp stops at it.
                 self._reject(505, "HTTP/2 is not supported on this listener")
+            elif ("version" in reason or "dot" in reason) and (
+                other := OTHER_VERSION.search(data)
+            ):
+                # A version llhttp does not parse (HTTP/1.2, HTTP/1.10): not supported, as
+                # the 0.9 and 2.0 it does parse (judged in _upstream_request).
+                version = other.group(1).decode()
+                self._reject(505, f"HTTP/{version} is not supported")
             else:
-                self._reject(400, str(e) or "malformed request")
+                self._reject(400, reason or "malformed request")
         else:
-            if self._phase == "head":
-                # httptools keeps a header line that has not ended to itself: count the bytes
-                # of reads that completed no part of the head, so a never-ending line is bounded.
+            if self._in_message and self._phase in _READING:
+                # httptools keeps a header or trailer line that has not ended to itself, and
+                # llhttp skips chunk extensions: count the bytes of reads that completed no
+                # field and carried no body data, so a never-ending line is bounded. Trailers
+                # count against max_head_size with the head they follow.
                 if self._progress:
                     self._progress = False
                     self._quiet = 0
                 else:
                     self._quiet += len(data)
                     if self._head_size + self._quiet > self._ctx.config.max_head_size:
-                        self._reject(431, "request head too large")
+                        if self._current is None:
+                            self._reject(431, "request head too large")
+                        else:
+                            self._reject(431, "request trailers or chunk framing too large")
 
     def readConnectionLost(self) -> None:
         """
@@ -307,27 +337,75 @@ class ClientConnection(RequestHeadReader, Protocol):
             exchange.start()
 
     def on_body(self, body: bytes) -> None:
+        # Called once per chunk of a chunked body: only collect here. What one read brings
+        # is forwarded as one piece (one chunk, one write) by _flush_body at the end of it.
         exchange = self._current
-        if exchange is None:
-            return
-        body_queue = self._ctx.body_queue
+        if exchange is not None:
+            exchange.body_parts.append(body)
+
+    def _flush_body(self, exchange: Exchange) -> None:
+        """
+        Forward the body data parsed out of the current read, as one piece: 1-byte chunks
+        would otherwise cost a write and a chunk on the upstream hop each.
+
+        @raise BadRequest: past max_body_size (413), or chunks too small and too many (400).
+        """
+        parts = exchange.body_parts
+        count = len(parts)
+        data = parts[0] if count == 1 else b"".join(parts)
+        parts.clear()
+        self._progress = True
+        ctx = self._ctx
+        body_queue = ctx.body_queue
         if body_queue is not None:
             body_queue.add(self)
-        limit = self._ctx.config.max_body_size
+        config = ctx.config
+        limit = config.max_body_size
         if limit:
-            self._body_size += len(body)
+            self._body_size += len(data)
             if self._body_size > limit:
                 raise BadRequest(413, "request body too large")
-        buffered = exchange.request_body(body)
+        if exchange.chunked and config.min_chunk_size:
+            exchange.chunks += count
+            exchange.chunk_bytes += len(data)
+            if exchange.chunks >= CHUNK_WINDOW:
+                self._judge_chunk_window(exchange)
+        buffered = exchange.request_body(data)
         if buffered > PIPELINE_BUFFER:
             self._pause_reading(_PAUSE_BACKLOG)
+
+    def _judge_chunk_window(self, exchange: Exchange) -> None:
+        """
+        A window of CHUNK_WINDOW chunks is complete: refuse a flood of tiny chunks (each is
+        a parser callback), but not a client streaming small chunks at a human pace nor one
+        sending many large ones quickly.
+
+        @raise BadRequest: the window came in under CHUNK_WINDOW_SECONDS with chunks that
+            averaged less than min_chunk_size bytes.
+        """
+        now = self._ctx.clock.seconds()
+        minimum = self._ctx.config.min_chunk_size
+        if (
+            exchange.chunk_bytes < exchange.chunks * minimum
+            and now - exchange.chunk_window < CHUNK_WINDOW_SECONDS
+        ):
+            raise BadRequest(
+                400,
+                f"{exchange.chunks} chunks in under {CHUNK_WINDOW_SECONDS:g}s averaging"
+                f" under {minimum} bytes",
+            )
+        exchange.chunks = 0
+        exchange.chunk_bytes = 0
+        exchange.chunk_window = now
 
     def on_message_complete(self) -> None:
         self._in_message = False
         exchange = self._current
-        self._current = None
         if exchange is None:
             return
+        if exchange.body_parts:
+            self._flush_body(exchange)  # before its last chunk; may refuse it (413)
+        self._current = None
         exchange.request_complete()
         if self._phase == "body":
             self._phase = "busy"

@@ -29,10 +29,29 @@ if TYPE_CHECKING:
     from persistproxy.http.context import ListenerContext
     from persistproxy.http.headers import Header
 
-__all__ = ["UNKNOWN_METHOD", "BadRequest", "RequestHeadReader", "UpstreamRequest", "origin_form"]
+__all__ = [
+    "MAX_CONTENT_LENGTH",
+    "OTHER_VERSION",
+    "UNKNOWN_METHOD",
+    "BadRequest",
+    "RequestHeadReader",
+    "UpstreamRequest",
+    "origin_form",
+]
 
 #: A well-formed request line whose method llhttp does not know: 501, not 400.
 UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
+
+#: A request line with a well-formed version that is neither 1.0 nor 1.1 (llhttp refuses
+#: HTTP/1.2 and cannot parse HTTP/1.10): 505, as for HTTP/2.0, not 400. Anchored to a line
+#: start, as the read may hold requests pipelined before it.
+OTHER_VERSION = re.compile(
+    rb"(?:\A|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/(?!1\.[01]\r\n)([0-9]{1,3}\.[0-9]{1,3})\r\n"
+)
+
+#: The largest Content-Length an origin keeping lengths in a signed 64-bit integer can hold;
+#: llhttp accepts up to 2^64 - 1.
+MAX_CONTENT_LENGTH = 2**63 - 1
 
 #: RFC 9112 3.2 / RFC 3986 3.2.2: a reg-name or an IP literal, and an optional port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
@@ -80,6 +99,7 @@ class RequestHeadReader:
 
     __slots__ = (
         "_body_size",
+        "_fields",
         "_head_size",
         "_headers",
         "_host",
@@ -110,6 +130,7 @@ class RequestHeadReader:
     _te: bytes | None
     _upgrade: bool
     _head_size: int
+    _fields: int
     _progress: bool
 
     def _reset_head(self) -> None:
@@ -124,6 +145,7 @@ class RequestHeadReader:
         self._te = None
         self._upgrade = False
         self._head_size = 0
+        self._fields = 0
         self._progress = True
 
     def on_url(self, url: bytes) -> None:
@@ -134,10 +156,16 @@ class RequestHeadReader:
             raise BadRequest(431, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Trailer fields come through here too, after the head: max_head_size and
+        # max_header_count bound the head and the trailers together.
         self._head_size += len(name) + len(value) + 4
+        self._fields += 1
         self._progress = True
-        if self._head_size > self._ctx.config.max_head_size:
+        config = self._ctx.config
+        if self._head_size > config.max_head_size:
             raise BadRequest(431, "request head too large")
+        if self._fields > config.max_header_count:
+            raise BadRequest(431, f"more than {config.max_header_count} header fields")
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == b"connection":
@@ -153,7 +181,9 @@ class RequestHeadReader:
             self._hosts += 1
             self._host = value
         elif lower == b"content-length":
+            # Sent on normalised (see _upstream_request), not as the client wrote it.
             self._length = value
+            return
         elif lower == b"x-forwarded-for" and self._ctx.config.add_forwarded:
             if self._xff is None:
                 self._xff = []
@@ -197,8 +227,13 @@ class RequestHeadReader:
                 raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
             chunked = True
         has_body = chunked
+        length = -1
         if self._length is not None:
-            length = int(self._length)
+            length = int(self._length)  # llhttp let only digits through
+            if length > MAX_CONTENT_LENGTH:
+                # An origin that reads it into an int64 would see a negative or wrapped
+                # length, and frame the body differently from us.
+                raise BadRequest(400, "Content-Length too large")
             has_body = length > 0
             if config.max_body_size and length > config.max_body_size:
                 raise BadRequest(413, "request body too large")
@@ -229,6 +264,8 @@ class RequestHeadReader:
             extra.append(b"X-Forwarded-Proto: %s\r\n" % ctx.scheme)
         if chunked:
             extra.append(b"Transfer-Encoding: chunked\r\n")
+        elif length >= 0:
+            extra.append(b"Content-Length: %d\r\n" % length)  # no leading zeros
         tokens = self._tokens
         if tokens and b"close" in tokens:
             keep_alive = False  # close wins over keep-alive (RFC 9112 9.3)

@@ -44,8 +44,13 @@ _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
 __all__ = ["HTTPConnector", "ResponseSink", "UpstreamConnection"]
 
-#: Bytes of status line and headers an origin may send before we answer 502.
+#: Bytes of status line and headers an origin may send before we answer 502; also the bytes
+#: of trailers (or chunk framing without data) allowed in a row before the response is cut.
 MAX_RESPONSE_HEAD = 64 * 1024
+
+#: The largest Content-Length relayed: a client keeping lengths in a signed 64-bit integer
+#: could not frame a larger body as we do (llhttp accepts up to 2^64 - 1).
+MAX_CONTENT_LENGTH = 2**63 - 1
 
 
 _KEEP_ALIVE = {b"keep-alive"}
@@ -104,13 +109,17 @@ class UpstreamConnection(TwistedProtocol):
         "_feeding",
         "_head_seen",
         "_headers",
+        "_hops",
         "_interim",
         "_is_head",
         "_length",
+        "_max_fields",
         "_max_requests",
         "_new_parser",
         "_parser",
+        "_parts",
         "_paused",
+        "_quiet",
         "_reason",
         "_response_timeout",
         "_sink",
@@ -133,7 +142,11 @@ class UpstreamConnection(TwistedProtocol):
         clock: IReactorTime,
         response_timeout: float,
         max_requests: int,
+        max_header_count: int = 100,
     ) -> None:
+        """
+        @param max_header_count: header fields a response head may have (more is a 502).
+        """
         self.state = "CONNECTING"
         self.requests = 0
         self.idle_since = 0.0
@@ -146,6 +159,9 @@ class UpstreamConnection(TwistedProtocol):
         self._clock = clock
         self._response_timeout = response_timeout
         self._max_requests = max_requests
+        self._max_fields = max_header_count
+        #: Body data parsed out of the current read, relayed as one piece at its end.
+        self._parts: list[bytes] = []
         self._timer = Deadline(clock, self._timed_out)
         self._parser = httptools.HttpResponseParser(self)
         self._sink: ResponseSink | None = None
@@ -163,6 +179,7 @@ class UpstreamConnection(TwistedProtocol):
         self._head_seen = False
         self._reason = b""
         self._headers: list[Header] = []
+        self._hops = 0
         self._tokens: set[bytes] = set()
         self._codings: list[bytes] = []
         self._extra = False
@@ -171,6 +188,9 @@ class UpstreamConnection(TwistedProtocol):
         self._te = False
         self._length = False
         self._done = False
+        self._parts.clear()
+        #: Bytes of reads in a row that carried no body data once the head was relayed.
+        self._quiet = 0
 
     # -- used by the pool and the exchange -------------------------------------------------
 
@@ -283,12 +303,23 @@ class UpstreamConnection(TwistedProtocol):
             # Bytes after the end of the response, in the same read: whatever they are, they
             # answer nothing we sent. Never let them reach the next request.
             self._complete(sink, reusable and not self._extra)
-        elif (
-            not self._head_seen
-            and self._sink is not None
-            and (self.bytes_received > MAX_RESPONSE_HEAD)
-        ):
-            self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
+        elif self._parts:
+            self._quiet = 0
+            self._relay_body()
+        elif self._sink is not None:
+            if not self._head_seen:
+                if self.bytes_received > MAX_RESPONSE_HEAD:
+                    self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
+            elif self._chunked:
+                # A read without body data: chunk framing, or trailers, whose unfinished
+                # line httptools keeps to itself. Bound them as the head is bounded.
+                self._quiet += len(data)
+                if self._quiet > MAX_RESPONSE_HEAD:
+                    self._fail(
+                        f"response trailers or chunk framing larger than {MAX_RESPONSE_HEAD}"
+                        " bytes",
+                        False,
+                    )
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._timer.stop()
@@ -319,6 +350,7 @@ class UpstreamConnection(TwistedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
         if lower in HOP_BY_HOP:
+            self._hops += 1  # not in _headers, but counted against max_header_count
             if lower == b"connection":
                 connection_tokens(value, self._tokens)
             elif lower == b"transfer-encoding":
@@ -332,6 +364,13 @@ class UpstreamConnection(TwistedProtocol):
             return
         if lower == b"content-length":
             self._length = True
+            if len(value) > 18 or (value[:1] == b"0" and len(value) > 1):
+                # Rare: leading zeros, or near the int64 limit (llhttp let only digits by).
+                length = int(value)
+                if length > MAX_CONTENT_LENGTH:
+                    self._fail("origin sent a Content-Length over 2^63 - 1", False)
+                    raise _Stop()
+                value = b"%d" % length
         # The head's size is bounded per read in dataReceived, not per header: this is the
         # hottest callback of the proxy.
         self._headers.append((name, value))
@@ -345,6 +384,9 @@ class UpstreamConnection(TwistedProtocol):
         sink = self._sink
         if sink is None:
             return
+        if len(self._headers) + self._hops > self._max_fields:
+            self._fail(f"response head has more than {self._max_fields} header fields", False)
+            raise _Stop()
         if status == 101:
             self._fail("origin switched protocols unasked", False)
             raise _Stop()
@@ -360,12 +402,17 @@ class UpstreamConnection(TwistedProtocol):
             sink.response_interim(status, self._reason, headers)
             self._reason = b""
             self._headers = []
+            self._hops = 0
             self._tokens = set()
             return
         self._timer.cancel()
         self._head_seen = True
         if self._is_head or status in (204, 304):
             framing = FRAMING_NONE
+            if status in (204, 304) and self._length:
+                # A 204 or 304 has no body whatever its Content-Length says; relayed, the
+                # header could make a client wait for one (HAProxy drops it too).
+                headers = [h for h in headers if h[0].lower() != b"content-length"]
         elif self._te:
             framing = FRAMING_CHUNKED if self._chunked else FRAMING_CLOSE
         elif self._length:
@@ -380,9 +427,10 @@ class UpstreamConnection(TwistedProtocol):
             self._finish()
 
     def on_body(self, data: bytes) -> None:
-        sink = self._sink
-        if sink is not None:
-            sink.response_body(data)
+        # Called once per chunk of a chunked body: only collect here; what one read brings
+        # is relayed as one piece (one chunk to the client) by _relay_body.
+        if self._sink is not None:
+            self._parts.append(data)
         elif self._done:
             # A body after a HEAD response or a 204/304: bytes that answer nothing.
             self._extra = True
@@ -397,8 +445,19 @@ class UpstreamConnection(TwistedProtocol):
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _relay_body(self) -> None:
+        """Hand the body data parsed out of the current read to the sink, in one piece."""
+        parts = self._parts
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        sink = self._sink
+        if sink is not None:
+            sink.response_body(data)
+
     def _finish(self) -> None:
         self._done = True
+        if self._parts:
+            self._relay_body()
         sink = self._sink
         self._sink = None
         reusable = bool(
@@ -426,6 +485,7 @@ class UpstreamConnection(TwistedProtocol):
             self.close()
 
     def _fail(self, reason: str, timeout: bool) -> None:
+        self._parts.clear()
         sink = self._sink
         self._sink = None
         self.abort()
@@ -446,7 +506,10 @@ class _UpstreamFactory(Factory):
 
     def buildProtocol(self, addr: object) -> UpstreamConnection:
         return UpstreamConnection(
-            self._clock, self._config.response_timeout, self._config.max_requests
+            self._clock,
+            self._config.response_timeout,
+            self._config.max_requests,
+            self._config.max_header_count,
         )
 
 

@@ -114,3 +114,16 @@ def test_without_plugins_only_builtin_keys_are_accepted() -> None:
     doc = {"listener": [{"bind": "tcp:0", "weird": 1}]}
     with pytest.raises(ConfigError, match=r"listener\.listener0\.weird: unknown key"):
         parse_config(doc)
+
+
+def test_header_count_and_chunk_size_limits(tmp_path: Path) -> None:
+    config = _load(tmp_path, GOOD)
+    listener = config.listeners[0]  # type: ignore[attr-defined]
+    assert (listener.max_header_count, listener.min_chunk_size) == (100, 16)
+    assert config.upstreams["app"].max_header_count == 100  # type: ignore[attr-defined]
+    text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nmax_header_count = 0\n', 1)
+    assert "listener.web.max_header_count: must be >= 1, got 0" in _error(tmp_path, text)
+    text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nmin_chunk_size = -1\n', 1)
+    assert "listener.web.min_chunk_size: must be >= 0, got -1" in _error(tmp_path, text)
+    text = GOOD + "max_header_count = 1.5\n"
+    assert "upstream.app.max_header_count: expected an integer" in _error(tmp_path, text)
