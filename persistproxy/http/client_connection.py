@@ -405,6 +405,8 @@ class ClientConnection(RequestHeadReader, Protocol):
             return
         if exchange.body_parts:
             self._flush_body(exchange)  # before its last chunk; may refuse it (413)
+        if exchange.chunked:
+            self._check_field_count()  # with the trailers
         self._current = None
         exchange.request_complete()
         if self._phase == "body":

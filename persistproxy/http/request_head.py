@@ -99,7 +99,6 @@ class RequestHeadReader:
 
     __slots__ = (
         "_body_size",
-        "_fields",
         "_head_size",
         "_headers",
         "_host",
@@ -108,6 +107,7 @@ class RequestHeadReader:
         "_progress",
         "_te",
         "_tokens",
+        "_unlisted",
         "_upgrade",
         "_url",
         "_valid_host",
@@ -130,7 +130,7 @@ class RequestHeadReader:
     _te: bytes | None
     _upgrade: bool
     _head_size: int
-    _fields: int
+    _unlisted: int
     _progress: bool
 
     def _reset_head(self) -> None:
@@ -145,7 +145,7 @@ class RequestHeadReader:
         self._te = None
         self._upgrade = False
         self._head_size = 0
-        self._fields = 0
+        self._unlisted = 0
         self._progress = True
 
     def on_url(self, url: bytes) -> None:
@@ -157,17 +157,16 @@ class RequestHeadReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Trailer fields come through here too, after the head: max_head_size and
-        # max_header_count bound the head and the trailers together.
+        # max_header_count bound the head and the trailers together. The field count is
+        # len(_headers) + _unlisted, judged once per head (and once for trailers): the
+        # size bound already stops a head of many fields, and this is a hot callback.
         self._head_size += len(name) + len(value) + 4
-        self._fields += 1
         self._progress = True
-        config = self._ctx.config
-        if self._head_size > config.max_head_size:
+        if self._head_size > self._ctx.config.max_head_size:
             raise BadRequest(431, "request head too large")
-        if self._fields > config.max_header_count:
-            raise BadRequest(431, f"more than {config.max_header_count} header fields")
         lower = name.lower()
         if lower in HOP_BY_HOP:
+            self._unlisted += 1
             if lower == b"connection":
                 if self._tokens is None:
                     self._tokens = set()
@@ -183,15 +182,27 @@ class RequestHeadReader:
         elif lower == b"content-length":
             # Sent on normalised (see _upstream_request), not as the client wrote it.
             self._length = value
+            self._unlisted += 1
             return
         elif lower == b"x-forwarded-for" and self._ctx.config.add_forwarded:
             if self._xff is None:
                 self._xff = []
             self._xff.append(value)
+            self._unlisted += 1
             return
         elif lower == b"x-forwarded-proto" and self._ctx.config.add_forwarded:
+            self._unlisted += 1
             return
         self._headers.append((name, value))
+
+    def _check_field_count(self) -> None:
+        """
+        @raise BadRequest: more fields than max_header_count in the head (or, once the
+            trailers are read, in the head and trailers).
+        """
+        limit = self._ctx.config.max_header_count
+        if len(self._headers) + self._unlisted > limit:
+            raise BadRequest(431, f"more than {limit} header fields")
 
     def _upstream_request(self, parser: httptools.HttpRequestParser) -> UpstreamRequest:
         """
@@ -201,6 +212,7 @@ class RequestHeadReader:
         """
         ctx = self._ctx
         config = ctx.config
+        self._check_field_count()
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise BadRequest(505, f"HTTP/{version} is not supported")

@@ -188,7 +188,6 @@ class UpstreamConnection(TwistedProtocol):
         self._te = False
         self._length = False
         self._done = False
-        self._parts.clear()
         #: Bytes of reads in a row that carried no body data once the head was relayed.
         self._quiet = 0
 
@@ -364,7 +363,7 @@ class UpstreamConnection(TwistedProtocol):
             return
         if lower == b"content-length":
             self._length = True
-            if len(value) > 18 or (value[:1] == b"0" and len(value) > 1):
+            if len(value) > 18 or (value[0] == 48 and len(value) > 1):  # 48: "0"
                 # Rare: leading zeros, or near the int64 limit (llhttp let only digits by).
                 length = int(value)
                 if length > MAX_CONTENT_LENGTH:
@@ -427,10 +426,14 @@ class UpstreamConnection(TwistedProtocol):
             self._finish()
 
     def on_body(self, data: bytes) -> None:
-        # Called once per chunk of a chunked body: only collect here; what one read brings
-        # is relayed as one piece (one chunk to the client) by _relay_body.
-        if self._sink is not None:
-            self._parts.append(data)
+        sink = self._sink
+        if sink is not None:
+            if self._chunked:
+                # Called once per chunk: only collect here; what one read brings is relayed
+                # as one piece (one chunk to the client) at the end of it.
+                self._parts.append(data)
+            else:
+                sink.response_body(data)  # once per read already
         elif self._done:
             # A body after a HEAD response or a 204/304: bytes that answer nothing.
             self._extra = True
@@ -456,10 +459,15 @@ class UpstreamConnection(TwistedProtocol):
 
     def _finish(self) -> None:
         self._done = True
-        if self._parts:
-            self._relay_body()
         sink = self._sink
         self._sink = None
+        parts = self._parts
+        if parts:
+            # The body data of this read goes before the completion (_relay_body inlined:
+            # this runs for nearly every response).
+            if sink is not None:
+                sink.response_body(parts[0] if len(parts) == 1 else b"".join(parts))
+            parts.clear()
         reusable = bool(
             self.request_sent
             and b"close" not in self._tokens
