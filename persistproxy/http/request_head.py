@@ -20,6 +20,7 @@ import httptools
 
 from persistproxy.http.headers import (
     HOP_BY_HOP,
+    MAX_CONTENT_LENGTH,
     connection_tokens,
     nominated_headers,
     remove_nominated,
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from persistproxy.http.headers import Header
 
 __all__ = [
-    "MAX_CONTENT_LENGTH",
     "OTHER_VERSION",
     "UNKNOWN_METHOD",
     "BadRequest",
@@ -48,10 +48,6 @@ UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
 OTHER_VERSION = re.compile(
     rb"(?:\A|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/(?!1\.[01]\r\n)([0-9]{1,3}\.[0-9]{1,3})\r\n"
 )
-
-#: The largest Content-Length an origin keeping lengths in a signed 64-bit integer can hold;
-#: llhttp accepts up to 2^64 - 1.
-MAX_CONTENT_LENGTH = 2**63 - 1
 
 #: RFC 9112 3.2 / RFC 3986 3.2.2: a reg-name or an IP literal, and an optional port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")

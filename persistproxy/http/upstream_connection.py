@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from persistproxy.http.headers import (
     HOP_BY_HOP,
+    MAX_CONTENT_LENGTH,
     connection_tokens,
     keepalive_timeout_param,
     nominated_headers,
@@ -47,10 +48,6 @@ __all__ = ["HTTPConnector", "ResponseSink", "UpstreamConnection"]
 #: Bytes of status line and headers an origin may send before we answer 502; also the bytes
 #: of trailers (or chunk framing without data) allowed in a row before the response is cut.
 MAX_RESPONSE_HEAD = 64 * 1024
-
-#: The largest Content-Length relayed: a client keeping lengths in a signed 64-bit integer
-#: could not frame a larger body as we do (llhttp accepts up to 2^64 - 1).
-MAX_CONTENT_LENGTH = 2**63 - 1
 
 
 _KEEP_ALIVE = {b"keep-alive"}
@@ -459,15 +456,10 @@ class UpstreamConnection(TwistedProtocol):
 
     def _finish(self) -> None:
         self._done = True
+        if self._parts:
+            self._relay_body()  # the chunk data of this read goes before the completion
         sink = self._sink
         self._sink = None
-        parts = self._parts
-        if parts:
-            # The body data of this read goes before the completion (_relay_body inlined:
-            # this runs for nearly every response).
-            if sink is not None:
-                sink.response_body(parts[0] if len(parts) == 1 else b"".join(parts))
-            parts.clear()
         reusable = bool(
             self.request_sent
             and b"close" not in self._tokens

@@ -86,6 +86,16 @@ def test_a_request_trailer_trickled_a_byte_at_a_time_is_cut_too() -> None:
     assert parse_response(transport.value())[0] == 431
 
 
+def test_a_chunk_extension_that_never_ends_is_cut_too() -> None:
+    """llhttp skips chunk extensions without a callback: only the byte count sees them."""
+    h = Harness(listener={"max_head_size": 1024})
+    client, transport = h.client()
+    client.dataReceived(CHUNKED_POST + b"3\r\nabc\r\n5;ext=")
+    for _ in range(20):
+        client.dataReceived(b"e" * 100)
+    assert parse_response(transport.value())[0] == 431
+
+
 def test_complete_trailer_fields_count_with_the_head() -> None:
     h = Harness(listener={"max_head_size": 1024})
     client, transport = h.client()
