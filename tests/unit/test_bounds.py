@@ -388,6 +388,12 @@ def test_a_version_behind_a_pipelined_request_gets_505_after_it() -> None:
     assert out.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 505 " in out
 
 
+def test_an_error_elsewhere_is_not_taken_for_a_version_of_a_later_request() -> None:
+    """Only a version error looks for a version: a bad header stays a 400."""
+    status, _ = _answer(b"GET / HTTP/1.1\r\nHost : x\r\n\r\nGET / HTTP/1.2\r\nHost: x\r\n\r\n")
+    assert status == 400
+
+
 @pytest.mark.parametrize("version", [b"1.1x", b"x.y", b"1.", b"1", b"1.1 "])
 def test_malformed_versions_get_400(version: bytes) -> None:
     assert _answer(b"GET / HTTP/%s\r\nHost: x\r\n\r\n" % version)[0] == 400
