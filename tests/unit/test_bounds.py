@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fakes import OK_RESPONSE, Harness, parse_response
 
-from persistproxy.http.client_connection import CHUNK_WINDOW
+from persistproxy.http.request_body import CHUNK_WINDOW
 
 CHUNKED_POST = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
