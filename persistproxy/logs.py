@@ -104,7 +104,7 @@ class _Pending:
         self.dropped = 0
         self._now = now
         self._chunks: list[bytes] = []
-        self._held = 0
+        self._waiting = 0
         self._inflight = 0
         self._inflight_lines = 0
         self._inflight_reported = 0
@@ -119,15 +119,15 @@ class _Pending:
         if self._dropping:
             self._drop(_count_lines(data), "buffer full")
             return
-        room = self.limit - self._held
+        room = self.limit - self._waiting - self._inflight
         if len(data) <= room:
             self._chunks.append(data)
-            self._held += len(data)
+            self._waiting += len(data)
             return
         cut = data.rfind(b"\n", 0, room) + 1
         if cut:
             self._chunks.append(data[:cut])
-            self._held += cut
+            self._waiting += cut
         self._dropping = True
         self._drop(_count_lines(data, cut), "buffer full")
 
@@ -144,6 +144,9 @@ class _Pending:
         """
         data = b"".join(self._chunks)
         self._chunks = []
+        # Set, not subtracted: a count that a signal handler's line made wrong (see
+        # LogOutput._lock) is right again here.
+        self._waiting = 0
         self._inflight = len(data)
         self._inflight_lines = _count_lines(data)
         self._inflight_reported = self._unreported
@@ -158,7 +161,6 @@ class _Pending:
         The chunk from L{take} is out (C{ok}) or lost: its lines and its warning's count are
         then dropped lines, owed in the next warning.
         """
-        self._held -= self._inflight
         if not ok:
             self.dropped += self._inflight_lines
             self._unreported += self._inflight_lines + self._inflight_reported
@@ -300,7 +302,9 @@ class LogOutput:
         self.name = name
         self._sink = sink
         self._pending = _Pending(name, buffer_size, now)
-        self._lock = threading.Lock()
+        # Reentrant: Twisted logs from its signal handlers ("Received SIGTERM"), which run on
+        # the main thread between two bytecodes, possibly inside write() holding this lock.
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._state = "new"
@@ -437,7 +441,7 @@ class LogOutput:
 
     def _after_fork(self) -> None:
         # The writer thread did not come along and the lock may have been held by it.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._thread = None
         self._waiting = False
@@ -607,7 +611,8 @@ class AccessLog:
     so access lines are encoded with the C JSON encoder and written at most every
     C{flush_interval} seconds or whenever C{buffer_size} bytes are pending, like nginx's
     C{access_log ... buffer= flush=}. A crash loses at most that window of access lines;
-    every other event is still written at once.
+    every other event is handed to its output at once. A batch goes to a L{LogOutput}
+    (standard output or the C{[log] access_log} file), so writing it never blocks.
     """
 
     def __init__(

@@ -15,6 +15,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -228,6 +230,28 @@ def test_lines_after_close_are_dropped_and_counted() -> None:
     output.write(line(2).decode())
     assert output.dropped == 1
     assert bytes(sink.data) == line(1)
+
+
+def test_a_line_logged_by_a_signal_handler_inside_write_does_not_deadlock() -> None:
+    """Twisted logs "Received SIGTERM" from its signal handler, which runs on the main thread
+    between two bytecodes, possibly while that thread is inside write(). Run in a child
+    process, whose hang would be a timeout here rather than a hung test run."""
+    script = """
+import os, signal
+from persistproxy.logs import FdSink, LogOutput
+out = LogOutput("stdout", FdSink(1))
+signal.signal(signal.SIGUSR2, lambda *args: out.write("from the handler\\n"))
+with out._lock:  # as if the main thread were inside write() when the signal came
+    os.kill(os.getpid(), signal.SIGUSR2)
+    out._pending.add(b"interrupted\\n")
+out.write("after\\n")
+assert out.close(5)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"from the handler\ninterrupted\nafter\n"
 
 
 def test_an_output_never_written_to_starts_no_thread() -> None:
