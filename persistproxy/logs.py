@@ -19,6 +19,7 @@ non-blocking syslog or rings that drop lines: a proxy must not stall for its log
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import json
 import logging
@@ -394,6 +395,8 @@ class LogOutput:
         return not thread.is_alive()
 
     def _start(self) -> None:
+        if self._state != "new":
+            return  # a signal handler's line, inside write(), started it already
         self._state = "running"
         self._thread = threading.Thread(target=self._run, name=f"log-{self.name}", daemon=True)
         self._thread.start()
@@ -437,7 +440,9 @@ class LogOutput:
         except OSError as e:
             error = e.strerror or errno.errorcode.get(e.errno or 0, repr(e))
         for done in callbacks:
-            done(error)
+            # A failing callback has nowhere to be reported; the writer thread must go on.
+            with contextlib.suppress(Exception):
+                done(error)
 
     def _after_fork(self) -> None:
         # The writer thread did not come along and the lock may have been held by it.

@@ -134,19 +134,20 @@ def makeService(options: Options) -> IService:
     stdout = stdout_output()
     stdout.buffer_size = config.log_buffer_size
     log = make_event_log(stdout, level=config.log_level)
-    outputs = [stdout]
     access_output = stdout
+    files: list[LogOutput] = []
     if config.access_log_file:
         try:
             sink = FileSink(config.access_log_file)
         except OSError as e:
             _exit(1, f"persistproxy: [log] access_log: cannot open {e.filename}: {e.strerror}")
         access_output = LogOutput("access_log", sink, config.log_buffer_size)
-        outputs.append(access_output)
+        files.append(access_output)
+    outputs = [stdout, *files]
     root = MultiService()
     # SIGUSR1 (logrotate's postrotate) reopens the access log file; installed even without
     # one, so that the signal never kills the process.
-    LogReopener(reactor, outputs[1:], log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    LogReopener(reactor, files, log).setServiceParent(root)  # type: ignore[no-untyped-call]
     proxy = ProxyService(
         reactor, config, options.plugins, log, access_log=AccessLog(reactor, access_output)
     )

@@ -9,6 +9,7 @@ Before the fix the reactor then slept in a blocking write and every connection f
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -178,17 +179,21 @@ def test_a_pipe_nobody_reads_never_stops_traffic(origin: Origin, tmp_path: Path)
         # Read again now: the line Twisted logged for the first scrape was dropped too.
         dropped = _dropped(metrics_port)
         os.kill(proxy.proc.pid, signal.SIGTERM)
-        assert proxy.proc.wait(30) == 0
+        status = proxy.proc.wait(30)
         assert proxy._reader is not None
         proxy._reader.join(10)
         events = proxy.events()
-        assert any(e.get("event") == "drain.finished" for e in events)
+        tail = [e for e in events if e.get("event") != "access"][-10:]
+        assert status == 0, tail
+        assert any(e.get("event") == "drain.finished" for e in events), tail
         access = [int(e["path"].rsplit("r", 1)[1]) for e in events if e.get("event") == "access"]
-        reported = sum(e["dropped"] for e in events if e.get("event") == "log.lines_dropped")
+        warnings = [e for e in events if e.get("event") == "log.lines_dropped"]
+        reported = sum(e["dropped"] for e in warnings)
         print(f"after reading: {len(access)} access lines arrived, warnings report {reported} "
               f"dropped (counter: {dropped:.0f})")
-        assert access == sorted(access)
-        assert reported == dropped
+        disorder = [(a, b) for a, b in itertools.pairwise(access) if a > b]
+        assert not disorder, disorder[:5]
+        assert reported == dropped, (warnings, tail)
         assert len(access) + reported >= TOTAL  # every line arrived or is counted
     finally:
         proxy.close()
