@@ -99,6 +99,10 @@ class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
     upstreams: Mapping[str, UpstreamConfig]
     log_level: str = "info"
+    #: The file access lines are appended to; "" for standard output, with the other events.
+    access_log_file: str = ""
+    #: Bytes of lines each log output holds while its destination does not take them.
+    log_buffer_size: int = 1024 * 1024
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
@@ -342,6 +346,28 @@ def _listener(
     return listener
 
 
+def _access_log_file(s: _Section) -> str:
+    """
+    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to where twistd
+    starts, as C{tls_ca}), whose directory must exist so that C{--check} catches a typo; the
+    file itself is opened (created) at start.
+    """
+    value = s.string("access_log", "stdout")
+    if value == "stdout":
+        return ""
+    if not value:
+        raise s.fail("access_log", 'expected "stdout" or a file name, got ""')
+    path = Path(value).absolute()
+    try:
+        if path.is_dir():
+            raise s.fail("access_log", f"{path} is a directory")
+        if not path.parent.is_dir():
+            raise s.fail("access_log", f"directory {path.parent} does not exist")
+    except OSError as e:
+        raise s.fail("access_log", f"{path}: {e.strerror}") from None
+    return str(path)
+
+
 _TOP_KEYS = {"listener", "upstream", "log", "metrics", "drain_timeout"}
 
 
@@ -381,6 +407,8 @@ def parse_config(
     log_level = log.string("level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
+    access_log_file = _access_log_file(log)
+    log_buffer_size = log.integer("buffer_size", 1024 * 1024, 65536)
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
     metrics_bind = metrics.string("bind", "")
@@ -391,6 +419,8 @@ def parse_config(
         listeners=tuple(listeners),
         upstreams=upstreams,
         log_level=log_level,
+        access_log_file=access_log_file,
+        log_buffer_size=log_buffer_size,
         metrics_bind=metrics_bind,
         drain_timeout=top.seconds("drain_timeout", 30.0),
         source=source,

@@ -5,6 +5,7 @@ The C{/metrics} endpoint for Prometheus, on its own listener (C{[metrics] bind})
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -15,7 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from persistproxy.logs import EventLog
+from persistproxy.logs import EventLog, LogOutput
 from persistproxy.metrics import StatsCollector
 
 __all__ = ["metrics_service"]
@@ -44,9 +45,18 @@ class _MetricsService(StreamServerEndpointService):
         waiting.addCallback(started)
 
 
-def metrics_service(reactor: Any, bind: str, proxy: Any, log: EventLog) -> IService:
+def metrics_service(
+    reactor: Any,
+    bind: str,
+    proxy: Any,
+    log: EventLog,
+    log_outputs: Sequence[LogOutput] = (),
+) -> IService:
+    def log_drops() -> list[tuple[str, int]]:
+        return [(output.name, output.dropped) for output in log_outputs]
+
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(StatsCollector(proxy.proxy_stats, proxy.pool_gauges))
+    registry.register(StatsCollector(proxy.proxy_stats, proxy.pool_gauges, log_drops))
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
     site = Site(root)
