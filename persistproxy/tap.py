@@ -120,7 +120,9 @@ def makeService(options: Options) -> IService:
         config = parse_config(_demo_document(8080, demo_port.getHost().port), "<demo>", validators)
     log = make_event_log(level=config.log_level)
     root = MultiService()
-    proxy = ProxyService(reactor, config, options.plugins, log)
+    from persistproxy.descriptors import ProcessDescriptors
+
+    proxy = ProxyService(reactor, config, options.plugins, log, process=ProcessDescriptors())
     from persistproxy.tls.reload import CertificateReloader
 
     # SIGHUP (systemctl reload) re-reads the TLS listeners' certificates and keys. Its handler
