@@ -112,7 +112,9 @@ class ProxyPort(tcp.Port):
 
     def startReading(self) -> None:
         self._wanted = True
-        if self._backoff is None:
+        # A listener whose connections close during the drain resumes a port that is
+        # closing or closed: its socket must not be registered again.
+        if self._backoff is None and self.connected and not self.disconnecting:
             super().startReading()  # type: ignore[no-untyped-call]
 
     def stopReading(self) -> None:

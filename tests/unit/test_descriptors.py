@@ -566,3 +566,21 @@ def test_the_accept_loop_ends_when_the_listener_stops_reading() -> None:
         for client in clients:
             client.close()
         port.stopListening()
+
+
+def test_a_closed_port_is_not_read_again_when_its_listener_frees() -> None:
+    """During the drain, connections closing free their listener, which resumes the port it
+    stopped when it was full: the port has stopped listening by then."""
+    reactor = ProxyReactor()
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    port.stopReading()  # full
+    port.stopListening()  # the drain starts
+    port.startReading()  # a connection closes: room again
+    assert port not in reactor.getReaders()
+    for call in reactor.getDelayedCalls():  # the port closes
+        func, args, kw = call.func, call.args, call.kw  # type: ignore[attr-defined]
+        call.cancel()
+        func(*args, **kw)
+    assert not port.connected
+    port.startReading()
+    assert port not in reactor.getReaders()
