@@ -148,8 +148,15 @@ def makeService(options: Options) -> IService:
     # SIGUSR1 (logrotate's postrotate) reopens the access log file; installed even without
     # one, so that the signal never kills the process.
     LogReopener(reactor, files, log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    from persistproxy.descriptors import ProcessDescriptors
+
     proxy = ProxyService(
-        reactor, config, options.plugins, log, access_log=AccessLog(reactor, access_output)
+        reactor,
+        config,
+        options.plugins,
+        log,
+        access_log=AccessLog(reactor, access_output),
+        process=ProcessDescriptors(),
     )
     from persistproxy.tls.reload import CertificateReloader
 
