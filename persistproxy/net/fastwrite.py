@@ -26,6 +26,7 @@ __all__ = [
     "can_write_directly",
     "fin_can_follow",
     "lose_write_directly",
+    "queued",
     "write_directly",
 ]
 
@@ -80,6 +81,21 @@ def backlogged(transport: Any, direct: bool) -> bool:
         check = getattr(transport, "backlogged", None)
         return True if check is None else bool(check())
     return bool(transport._tempDataLen or transport.dataBuffer)
+
+
+def queued(transport: Any) -> int | None:
+    """
+    Bytes written to C{transport} that the kernel has not taken yet: those in its buffer or,
+    for our TLS transport, in the buffer of the TCP transport under it (encryption is
+    synchronous, so that is the only place they wait). L{None} for a transport we do not see
+    into.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if candidate is not None and hasattr(candidate, "_tempDataLen"):
+            return int(
+                candidate._tempDataLen + len(candidate.dataBuffer) - candidate.offset
+            )
+    return None
 
 
 def fin_can_follow(transport: Any) -> bool:
