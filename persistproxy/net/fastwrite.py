@@ -15,7 +15,10 @@ cost as little memory as possible.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any
 
 from twisted.internet import tcp
@@ -33,6 +36,9 @@ __all__ = [
 
 #: Linux's "more data follows" send flag, for the last bytes before a FIN (0 elsewhere).
 MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
+
+#: The ioctl that tells the bytes of a socket's send queue (SIOCOUTQ on Linux).
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 
 def can_write_directly(transport: Any) -> bool:
@@ -85,17 +91,32 @@ def backlogged(transport: Any, direct: bool) -> bool:
 
 def queued(transport: Any) -> int | None:
     """
-    Bytes written to C{transport} that the kernel has not taken yet: those in its buffer or,
-    for our TLS transport, in the buffer of the TCP transport under it (encryption is
-    synchronous, so that is the only place they wait). L{None} for a transport we do not see
-    into.
+    Bytes written to C{transport} that the peer has not acknowledged yet: those in its
+    buffer and in its socket's send queue (C{SIOCOUTQ}: unsent and unacknowledged). For our
+    TLS transport, those of the TCP transport under it (encryption is synchronous, so that is
+    the only place bytes wait; they are ciphertext, a little more than what was written).
+    L{None} for a transport we do not see into.
+
+    The kernel's queue matters: on a slow reader it holds far more than our buffer (loopback
+    grows it to about a megabyte), and our buffer drains only when the kernel wakes us, after
+    much of it has gone; the buffer alone would say "nothing taken" for seconds on end.
     """
     for candidate in (transport, getattr(transport, "transport", None)):
         if candidate is not None and hasattr(candidate, "_tempDataLen"):
-            return int(
-                candidate._tempDataLen + len(candidate.dataBuffer) - candidate.offset
-            )
+            waiting = candidate._tempDataLen + len(candidate.dataBuffer) - candidate.offset
+            return int(waiting) + _kernel_queued(getattr(candidate, "socket", None))
     return None
+
+
+def _kernel_queued(sock: Any) -> int:
+    """The bytes of C{sock}'s send queue; 0 if the system does not say."""
+    if sock is None or _OUTQ is None:
+        return 0
+    try:
+        answer = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", answer)[0])
 
 
 def fin_can_follow(transport: Any) -> bool:

@@ -6,6 +6,7 @@ Stalls and minimum rates, with a Clock: an origin silent in the middle of its re
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from fakes import OK_RESPONSE, HalfCloseTransport, Harness, parse_response
@@ -13,6 +14,7 @@ from twisted.internet.address import IPv4Address
 
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.net.fastwrite import queued
 
 GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
 POST = b"POST /up HTTP/1.1\r\nHost: example\r\nContent-Length: 1000000\r\n\r\n"
@@ -410,3 +412,39 @@ def test_a_response_over_is_not_judged_afterwards() -> None:
     assert not _cut(transport)
     assert not h.events("client.min_send_rate")
     assert [a.get("aborted") for a in h.events("access")] == [None]
+
+
+def test_what_a_client_took_counts_the_kernels_send_queue_too() -> None:
+    """Over a real TCP connection whose reader does not read, the bytes still queued are
+    those of our buffer plus those the kernel holds unacknowledged."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(listener.getsockname())
+    writer, _ = listener.accept()
+    listener.close()
+    try:
+        writer.setblocking(False)
+        sent = 0
+        try:
+            while sent < 1 << 24:
+                sent += writer.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+
+        class TCPLike:
+            socket = writer
+            _tempDataLen = 1000
+            dataBuffer = b"y" * 500
+            offset = 100
+
+        waiting = queued(TCPLike())
+        assert waiting is not None
+        print(f"\n{sent} bytes sent, {waiting - 1400} in the kernel's send queue")
+        assert 1400 < waiting <= sent + 1400
+        assert queued(object()) is None
+    finally:
+        reader.close()
+        writer.close()
