@@ -248,8 +248,8 @@ def test_slow_body_below_min_body_rate_gets_408_while_normal_clients_are_served(
         time.sleep(0.3)
     print(f"\nnormal client under slow body: {client.summary()}")
     print(f"upstream connections open at the origin during the attack (s, open): {samples}")
-    peak, late = _held(samples, 4.5)
-    print(f"peak {peak}, from 4.5 s on at most {late}")
+    peak, late = _held(samples, 5.5)
+    print(f"peak {peak}, from 5.5 s on at most {late}")
     assert peak >= 100, "the slow uploads did reach the origin"
     assert late <= 30, "uploads below min_body_rate let their upstream connections go"
     assert not client.failures, client.failures[:10]
@@ -287,10 +287,10 @@ def test_slow_read_below_min_send_rate_is_cut_while_normal_clients_are_served(
              "-u", f"http://127.0.0.1:{p.port}/bytes/1048576"],
             tmp_path / "slowread", 30, origin)
         time.sleep(0.3)
-    peak, late = _held(samples, 5.0)
+    peak, late = _held(samples, 5.5)
     print(f"\nnormal client under slow read: {client.summary()}")
     print(f"upstream connections open at the origin during the attack (s, open): {samples}")
-    print(f"peak {peak}, after 5 s at most {late}")
+    print(f"peak {peak}, from 5.5 s on at most {late}")
     assert not client.failures, client.failures[:10]
     assert len(client.latencies) >= 50
     assert not re.search(r"service available:\s*NO", text), text[-1500:]
