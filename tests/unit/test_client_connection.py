@@ -1,6 +1,6 @@
 """
 The client hop, driven byte by byte over StringTransports with a Clock: keep-alive, pipelining,
-hop-by-hop headers, framing, bad input, retries and timeouts.
+hop-by-hop headers, framing, bad input, retries and timeouts (head, body, send, idle, lifetime).
 """
 
 from __future__ import annotations
@@ -449,6 +449,71 @@ def test_send_408_on_idle_when_configured() -> None:
     transport.clear()
     h.clock.advance(3.1)
     assert parse_response(transport.value())[0] == 408
+
+
+def test_body_silence_gets_408_and_drops_the_upstream_connection() -> None:
+    h = Harness(listener={"body_timeout": 5})
+    client, transport = h.client()
+    client.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    h.clock.advance(4)
+    client.dataReceived(b"de")  # progress re-arms the timer
+    h.clock.advance(4.9)
+    assert transport.value() == b""
+    h.clock.advance(0.2)
+    assert parse_response(transport.value())[0] == 408
+    assert transport.write_closed
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+    assert h.stats.timeouts == 1
+
+
+def test_send_timeout_cuts_a_client_that_stops_reading() -> None:
+    h = Harness(listener={"send_timeout": 10})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+    exchange = client._queue[0]
+    exchange.pauseProducing()  # what the transport does when its buffer is full
+    upstream = h.origin.connections[0]
+    assert upstream.transport.producerState == "paused"  # type: ignore[union-attr]
+    h.clock.advance(9.9)
+    assert not transport.disconnecting
+    exchange.resumeProducing()
+    exchange.pauseProducing()
+    h.clock.advance(9.9)
+    assert not transport.disconnecting, "progress restarts the send timeout"
+    h.clock.advance(0.2)
+    assert transport.disconnecting
+    assert h.events("client.send_timeout")
+    [line] = h.events("access")
+    assert (line["status"], line["aborted"]) == (200, "timeout")
+    assert upstream.transport.disconnecting, "the origin's response is abandoned too"  # type: ignore[union-attr]
+
+
+def test_max_lifetime_ends_keep_alive() -> None:
+    h = Harness(listener={"max_lifetime": 30, "keepalive_timeout": 75})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    assert b"connection" not in parse_response(transport.value())[1]
+    transport.clear()
+    h.clock.advance(29.9)
+    assert not transport.write_closed, "an idle connection lives until its lifetime"
+    client.dataReceived(GET)
+    h.clock.advance(0.2)
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[1][b"connection"] == [b"close"]
+    assert transport.write_closed
+
+
+def test_idle_connection_closes_at_max_lifetime() -> None:
+    h = Harness(listener={"max_lifetime": 10, "keepalive_timeout": 75})
+    client, transport = h.client()
+    client.dataReceived(GET)
+    h.origin.respond(OK_RESPONSE)
+    h.clock.advance(9.9)
+    assert not transport.write_closed
+    h.clock.advance(0.2)
+    assert transport.write_closed
 
 
 def test_client_disconnect_mid_response_drops_the_upstream_connection() -> None:
