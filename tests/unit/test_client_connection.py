@@ -545,30 +545,6 @@ def test_connection_cannot_nominate_framing_or_routing_headers() -> None:
     assert sent.endswith(b"\r\n\r\nhello")
 
 
-def test_bytes_after_a_response_in_the_same_read_never_answer_the_next_request() -> None:
-    h = Harness()
-    client, transport = h.client()
-    client.dataReceived(GET + GET)
-    h.origin.respond(OK_RESPONSE + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
-    assert b"EVIL" not in transport.value()
-    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
-    assert len(h.origin.connections) == 2, "the next request went to a new connection"
-    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
-    assert transport.value().endswith(b"good")
-
-
-def test_unsolicited_101_and_unknown_transfer_codings_are_502() -> None:
-    for response in (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-    ):
-        h = Harness()
-        client, transport = h.client()
-        client.dataReceived(GET)
-        h.origin.respond(response)
-        assert parse_response(transport.value())[0] == 502, response
-
-
 def test_absolute_form_target_becomes_origin_form_with_its_host() -> None:
     h = Harness()
     client, _ = h.client()
