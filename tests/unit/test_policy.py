@@ -105,18 +105,3 @@ def test_deadline_stop_drops_the_scheduled_call() -> None:
     d.arm(1)
     clock.advance(1)
     assert fired == [1]
-
-
-def test_deadline_with_a_step_never_schedules_further_than_the_step() -> None:
-    clock = Clock()
-    fired: list[float] = []
-    d = Deadline(clock, lambda: fired.append(clock.seconds()), step=2.0)
-    d.arm(5)
-    [call] = clock.getDelayedCalls()
-    assert call.getTime() == 2.0
-    clock.advance(2)
-    assert fired == [] and clock.getDelayedCalls()[0].getTime() == 4.0, "2 s ahead at most"
-    d.arm(0.5)  # sooner than the call: rescheduled at once
-    assert [c.getTime() for c in clock.getDelayedCalls()] == [2.5]
-    clock.advance(0.5)
-    assert fired == [2.5] and clock.getDelayedCalls() == []
