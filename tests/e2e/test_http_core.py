@@ -55,6 +55,7 @@ def ka_params(r: Response) -> dict[str, str]:
             out[k.strip().lower()] = val.strip()
     return out
 
+
 def echo_headers(r: Response) -> dict[str, list[str]]:
     """The request headers the origin received, by lower-cased name."""
     assert r.status == 200, r
@@ -71,6 +72,7 @@ def echo_host(r: Any) -> list[str]:
 def url(p: Proxy, path: str) -> str:
     return f"http://127.0.0.1:{p.port}{path}"
 
+
 def curl_fetch(tmp_path: Path, *args: str, timeout: float = 30) -> tuple[int, bytes, str]:
     """Runs curl writing the body to a file; returns (http status, body, curl stderr)."""
     out = tmp_path / f"curl-{uuid.uuid4().hex}.out"
@@ -79,6 +81,7 @@ def curl_fetch(tmp_path: Path, *args: str, timeout: float = 30) -> tuple[int, by
     body = out.read_bytes()
     out.unlink()
     return int(cp.stdout.decode().strip()[-3:]), body, cp.stderr.decode()
+
 
 def rid() -> str:
     return uuid.uuid4().hex
@@ -98,6 +101,7 @@ def test_http11_keepalive(proxy: Proxy) -> None:
             assert ka_params(r).get("timeout") == "75", r
         assert not c.closed_within(0.3)
 
+
 def test_curl_reuses_client_connection(proxy: Proxy) -> None:
     cp = curl("-v", "-o", "/dev/null", "-o", "/dev/null", url(proxy, "/echo?a"),
               url(proxy, "/echo?b"))
@@ -106,12 +110,14 @@ def test_curl_reuses_client_connection(proxy: Proxy) -> None:
     assert err.count("< HTTP/1.1 200") == 2, err
     assert "Re-using existing connection" in err, err
 
+
 def test_http10_closes_by_default(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/echo", version="HTTP/1.0")
         assert r.status == 200, r
         assert "keep-alive" not in r.tokens("Connection"), r
         assert c.closed_within(2), "HTTP/1.0 connection without keep-alive was not closed"
+
 
 def test_http10_keepalive(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -123,6 +129,7 @@ def test_http10_keepalive(proxy: Proxy) -> None:
             assert r.framing == "length", r  # an HTTP/1.0 client cannot read chunked
         assert not c.closed_within(0.3)
 
+
 def test_http10_keepalive_and_close_tokens_close(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/echo", [("Connection", "keep-alive, close")],
@@ -131,6 +138,7 @@ def test_http10_keepalive_and_close_tokens_close(proxy: Proxy) -> None:
         assert "close" in r.tokens("connection"), r
         assert c.closed_within(2)
 
+
 @pytest.mark.parametrize("value", ["CLOSE", "foo, Close", " , close , ", "keep-alive, close"])
 def test_connection_close_token_spellings(proxy: Proxy, value: str) -> None:
     with RawConn(proxy.port) as c:
@@ -138,11 +146,13 @@ def test_connection_close_token_spellings(proxy: Proxy, value: str) -> None:
         assert r.status == 200 and r.tokens("connection") == {"close"}, r
         assert c.closed_within(2)
 
+
 def test_connection_closed_lookalike_token_keeps_alive(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/echo", [("Connection", "closed")])
         assert r.status == 200 and not r.has("connection")
         assert c.roundtrip("GET", "/echo").status == 200
+
 
 def test_client_connection_close_keeps_upstream(fresh_origin: Origin,
                                                 proxy_factory: Callable[..., Proxy]) -> None:
@@ -160,6 +170,7 @@ def test_client_connection_close_keeps_upstream(fresh_origin: Origin,
     assert s1["accepts"] == s0["accepts"], \
         f"upstream connection was not reused after a client Connection: close ({s0} -> {s1})"
 
+
 def test_keepalive_timeout_closes_idle(origin: Origin,
                                        proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(origin, listener={"keepalive_timeout": 1})
@@ -171,6 +182,7 @@ def test_keepalive_timeout_closes_idle(origin: Origin,
     assert t is not None, "idle client connection not closed within 3 s"
     assert 0.8 <= t <= 2.0, f"closed after {t:.2f}s, expected ~1s"
 
+
 def test_keepalive_timeout_zero_closes_after_response(
         origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(origin, listener={"keepalive_timeout": 0})
@@ -179,6 +191,7 @@ def test_keepalive_timeout_zero_closes_after_response(
         assert r.status == 200
         assert "close" in r.tokens("Connection"), r
         assert c.closed_within(2)
+
 
 def test_max_requests_per_client_connection(origin: Origin,
                                             proxy_factory: Callable[..., Proxy]) -> None:
@@ -190,6 +203,7 @@ def test_max_requests_per_client_connection(origin: Origin,
         r = c.roundtrip("GET", "/echo")
         assert r.status == 200 and "close" in r.tokens("Connection"), r
         assert c.closed_within(2)
+
 
 def test_pipelining_in_order(proxy: Proxy) -> None:
     reqs: list[tuple[str, str, bytes]] = [
@@ -211,12 +225,14 @@ def test_pipelining_in_order(proxy: Proxy) -> None:
         assert rs[4].body == pattern(7)
         assert not c.closed_within(0.2)
 
+
 def test_hundred_pipelined_gets_in_one_write(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         c.send(b"".join(build_request("GET", f"/echo?i={i}") for i in range(100)))
         for i in range(100):
             r = c.read_response()
             assert r.status == 200 and r.json()["path"] == f"/echo?i={i}", r
+
 
 def test_mixed_head_get_post_pipelined(proxy: Proxy) -> None:
     plan = [(["GET", "HEAD", "POST"][i % 3], i) for i in range(45)]
@@ -232,6 +248,7 @@ def test_mixed_head_get_post_pipelined(proxy: Proxy) -> None:
                 assert r.body == b"" and r.get("content-length") == str(i), r
             else:
                 assert len(r.body) == i, r
+
 
 def test_pipelined_after_connection_close_not_forwarded(proxy: Proxy, origin: Origin) -> None:
     marker = uuid.uuid4().hex
@@ -271,6 +288,7 @@ def test_request_hop_by_hop_stripped_and_forwarding_headers(proxy: Proxy) -> Non
     assert h.get("x-forwarded-for") == ["127.0.0.1"], h
     assert h.get("x-forwarded-proto") == ["http"], h
 
+
 def test_response_hop_by_hop_stripped(proxy: Proxy) -> None:
     r = get(proxy.port, "/hop")
     assert r.status == 200, r
@@ -282,6 +300,7 @@ def test_response_hop_by_hop_stripped(proxy: Proxy) -> None:
     assert all("30" not in v for v in r.get_all("Keep-Alive")), \
         f"origin's Keep-Alive leaked: {r.get_all('Keep-Alive')}"
 
+
 def test_two_connection_headers_close_and_nominate(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/echo", [("Connection", "x-a"), ("Connection", "close"),
@@ -289,6 +308,7 @@ def test_two_connection_headers_close_and_nominate(proxy: Proxy) -> None:
         names = {k.lower() for k, _ in r.json()["headers"]}
         assert "x-a" not in names and "x-b" in names and "connection" not in names
         assert c.closed_within(2)
+
 
 def test_connection_naming_content_length_does_not_smuggle(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
@@ -311,10 +331,12 @@ def test_connection_naming_content_length_does_not_smuggle(
     lines = o.request_lines()
     assert not any(b"/smuggled" in ln for ln in lines), lines
 
+
 def test_connection_naming_host_keeps_host(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/echo", [("Connection", "host")])
     assert r.status == 400 or echo_host(r) == ["e2e.test"], r
+
 
 def test_response_connection_naming_content_length_keeps_framing(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
@@ -344,6 +366,7 @@ def test_upstream_pool_reuse_sequential(fresh_origin: Origin,
     s1 = fresh_origin.stats()
     assert s1["requests"] - s0["requests"] == 50
     assert s1["accepts"] - s0["accepts"] <= 5, f"origin accepts {s0} -> {s1}"
+
 
 def test_concurrent_clients(fresh_origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(fresh_origin)
@@ -383,6 +406,7 @@ def test_post_5mb_content_length(proxy: Proxy, tmp_path: Path) -> None:
     assert e["body_len"] == len(data)
     assert e["body_sha256"] == hashlib.sha256(data).hexdigest()
 
+
 def test_post_chunked_curl(proxy: Proxy, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
     f = tmp_path / "body"
@@ -394,6 +418,7 @@ def test_post_chunked_curl(proxy: Proxy, tmp_path: Path) -> None:
     assert e["body_len"] == len(data)
     assert e["body_sha256"] == hashlib.sha256(data).hexdigest()
 
+
 def test_post_chunked_raw_with_extensions_and_trailers(proxy: Proxy) -> None:
     body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
     with RawConn(proxy.port) as c:
@@ -401,6 +426,7 @@ def test_post_chunked_raw_with_extensions_and_trailers(proxy: Proxy) -> None:
         assert r.status == 200, r
         assert r.json()["body_sha256"] == hashlib.sha256(b"hello world").hexdigest()
         assert c.roundtrip("GET", "/echo").status == 200  # framing stayed in sync
+
 
 def test_get_20mb_streamed_curl(proxy: Proxy, tmp_path: Path) -> None:
     n = 20_000_000
@@ -411,6 +437,7 @@ def test_get_20mb_streamed_curl(proxy: Proxy, tmp_path: Path) -> None:
     assert out.stat().st_size == n
     assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(n)
 
+
 def test_chunked_response(proxy: Proxy, tmp_path: Path) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/chunked/300001")
@@ -419,6 +446,7 @@ def test_chunked_response(proxy: Proxy, tmp_path: Path) -> None:
         assert c.roundtrip("GET", "/echo").status == 200
     status, body, _ = curl_fetch(tmp_path, url(proxy, "/chunked/1000000"))
     assert status == 200 and body == pattern(1000000)
+
 
 def test_close_delimited_response_to_http11_client(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -429,6 +457,7 @@ def test_close_delimited_response_to_http11_client(proxy: Proxy) -> None:
         r2 = c.roundtrip("GET", "/echo")
         assert r2.status == 200, r2
 
+
 def test_close_delimited_response_to_http10_client(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
         r = c.roundtrip("GET", "/closedelim/300000", version="HTTP/1.0")
@@ -436,6 +465,7 @@ def test_close_delimited_response_to_http10_client(proxy: Proxy) -> None:
         assert r.framing in ("close", "length"), r
         assert r.body == pattern(300000)
         assert c.closed_within(2)
+
 
 def test_head_has_no_body(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -445,6 +475,7 @@ def test_head_has_no_body(proxy: Proxy) -> None:
         assert c.roundtrip("GET", "/echo?after-head").json()["path"] == "/echo?after-head"
         assert not c.buf
 
+
 @pytest.mark.parametrize("status", [204, 304])
 def test_no_body_statuses(proxy: Proxy, status: int) -> None:
     with RawConn(proxy.port) as c:
@@ -452,6 +483,7 @@ def test_no_body_statuses(proxy: Proxy, status: int) -> None:
         assert r.status == status, r
         assert not r.has("Transfer-Encoding"), r
         assert c.roundtrip("GET", "/echo?after").json()["path"] == "/echo?after"
+
 
 def test_expect_100_continue_curl(proxy: Proxy, tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024)
@@ -466,6 +498,7 @@ def test_expect_100_continue_curl(proxy: Proxy, tmp_path: Path) -> None:
     assert json.loads(body) == {"body_len": len(data)}
     assert "HTTP/1.1 100 Continue" in err, err
     assert elapsed < 5, f"curl waited {elapsed:.1f}s: the 100 Continue did not come through"
+
 
 def test_expect_100_continue_raw(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -489,6 +522,7 @@ def test_origin_connection_close_keeps_client(proxy: Proxy) -> None:
         assert "close" not in r.tokens("Connection"), r
         assert not c.closed_within(0.2)
         assert c.roundtrip("GET", "/echo").status == 200
+
 
 def test_origin_http10_keeps_client(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -516,6 +550,7 @@ def test_origin_extra_bytes_not_served_to_pipelined_request(
         except (Closed, TimeoutError):
             return  # cutting the connection would be acceptable
         assert r2.body != b"EVIL", r2
+
 
 def test_origin_extra_bytes_not_served_to_another_client(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
@@ -549,6 +584,7 @@ def test_origin_extra_bytes_not_served_to_another_client(
     assert bodies["alice"] == b"alice"
     assert bodies["bob"] != b"EVIL-FOR-BOB", bodies
 
+
 def test_unsolicited_101_from_origin_is_502(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
     o = script_origin(serve_each(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -558,6 +594,7 @@ def test_unsolicited_101_from_origin_is_502(
         c.request("GET", "/plain")
         r = c.read_head()
     assert r.status == 502, r
+
 
 def test_103_early_hints_keeps_headers(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
@@ -571,6 +608,7 @@ def test_103_early_hints_keeps_headers(
         assert r.get("link") == "</s.css>; rel=preload", r
         assert c.read_response().body == b"ok"
 
+
 def test_invalid_response_not_replayed(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
     o = script_origin(serve_each(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"))
@@ -581,6 +619,7 @@ def test_invalid_response_not_replayed(
     assert p.wait_event("access", 5, lambda e: e.get("path") == "/once") is not None
     assert o.request_lines().count(b"GET /once HTTP/1.1") == 1, o.request_lines()
 
+
 def test_response_transfer_coding_other_than_chunked_not_dropped(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
     o = script_origin(serve_each(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
@@ -590,6 +629,7 @@ def test_response_transfer_coding_other_than_chunked_not_dropped(
         r = c.roundtrip("GET", "/gz")
     assert r.status == 502 or "gzip" in (r.get("transfer-encoding") or "") + (
         r.get("content-encoding") or ""), r
+
 
 def test_oversized_response_head_is_502(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
@@ -605,6 +645,7 @@ def test_oversized_response_head_is_502(
                 break
             first += data
     assert first.startswith(b"HTTP/1.1 502"), first[:60]
+
 
 def test_origin_content_length_with_transfer_encoding_is_502_not_relayed(
         script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
@@ -636,6 +677,7 @@ def test_stale_pooled_connection_after_origin_idle_close(
             r = c.roundtrip("GET", f"/echo?after-idle={i}")
             assert r.status == 200, f"round {i}: {r}"
 
+
 def test_stale_pooled_connection_race_sweep(
         origin_factory: OriginFactory, proxy_factory: Callable[..., Proxy]) -> None:
     """Sends just before/at/after the moment the origin closes the idle connection."""
@@ -648,6 +690,7 @@ def test_stale_pooled_connection_race_sweep(
             r = c.roundtrip("GET", f"/echo?delay={delay}")
             assert r.status == 200, f"after {delay}s: {r}"
 
+
 def test_origin_keepalive_timeout_header(fresh_origin: Origin,
                                          proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(fresh_origin, upstream={"idle_timeout": 30})
@@ -656,6 +699,7 @@ def test_origin_keepalive_timeout_header(fresh_origin: Origin,
         time.sleep(1.2)
         r = c.roundtrip("GET", "/echo")
         assert r.status == 200, r
+
 
 def test_post_after_origin_idle_close_sent_once(
         origin_factory: OriginFactory, proxy_factory: Callable[..., Proxy]) -> None:
@@ -668,6 +712,7 @@ def test_post_after_origin_idle_close_sent_once(
         r = c.roundtrip("POST", "/echo", [("X-Req-Id", req_id)], b"only once")
     assert r.status in (200, 502), r
     assert o.stats()["ids"].get(req_id) == 1, "the POST reached the origin more than once"
+
 
 def test_get_retried_when_reused_connection_dropped(
         fresh_origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
@@ -685,6 +730,7 @@ def test_get_retried_when_reused_connection_dropped(
         ev = p.wait_event("access", 2, lambda e: req_id in str(e.get("path")))
         assert ev is not None and ev.get("retries", 0) >= 1, ev
 
+
 def test_post_not_replayed_when_reused_connection_dropped(
         fresh_origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
     """Same race with a POST: it must not be sent twice (502 is the honest answer)."""
@@ -699,6 +745,7 @@ def test_post_not_replayed_when_reused_connection_dropped(
     assert r.status in (200, 502), r
     if r.status == 200:
         assert r.json()["req"] == 1, r
+
 
 @pytest.mark.parametrize(("method", "body", "replayed"), [
     ("HEAD", b"", True), ("PUT", b"", True), ("DELETE", b"", True), ("OPTIONS", b"", True),
@@ -716,6 +763,7 @@ def test_retry_rules_on_dropped_pooled_connection(
     assert proxy.wait_event("access", 5, lambda e: marker in str(e.get("path"))) is not None
     assert origin.stats()["ids"].get(marker) == (2 if replayed else 1)
 
+
 def test_upstream_max_requests(fresh_origin: Origin,
                                proxy_factory: Callable[..., Proxy]) -> None:
     """upstream max_requests = 3: no upstream connection carries more than 3 requests."""
@@ -728,6 +776,7 @@ def test_upstream_max_requests(fresh_origin: Origin,
             assert int(r.get("X-Origin-Req") or 0) <= 3, r
     s1 = fresh_origin.stats()
     assert s1["accepts"] - s0["accepts"] == 3, f"{s0} -> {s1}"
+
 
 def test_upstream_idle_timeout_closes_pooled_connections(
         fresh_origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
@@ -751,6 +800,7 @@ def test_upstream_refused_502(proxy_factory: Callable[..., Proxy]) -> None:
     assert r.status == 502, r
     assert 0 < len(r.body) <= 1024, r
     assert time.monotonic() - t0 < 2
+
 
 def test_connect_timeout(proxy_factory: Callable[..., Proxy]) -> None:
     """An upstream that never completes the TCP handshake (a listening socket whose accept queue
@@ -778,6 +828,7 @@ def test_connect_timeout(proxy_factory: Callable[..., Proxy]) -> None:
             f.close()
         lsock.close()
 
+
 def test_response_timeout_504(origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(origin, upstream={"response_timeout": 1})
     t0 = time.monotonic()
@@ -786,15 +837,18 @@ def test_response_timeout_504(origin: Origin, proxy_factory: Callable[..., Proxy
     assert r.status == 504, r
     assert 0.8 <= elapsed <= 2.2, f"504 after {elapsed:.2f}s"
 
+
 def test_upstream_reset_post_502_not_retried(proxy: Proxy, origin: Origin) -> None:
     req_id = rid()
     r = get(proxy.port, "/reset", method="POST", headers=[("X-Req-Id", req_id)], body=b"x")
     assert r.status == 502, r
     assert origin.stats()["ids"].get(req_id) == 1, "POST /reset was retried"
 
+
 def test_upstream_reset_get_502(proxy: Proxy) -> None:
     r = get(proxy.port, "/reset")
     assert r.status == 502, r
+
 
 @pytest.mark.parametrize("first", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part",
@@ -832,6 +886,7 @@ def send_raw_expect(proxy: Proxy, data: bytes, status: int) -> Response:
         assert c.closed_within(2), f"connection left open after {status}"
     return r
 
+
 GARBAGE_REQUEST_LINES = {
     "words": b"this is not http\r\n\r\n",
     "tls-client-hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
@@ -839,6 +894,7 @@ GARBAGE_REQUEST_LINES = {
     "extra-word": b"GET /echo HTTP/1.1 extra\r\nHost: x\r\n\r\n",
     "bad-version": b"GET /echo HTTX/1.1\r\nHost: x\r\n\r\n",
 }
+
 
 @pytest.mark.parametrize("case", list(GARBAGE_REQUEST_LINES))
 def test_garbage_request_line_400(proxy: Proxy, origin: Origin, case: str) -> None:
@@ -848,10 +904,12 @@ def test_garbage_request_line_400(proxy: Proxy, origin: Origin, case: str) -> No
     send_raw_expect(proxy, GARBAGE_REQUEST_LINES[case], 400)
     assert origin.stats()["requests"] == s0["requests"]
 
+
 def test_space_before_colon_400(proxy: Proxy, origin: Origin) -> None:
     s0 = origin.stats()
     send_raw_expect(proxy, b"GET /echo HTTP/1.1\r\nHost : x\r\n\r\n", 400)
     assert origin.stats()["requests"] == s0["requests"]
+
 
 def test_content_length_and_transfer_encoding_400(proxy: Proxy, origin: Origin) -> None:
     s0 = origin.stats()
@@ -859,15 +917,18 @@ def test_content_length_and_transfer_encoding_400(proxy: Proxy, origin: Origin) 
                            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400)
     assert origin.stats()["requests"] == s0["requests"]
 
+
 def test_two_different_content_lengths_400(proxy: Proxy, origin: Origin) -> None:
     s0 = origin.stats()
     send_raw_expect(proxy, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
                            b"Content-Length: 6\r\n\r\nhello!", 400)
     assert origin.stats()["requests"] == s0["requests"]
 
+
 def test_bad_chunk_size_400(proxy: Proxy) -> None:
     send_raw_expect(proxy, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                            b"\r\nzz\r\nhello\r\n0\r\n\r\n", 400)
+
 
 MORE_MALFORMED = {
     "negative-content-length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
@@ -881,10 +942,12 @@ MORE_MALFORMED = {
                            b"fffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
 }
 
+
 @pytest.mark.parametrize("case", list(MORE_MALFORMED))
 def test_more_malformed_requests_400(proxy: Proxy, case: str) -> None:
     """RFC 9112 / 9110 'MUST respond with 400' cases beyond the brief's list."""
     send_raw_expect(proxy, MORE_MALFORMED[case], 400)
+
 
 def test_oversized_head_431(proxy: Proxy, origin: Origin) -> None:
     s0 = origin.stats()
@@ -893,11 +956,13 @@ def test_oversized_head_431(proxy: Proxy, origin: Origin) -> None:
                     431)
     assert origin.stats()["requests"] == s0["requests"]
 
+
 def test_head_below_limit_forwarded(proxy: Proxy) -> None:
     big = "b" * (12 * 1024)
     r = get(proxy.port, "/echo", headers=[("X-Big", big)])
     assert r.status == 200, r
     assert echo_headers(r).get("x-big") == [big]
+
 
 def test_max_head_size_configurable(origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(origin, listener={"max_head_size": 4096})
@@ -905,11 +970,13 @@ def test_max_head_size_configurable(origin: Origin, proxy_factory: Callable[...,
     send_raw_expect(p, f"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 5000}\r\n\r\n"
                     .encode(), 431)
 
+
 def test_unknown_transfer_coding_501(proxy: Proxy, origin: Origin) -> None:
     s0 = origin.stats()
     send_raw_expect(proxy, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked"
                            b"\r\n\r\n0\r\n\r\n", 501)
     assert origin.stats()["requests"] == s0["requests"]
+
 
 def test_unknown_transfer_coding_alone_rejected(proxy: Proxy) -> None:
     """`Transfer-Encoding: gzip` alone: RFC 9112 asks 501 for an unknown coding and 400 when
@@ -919,6 +986,7 @@ def test_unknown_transfer_coding_alone_rejected(proxy: Proxy) -> None:
         r = c.read_response()
         assert r.status in (400, 501), r
         assert c.closed_within(2)
+
 
 def test_pipelined_valid_malformed_valid(proxy: Proxy, origin: Origin) -> None:
     s0 = origin.stats()
@@ -937,6 +1005,7 @@ def test_pipelined_valid_malformed_valid(proxy: Proxy, origin: Origin) -> None:
     s1 = origin.stats()
     assert s1["requests"] - s0["requests"] == 1, f"origin saw {s1['paths']}"
 
+
 def test_chunked_request_body_over_max_body_size_is_413(
         origin: Origin, proxy_factory: ProxyFactory) -> None:
     p = proxy_factory(origin, listener={"max_body_size": 1000})
@@ -946,12 +1015,14 @@ def test_chunked_request_body_over_max_body_size_is_413(
         r = c.read_response()
     assert r.status == 413, r
 
+
 @pytest.mark.parametrize("host", ["a b", "evil.example/x"])
 def test_invalid_host_value_is_400(proxy: Proxy, origin: Origin, host: str) -> None:
     with RawConn(proxy.port) as c:
         c.send(f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         r = c.read_response()
     assert r.status == 400, r
+
 
 def test_absolute_form_target_and_host_agree(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -960,6 +1031,7 @@ def test_absolute_form_target_and_host_agree(proxy: Proxy) -> None:
     # Either refuse it, or rewrite to origin-form with Host taken from the target (RFC 9112 3.2.2).
     assert r.status == 400 or (r.status == 200 and r.json()["path"] == "/echo"
                                and echo_host(r) == ["other.example:81"]), r
+
 
 BAD_REQUESTS: dict[str, tuple[bytes, int]] = {
     "cl-te": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n"
@@ -999,6 +1071,7 @@ BAD_REQUESTS: dict[str, tuple[bytes, int]] = {
                            + b"".join(b"X%d: y\r\n" % i for i in range(2000)) + b"\r\n", 431),
 }
 
+
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_request_rejected_closed_and_nothing_reaches_origin(
         proxy: Proxy, origin: Origin, case: str) -> None:
@@ -1028,12 +1101,14 @@ def test_access_log_line(proxy: Proxy) -> None:
     assert ev["method"] == "GET" and ev["status"] == 200, ev
     assert len([e for e in proxy.events("access") if tag in str(e.get("path"))]) == 1
 
+
 def test_access_log_disabled(origin: Origin, proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(origin, listener={"access_log": False})
     assert get(p.port, "/echo").status == 200
     p.terminate(5)  # the log may be written in batches: stopping flushes it
     assert p.events("listener.started"), "no log at all"
     assert p.events("access") == []
+
 
 def test_access_log_lines_are_json_with_documented_fields(proxy: Proxy) -> None:
     with RawConn(proxy.port) as c:
@@ -1062,6 +1137,7 @@ def test_sigterm_exits_cleanly(origin: Origin, proxy_factory: Callable[..., Prox
     # shutdown: "killed by SIGTERM", 143 in a shell); None means it hung.
     assert rc == 0, f"exit status {rc}"
     assert time.monotonic() - t0 < 5
+
 
 def test_large_response_is_streamed_with_backpressure(proxy: Proxy) -> None:
     """A client that stops reading must not make the proxy buffer the whole response."""
