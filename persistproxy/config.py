@@ -189,17 +189,15 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
 
 def _check_endpoint(section: _Section, key: str, description: str) -> None:
     """
-    Parse a Twisted server endpoint string without binding it, so a typo is a config error
+    Check a Twisted server endpoint string without binding it, so a typo is a config error
     and not a traceback after half of the listeners are already up.
     """
-    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+    from persistproxy.net.endpoints import EndpointError, check_server_endpoint
 
     try:
-        kind, args, _ = _parseServer(description, None)
-    except (ValueError, TypeError, KeyError) as e:
+        check_server_endpoint(description)
+    except EndpointError as e:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
-    if kind in ("TCP", "SSL") and not 0 <= args[0] < 65536:
-        raise section.fail(key, f"bad endpoint {description!r}: port {args[0]} out of range")
 
 
 def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:

@@ -20,6 +20,7 @@ from persistproxy import __version__
 from persistproxy.config import ConfigError, ProxyConfig, load_config, parse_config
 from persistproxy.interfaces import IProtocolPlugin
 from persistproxy.logs import make_event_log
+from persistproxy.net.selfcheck import self_check
 
 __all__ = ["Options", "makeService", "protocol_plugins"]
 
@@ -119,6 +120,8 @@ def makeService(options: Options) -> IService:
         validators = {name: p.validate for name, p in options.plugins.items()}
         config = parse_config(_demo_document(8080, demo_port.getHost().port), "<demo>", validators)
     log = make_event_log(level=config.log_level)
+    # Before anything listens: the fast paths built below consult the probes' results.
+    self_check(log, reactor)
     root = MultiService()
     proxy = ProxyService(reactor, config, options.plugins, log)
     from persistproxy.tls.reload import CertificateReloader

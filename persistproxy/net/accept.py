@@ -12,7 +12,9 @@ Profiling TLS handshakes (a connection per request) put these at several percent
 CPU time of a connection. Here they are gone or computed on demand; everything else, error
 recovery included, is Twisted's.
 
-L{persistproxy.net.reactor.ProxyReactor} listens (and adopts systemd's sockets) with these.
+L{persistproxy.net.reactor.ProxyReactor} listens (and adopts systemd's sockets) with these,
+unless the self-check (L{persistproxy.net.selfcheck}) finds that the Twisted internals they
+copy or read (C{tcp.Server.__init__}, C{socket._accept}, C{Port._buildAddr}...) changed.
 """
 
 from __future__ import annotations

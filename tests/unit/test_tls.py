@@ -804,6 +804,25 @@ def test_an_encrypted_key_is_refused_with_the_reason(pki: PKI, tmp_path: Path) -
 # -- upstream TLS -----------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["fast", "public"])
+def handshake_path(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """
+    Upstream TLS through L{_ClientTLSProtocol} (Twisted's internals), or through the public
+    path taken when the self-check finds those internals changed.
+    """
+    from fakes import force_fallback
+
+    from persistproxy.net.selfcheck import problem
+
+    if request.param == "public":
+        force_fallback(monkeypatch, "tls.upstream")
+    yield request.param
+    monkeypatch.undo()
+    problem.cache_clear()
+
+
 class Upstream:
     """A TLS server in a memory reactor, and the upstream side dialling it."""
 
@@ -840,7 +859,9 @@ class Upstream:
         return [e for e in lines if e["event"] == name]
 
 
-def test_upstream_tls_verifies_and_hands_over_after_the_handshake(pki: PKI) -> None:
+def test_upstream_tls_verifies_and_hands_over_after_the_handshake(
+    pki: PKI, handshake_path: str
+) -> None:
     up = Upstream(pki, pki.site)
     pump, results = up.connect()
     [protocol] = results
@@ -850,7 +871,7 @@ def test_upstream_tls_verifies_and_hands_over_after_the_handshake(pki: PKI) -> N
     assert protocol.received == b"pong"
 
 
-def test_new_upstream_connections_resume_the_last_session(pki: PKI) -> None:
+def test_new_upstream_connections_resume_the_last_session(pki: PKI, handshake_path: str) -> None:
     for version in ("TLSv1.2", "TLSv1.3"):
         up = Upstream(pki, pki.site)
         if version == "TLSv1.2":
@@ -869,7 +890,9 @@ def test_new_upstream_connections_resume_the_last_session(pki: PKI) -> None:
         assert connected[0]["tls_version"] == version
 
 
-def test_a_wrong_upstream_name_is_a_connect_failure_that_says_why(pki: PKI) -> None:
+def test_a_wrong_upstream_name_is_a_connect_failure_that_says_why(
+    pki: PKI, handshake_path: str
+) -> None:
     up = Upstream(pki, pki.site, tls_server_name="wrong.test")
     _, [failure] = up.connect()
     assert isinstance(failure, Failure)
@@ -880,7 +903,7 @@ def test_a_wrong_upstream_name_is_a_connect_failure_that_says_why(pki: PKI) -> N
 
 
 def test_an_untrusted_upstream_chain_is_a_connect_failure_that_says_why(
-    pki: PKI, tmp_path: Path
+    pki: PKI, tmp_path: Path, handshake_path: str
 ) -> None:
     stranger = trustme.CA()
     pair = pki.issue("stranger", "site.test", ca=stranger)
@@ -892,7 +915,7 @@ def test_an_untrusted_upstream_chain_is_a_connect_failure_that_says_why(
     assert str(pki.ca_pem) in message
 
 
-def test_tls_verify_false_accepts_any_certificate_and_warns(pki: PKI) -> None:
+def test_tls_verify_false_accepts_any_certificate_and_warns(pki: PKI, handshake_path: str) -> None:
     stranger = trustme.CA()
     pair = pki.issue("stranger2", "elsewhere.test", ca=stranger)
     up = Upstream(pki, pair, tls_verify=False)
@@ -901,7 +924,7 @@ def test_tls_verify_false_accepts_any_certificate_and_warns(pki: PKI) -> None:
     assert isinstance(protocol, Sink)
 
 
-def test_an_upstream_handshake_that_never_ends_times_out(pki: PKI) -> None:
+def test_an_upstream_handshake_that_never_ends_times_out(pki: PKI, handshake_path: str) -> None:
     up = Upstream(pki, pki.site, connect_timeout=2.0)
     results: list[Any] = []
     up.endpoint.connect(Factory.forProtocol(Sink)).addBoth(results.append)
