@@ -34,11 +34,11 @@ from twisted.web.server import Site
 
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.logs import make_event_log
-from persistproxy.net import fastwrite, selfcheck
+from persistproxy.net import fastwrite
 from persistproxy.net.accept import ProxyPort, ProxyServer
 from persistproxy.net.reactor import ProxyReactor, install
 from persistproxy.net.selfcheck import INTERNALS, problem, self_check, usable
-from persistproxy.tls import calls, upstream
+from persistproxy.tls import calls, probes, upstream
 from persistproxy.tls import server as tls_server
 from persistproxy.tls.calls import BindingCalls, PublicCalls, make_calls
 
@@ -91,14 +91,25 @@ def test_every_probe_passes_on_the_installed_twisted_and_pyopenssl() -> None:
     assert isinstance(make_calls(), BindingCalls)
 
 
-def test_makeservice_runs_the_self_check_once_the_log_exists() -> None:
-    import inspect
-
+def test_makeservice_logs_each_failed_probe_once_before_anything_listens(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
     from persistproxy import tap
 
-    source = inspect.getsource(tap.makeService)
-    assert source.index("make_event_log(") < source.index("self_check(log, reactor)")
-    assert source.index("self_check(log, reactor)") < source.index("ProxyService(")
+    config = tmp_path / "p.toml"
+    config.write_text(
+        '[[listener]]\nname = "web"\nbind = "tcp:0:interface=127.0.0.1"\nupstream = "app"\n'
+        '[[upstream]]\nname = "app"\nservers = ["127.0.0.1:1"]\n'
+    )
+    force_fallback(monkeypatch, "tls.calls", "a newer pyOpenSSL, say")
+    options = tap.Options()
+    options.parseOptions(["--config", str(config)])
+    root = tap.makeService(options)
+    assert not root.running
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e["internal"], e["finding"]) for e in events] == [
+        ("internals.fallback", "tls.calls", "a newer pyOpenSSL, say")
+    ]
 
 
 # -- net/fastwrite.py -------------------------------------------------------------------------
@@ -404,13 +415,13 @@ def test_without_the_binding_resumption_reads_false_and_verify_errors_lose_their
     monkeypatch.setattr(upstream, "_lib", _Without(upstream._lib, "SSL_get_verify_result"))
     assert problem("tls.binding") == "OpenSSL._util.lib has no SSL_get_verify_result"
     _logged_once("tls.binding")
-    server_context, client_context_ = selfcheck._contexts(tls12=True)
+    server_context, client_context_ = probes._contexts(tls12=True)
     public = PublicCalls()
-    first, client = selfcheck._connections(server_context, client_context_)
-    selfcheck._handshake(first, client, public)
-    again, client_again = selfcheck._connections(server_context, client_context_)
+    first, client = probes._connections(server_context, client_context_)
+    probes._handshake(first, client, public)
+    again, client_again = probes._connections(server_context, client_context_)
     client_again.set_session(client.get_session())  # type: ignore[arg-type]
-    selfcheck._handshake(again, client_again, public)
+    probes._handshake(again, client_again, public)
     assert tls_server._session_reused(again), "it was resumed"
     assert not tls_server.session_reused(again), "but the fallback does not read the binding"
     assert upstream._verify_result(_Handle(client_again)) == ""  # type: ignore[arg-type]
