@@ -5,6 +5,7 @@ The C{/metrics} endpoint for Prometheus, on its own listener (C{[metrics] bind})
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -17,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from persistproxy.logs import EventLog
+from persistproxy.logs import EventLog, LogOutput
 from persistproxy.metrics import StatsCollector
 
 __all__ = ["metrics_service"]
@@ -81,9 +82,18 @@ class _MetricsService(Service):
         return listening.addCallback(stop)
 
 
-def metrics_service(reactor: Any, bind: str, proxy: Any, log: EventLog) -> IService:
+def metrics_service(
+    reactor: Any,
+    bind: str,
+    proxy: Any,
+    log: EventLog,
+    log_outputs: Sequence[LogOutput] = (),
+) -> IService:
+    def log_drops() -> list[tuple[str, int]]:
+        return [(output.name, output.dropped) for output in log_outputs]
+
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(StatsCollector(proxy.proxy_stats, proxy.pool_gauges))
+    registry.register(StatsCollector(proxy.proxy_stats, proxy.pool_gauges, log_drops))
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))  # type: ignore[no-untyped-call]
     site = Site(root)

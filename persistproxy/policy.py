@@ -83,23 +83,17 @@ class Deadline:
     reactor call each time is a measurable share of a proxied request. So arming only records
     the new due time when the scheduled call would fire no later than that; the call then
     fires early, sees the due time still ahead, and schedules itself again. Disarming only
-    forgets the due time. The reactor's timer heap is touched once per C{step} seconds at
-    most instead of several times per request.
-
-    @ivar step: the furthest ahead a call is ever scheduled (0 = as far as needed); a step
-        no longer than the shortest timeout this deadline is armed with keeps arming lazy.
+    forgets the due time. The reactor's timer heap is touched when the due time moves
+    earlier, not on every re-arm.
     """
 
-    __slots__ = ("_call", "_callback", "_clock", "_due", "step")
+    __slots__ = ("_call", "_callback", "_clock", "_due")
 
-    def __init__(
-        self, clock: IReactorTime, callback: Callable[[], object], step: float = 0.0
-    ) -> None:
+    def __init__(self, clock: IReactorTime, callback: Callable[[], object]) -> None:
         self._clock = clock
         self._callback = callback
         self._call: IDelayedCall | None = None
         self._due: float | None = None
-        self.step = step
 
     def arm(self, seconds: float) -> None:
         due = self._clock.seconds() + seconds
@@ -109,10 +103,7 @@ class Deadline:
             if call.getTime() <= due:
                 return  # it fires first and re-checks
             call.cancel()
-        step = self.step
-        self._call = self._clock.callLater(
-            seconds if not step or seconds < step else step, self._fire
-        )
+        self._call = self._clock.callLater(seconds, self._fire)
 
     def cancel(self) -> None:
         """Disarm; the scheduled call, if any, stays and does nothing when it fires."""
@@ -138,10 +129,7 @@ class Deadline:
             return
         remaining = due - self._clock.seconds()
         if remaining > 0:
-            step = self.step
-            self._call = self._clock.callLater(
-                remaining if not step or remaining < step else step, self._fire
-            )
+            self._call = self._clock.callLater(remaining, self._fire)
             return
         self._due = None
         self._callback()

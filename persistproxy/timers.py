@@ -63,12 +63,6 @@ class TimeoutQueue(Generic[T]):
         """
         self._entries.pop(item, None)
 
-    def stop(self) -> None:
-        self._entries.clear()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
     def _expire(self) -> None:
         self._call = None
         entries = self._entries

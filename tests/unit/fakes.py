@@ -49,7 +49,10 @@ class FakeOrigin:
             if self.refuse:
                 return fail(ConnectionRefusedError("connection refused"))
             connection = UpstreamConnection(
-                self.clock, self.config.response_timeout, self.config.max_requests
+                self.clock,
+                self.config.response_timeout,
+                self.config.max_requests,
+                self.config.max_header_count,
             )
             connection.makeConnection(StringTransport())
             self.connections.append(connection)

@@ -6,6 +6,7 @@ kind of mistake, before anything binds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +115,47 @@ def test_without_plugins_only_builtin_keys_are_accepted() -> None:
     doc = {"listener": [{"bind": "tcp:0", "weird": 1}]}
     with pytest.raises(ConfigError, match=r"listener\.listener0\.weird: unknown key"):
         parse_config(doc)
+
+
+def test_header_count_and_chunk_size_limits(tmp_path: Path) -> None:
+    config = _load(tmp_path, GOOD)
+    listener = config.listeners[0]  # type: ignore[attr-defined]
+    assert (listener.max_header_count, listener.min_chunk_size) == (100, 16)
+    assert config.upstreams["app"].max_header_count == 100  # type: ignore[attr-defined]
+    text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nmax_header_count = 0\n', 1)
+    assert "listener.web.max_header_count: must be >= 1, got 0" in _error(tmp_path, text)
+    text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nmin_chunk_size = -1\n', 1)
+    assert "listener.web.min_chunk_size: must be >= 0, got -1" in _error(tmp_path, text)
+    text = GOOD + "max_header_count = 1.5\n"
+    assert "upstream.app.max_header_count: expected an integer" in _error(tmp_path, text)
+
+
+def test_log_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config: Any = _load(tmp_path, GOOD)
+    assert (config.access_log_file, config.log_buffer_size) == ("", 1048576)
+    config = _load(tmp_path, '[log]\naccess_log = "stdout"\nbuffer_size = 65536\n' + GOOD)
+    assert (config.access_log_file, config.log_buffer_size) == ("", 65536)
+    # A relative file is relative to where twistd starts (made absolute before any chdir).
+    (tmp_path / "logs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = _load(tmp_path, '[log]\naccess_log = "logs/access.log"\n' + GOOD)
+    assert config.access_log_file == str(tmp_path / "logs" / "access.log")
+
+
+def test_bad_log_outputs(tmp_path: Path) -> None:
+    def log(text: str) -> str:
+        return _error(tmp_path, "[log]\n" + text + "\n" + GOOD)
+
+    missing = tmp_path / "missing"
+    assert f"log.access_log: directory {missing} does not exist" in log(
+        f'access_log = "{missing}/access.log"'
+    )
+    assert f"log.access_log: {tmp_path} is a directory" in log(f'access_log = "{tmp_path}"')
+    assert 'log.access_log: expected "stdout" or a file name' in log('access_log = ""')
+    assert "log.access_log: expected a string, got True" in log("access_log = true")
+    assert "log.buffer_size: must be >= 65536, got 4096" in log("buffer_size = 4096")
+    assert "log.buffer: unknown key" in log("buffer = 4096")
+    assert "File name too long" in log(f'access_log = "{"x" * 300}/access.log"')
 
 
 # -- endpoint strings: Twisted's public parser, without binding ----------------------------

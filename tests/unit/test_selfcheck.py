@@ -92,9 +92,13 @@ def test_every_probe_passes_on_the_installed_twisted_and_pyopenssl() -> None:
 
 
 def test_makeservice_logs_each_failed_probe_once_before_anything_listens(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     from persistproxy import tap
+    from persistproxy.logs import FileSink, LogOutput
+
+    output = LogOutput("stdout", FileSink(str(tmp_path / "stdout.log")))
+    monkeypatch.setattr(tap, "stdout_output", lambda: output)
 
     config = tmp_path / "p.toml"
     config.write_text(
@@ -106,7 +110,8 @@ def test_makeservice_logs_each_failed_probe_once_before_anything_listens(
     options.parseOptions(["--config", str(config)])
     root = tap.makeService(options)
     assert not root.running
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert output.close(5.0), "the log's writer thread wrote everything"
+    events = [json.loads(line) for line in (tmp_path / "stdout.log").read_text().splitlines()]
     assert [(e["event"], e["internal"], e["finding"]) for e in events] == [
         ("internals.fallback", "tls.calls", "a newer pyOpenSSL, say")
     ]

@@ -33,6 +33,7 @@ from twisted.test.iosim import ConnectionCompleter
 from persistproxy.config import ConfigError, UpstreamConfig, parse_config
 from persistproxy.logs import make_event_log
 from persistproxy.metrics import ListenerStats
+from persistproxy.tls.facts import tls_info
 from persistproxy.tls.reload import CertificateReloader
 from persistproxy.tls.server import (
     ListenerTLSSettings,
@@ -40,7 +41,7 @@ from persistproxy.tls.server import (
     TLSLoadError,
     session_reused,
 )
-from persistproxy.tls.transport import TLSListenerFactory, tls_info
+from persistproxy.tls.transport import TLSListenerFactory
 from persistproxy.tls.upstream import UpstreamTLSError, endpoint_wrapper
 
 # -- certificates -----------------------------------------------------------------------------
