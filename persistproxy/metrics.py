@@ -56,6 +56,11 @@ class ProxyStats:
 
 
 PoolGauges = Callable[[], Iterable[tuple[str, str, int, int, int, int]]]
+LogDrops = Callable[[], Iterable[tuple[str, int]]]
+
+
+def _no_log_drops() -> Iterable[tuple[str, int]]:
+    return ()
 
 
 class StatsCollector(Collector):
@@ -63,11 +68,16 @@ class StatsCollector(Collector):
     Renders L{ProxyStats} and the pools' state for C{prometheus_client}.
 
     @param pools: yields C{(upstream, server, active, idle, waiting, connects)} per pool.
+    @param log_drops: yields C{(output, lines dropped)} per log output (see
+        L{persistproxy.logs.LogOutput}).
     """
 
-    def __init__(self, stats: ProxyStats, pools: PoolGauges) -> None:
+    def __init__(
+        self, stats: ProxyStats, pools: PoolGauges, log_drops: LogDrops = _no_log_drops
+    ) -> None:
         self._stats = stats
         self._pools = pools
+        self._log_drops = log_drops
 
     def collect(self) -> Iterator[Metric]:
         counters = {
@@ -135,3 +145,11 @@ class StatsCollector(Collector):
             waiting.add_metric([upstream, server], n_waiting)
             connects.add_metric([upstream, server], n_connects)
         yield from (active, idle, waiting, connects)
+        dropped = CounterMetricFamily(
+            "persistproxy_log_lines_dropped",
+            "Log lines dropped because their destination did not take them in time",
+            labels=["output"],
+        )
+        for output, count in self._log_drops():
+            dropped.add_metric([output], count)
+        yield dropped

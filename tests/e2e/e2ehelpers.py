@@ -132,6 +132,7 @@ class Response:
         self.body = b""
         self.framing = "none"  # "length", "chunked", "close" or "none"
         self.trailers: list[tuple[str, str]] = []
+        self.chunks = 0  # chunks of a chunked body
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
@@ -308,6 +309,7 @@ class RawConn:
                     name, _, value = t.decode("latin-1").partition(":")
                     resp.trailers.append((name, value.strip()))
             parts.append(self._read_exact(size, deadline))
+            resp.chunks += 1
             crlf = self._read_exact(2, deadline)
             if crlf != b"\r\n":
                 raise AssertionError(f"chunk data not followed by CRLF: {crlf!r}")
@@ -613,3 +615,10 @@ def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} for pid {pid}")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

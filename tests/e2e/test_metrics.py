@@ -75,6 +75,8 @@ def test_twistd_runs_the_proxy_reactor_unless_told_otherwise(
     proxy = proxy_factory(origin)
     wanted = "reactor class: persistproxy.net.reactor.ProxyReactor"
     assert any(wanted in line for line in proxy.lines())
+    # The start-up self-check found every internal the fast paths use: no fallback line.
+    assert not [line for line in proxy.all_output() if "internals.fallback" in line]
 
 
 def test_a_client_that_half_closes_gets_its_answer_and_its_connection_ends_at_once(

@@ -52,7 +52,10 @@ class FakeOrigin:
             if self.refuse:
                 return fail(ConnectionRefusedError("connection refused"))
             connection = UpstreamConnection(
-                self.clock, self.config.response_timeout, self.config.max_requests
+                self.clock,
+                self.config.response_timeout,
+                self.config.max_requests,
+                self.config.max_header_count,
             )
             connection.makeConnection(StringTransport())
             self.connections.append(connection)
@@ -201,3 +204,21 @@ def parse_response(data: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
 
 
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def force_fallback(monkeypatch: Any, name: str, finding: str = "forced by a test") -> None:
+    """
+    Make the self-check's probe C{name} fail, as it would with a Twisted or pyOpenSSL whose
+    internals changed, so the fast path it guards falls back to the public one. The caller
+    clears C{selfcheck.problem}'s cache once C{monkeypatch} is undone.
+    """
+    from dataclasses import replace
+
+    from persistproxy.net import selfcheck
+
+    def check() -> None:
+        raise selfcheck.ProbeFailed(finding)
+
+    internal = replace(selfcheck.INTERNALS[name], check=check)
+    monkeypatch.setitem(selfcheck.INTERNALS, name, internal)
+    selfcheck.problem.cache_clear()

@@ -2,13 +2,16 @@
 The twistd plugin's command line and service tree (tap.py): the configuration is loaded and
 checked in C{postOptions}, before twistd daemonizes or binds; C{--check}, C{--demo} and
 C{--version}; our JSON log observer for twistd's own events; and C{makeService} putting the
-SIGHUP reloader before the listeners, with the metrics listener when configured.
+signal handlers (SIGUSR1, SIGHUP) before the listeners, with the metrics listener when
+configured.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,8 @@ import pytest
 from twisted.application.service import Service
 from twisted.internet.testing import MemoryReactorClock
 
-from persistproxy import __version__
+from persistproxy import __version__, tap
+from persistproxy.logs import FileSink, LogOutput, LogReopener
 from persistproxy.service import ProxyService
 from persistproxy.tap import Options, makeService, protocol_plugins
 from persistproxy.tls.reload import CertificateReloader
@@ -135,20 +139,38 @@ def test_twistds_own_events_are_json_lines_unless_told_otherwise(
     assert parent["logger"] == logger
 
 
-@pytest.mark.usefixtures("no_reactor_install")
-def test_make_service_puts_the_reloader_before_the_listeners(
+@pytest.fixture
+def stdout_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The process's standard output, as makeService's log sees it, written to a file."""
+    path = tmp_path / "stdout.log"
+    output = LogOutput("stdout", FileSink(str(path)))
+    monkeypatch.setattr(tap, "stdout_output", lambda: output)
+    yield path
+    assert output.close(5.0), "the log's writer thread wrote everything"
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("no_reactor_install", "stdout_file")
+def test_make_service_puts_the_signal_handlers_before_the_listeners(
     tmp_path: Path, global_reactor: MemoryReactorClock
 ) -> None:
+    """
+    Services start in order: the SIGUSR1 and SIGHUP handlers are installed before the
+    listeners bind, so that neither signal kills a proxy that is already announced.
+    """
     options = _options("--config", _write(tmp_path, CONFIG))
     root = makeService(options)
     services = list(root)  # type: ignore[call-overload]
-    assert [type(s) for s in services] == [CertificateReloader, ProxyService]
-    proxy = services[1]
+    assert [type(s) for s in services] == [LogReopener, CertificateReloader, ProxyService]
+    proxy = services[2]
     assert [listener.config.name for listener in proxy.listeners] == ["web"]
     assert global_reactor.tcpServers == [], "nothing binds before the service starts"
 
 
-@pytest.mark.usefixtures("no_reactor_install")
+@pytest.mark.usefixtures("no_reactor_install", "stdout_file")
 def test_make_service_adds_the_metrics_listener_when_configured(
     tmp_path: Path, global_reactor: MemoryReactorClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,7 +180,7 @@ def test_make_service_adds_the_metrics_listener_when_configured(
     """
     made: list[tuple[Any, ...]] = []
 
-    def metrics_service(reactor: Any, bind: str, proxy: Any, log: Any) -> Service:
+    def metrics_service(reactor: Any, bind: str, proxy: Any, log: Any, outputs: Any) -> Service:
         made.append((reactor, bind, proxy))
         return Service()
 
@@ -168,19 +190,22 @@ def test_make_service_adds_the_metrics_listener_when_configured(
     text = '[metrics]\nbind = "tcp:0:interface=127.0.0.1"\n' + CONFIG
     root = makeService(_options("--config", _write(tmp_path, text)))
     services = list(root)  # type: ignore[call-overload]
-    assert len(services) == 3 and isinstance(services[1], ProxyService)
-    assert made == [(global_reactor, "tcp:0:interface=127.0.0.1", services[1])]
+    assert len(services) == 4 and isinstance(services[2], ProxyService)
+    assert made == [(global_reactor, "tcp:0:interface=127.0.0.1", services[2])]
 
 
 @pytest.mark.usefixtures("no_reactor_install")
 def test_make_service_for_the_demo_binds_the_demo_origin_and_points_the_proxy_at_it(
-    global_reactor: MemoryReactorClock,
+    global_reactor: MemoryReactorClock, stdout_file: Path
 ) -> None:
     root = makeService(_options("--demo"))
     [(port, site, _, interface)] = global_reactor.tcpServers
     assert (port, interface) == (0, "127.0.0.1"), "an ephemeral port on loopback"
     assert type(site).__name__ == "_QuietSite"
-    proxy = list(root)[1]  # type: ignore[call-overload]
+    [proxy] = [s for s in root if isinstance(s, ProxyService)]  # type: ignore[attr-defined]
     [listener] = proxy.config.listeners
     assert listener.bind == "tcp:8080:interface=127.0.0.1"
     assert proxy.config.upstreams[listener.upstream].servers == (("127.0.0.1", 43210),)
+    tap.stdout_output().close(5.0)
+    [demo] = [e for e in _events(stdout_file) if e["event"] == "demo.origin"]
+    assert demo["port"] == 43210, "the log says where the demo origin is"

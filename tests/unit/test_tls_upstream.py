@@ -8,7 +8,7 @@ C{tls_ca} file and the upstream TLS keys checked with the configuration.
 from __future__ import annotations
 
 import io
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,72 +16,42 @@ import pytest
 import trustme
 from OpenSSL import SSL
 from pki import PKI
-from tlsfakes import Recorder, settings
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from tlsfakes import Sink, Upstream
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.test.iosim import ConnectionCompleter
 
 from persistproxy.config import ConfigError, UpstreamConfig, parse_config
 from persistproxy.logs import make_event_log
-from persistproxy.metrics import ListenerStats
-from persistproxy.tls.server import ServerTLS
-from persistproxy.tls.transport import TLSListenerFactory
 from persistproxy.tls.trust import load_trust_root
 from persistproxy.tls.upstream import UpstreamTLSError, endpoint_wrapper
 
 # -- upstream TLS -----------------------------------------------------------------------------
 
 
-class Sink(Protocol):
-    """The upstream side's protocol: keeps what it receives."""
+@pytest.fixture(params=["fast", "public"])
+def handshake_path(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """
+    Upstream TLS through L{_ClientTLSProtocol} (Twisted's internals), or through the public
+    path taken when the self-check finds those internals changed.
+    """
+    from fakes import force_fallback
 
-    def __init__(self) -> None:
-        self.received = b""
+    from persistproxy.net.selfcheck import problem
 
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-
-class Upstream:
-    """A TLS server in a memory reactor, and the upstream side dialling it."""
-
-    def __init__(self, pki: PKI, server_pair: tuple[str, str], **config: Any) -> None:
-        self.reactor = MemoryReactorClock()
-        self.stats = ListenerStats()
-        server_tls = ServerTLS(settings(server_pair), "origin")
-        self.reactor.listenTCP(
-            4321,
-            TLSListenerFactory(
-                server_tls, Factory.forProtocol(Recorder), self.stats, None, self.reactor
-            ),
-        )
-        self.log = io.StringIO()
-        defaults: dict[str, Any] = {"tls_ca": str(pki.ca_pem), "tls_server_name": "site.test"}
-        self.config = UpstreamConfig(
-            name="app", servers=(("127.0.0.1", 4321),), tls=True, **{**defaults, **config}
-        )
-        wrap = endpoint_wrapper(self.reactor, self.config, make_event_log(self.log, "debug"))
-        assert wrap is not None
-        self.endpoint = wrap(TCP4ClientEndpoint(self.reactor, "127.0.0.1", 4321), "127.0.0.1")
-
-    def connect(self) -> tuple[Any, list[Any]]:
-        results: list[Any] = []
-        d = self.endpoint.connect(Factory.forProtocol(Sink))
-        d.addBoth(results.append)
-        pump = ConnectionCompleter(self.reactor).succeedOnce()
-        assert pump is not None
-        pump.flush()
-        return pump, results
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.log.getvalue().splitlines()]
-        return [e for e in lines if e["event"] == name]
+    if request.param == "public":
+        force_fallback(monkeypatch, "tls.upstream")
+    yield request.param
+    monkeypatch.undo()
+    problem.cache_clear()
 
 
-def test_upstream_tls_verifies_and_hands_over_after_the_handshake(pki: PKI) -> None:
+def test_upstream_tls_verifies_and_hands_over_after_the_handshake(
+    pki: PKI, handshake_path: str
+) -> None:
     up = Upstream(pki, pki.site)
     pump, results = up.connect()
     [protocol] = results
@@ -91,7 +61,7 @@ def test_upstream_tls_verifies_and_hands_over_after_the_handshake(pki: PKI) -> N
     assert protocol.received == b"pong"
 
 
-def test_new_upstream_connections_resume_the_last_session(pki: PKI) -> None:
+def test_new_upstream_connections_resume_the_last_session(pki: PKI, handshake_path: str) -> None:
     for version in ("TLSv1.2", "TLSv1.3"):
         up = Upstream(pki, pki.site)
         if version == "TLSv1.2":
@@ -110,7 +80,9 @@ def test_new_upstream_connections_resume_the_last_session(pki: PKI) -> None:
         assert connected[0]["tls_version"] == version
 
 
-def test_a_wrong_upstream_name_is_a_connect_failure_that_says_why(pki: PKI) -> None:
+def test_a_wrong_upstream_name_is_a_connect_failure_that_says_why(
+    pki: PKI, handshake_path: str
+) -> None:
     up = Upstream(pki, pki.site, tls_server_name="wrong.test")
     _, [failure] = up.connect()
     assert isinstance(failure, Failure)
@@ -121,7 +93,7 @@ def test_a_wrong_upstream_name_is_a_connect_failure_that_says_why(pki: PKI) -> N
 
 
 def test_an_untrusted_upstream_chain_is_a_connect_failure_that_says_why(
-    pki: PKI, tmp_path: Path
+    pki: PKI, tmp_path: Path, handshake_path: str
 ) -> None:
     stranger = trustme.CA()
     pair = pki.issue("stranger", "site.test", ca=stranger)
@@ -133,7 +105,7 @@ def test_an_untrusted_upstream_chain_is_a_connect_failure_that_says_why(
     assert str(pki.ca_pem) in message
 
 
-def test_tls_verify_false_accepts_any_certificate_and_warns(pki: PKI) -> None:
+def test_tls_verify_false_accepts_any_certificate_and_warns(pki: PKI, handshake_path: str) -> None:
     stranger = trustme.CA()
     pair = pki.issue("stranger2", "elsewhere.test", ca=stranger)
     up = Upstream(pki, pair, tls_verify=False)
@@ -142,7 +114,7 @@ def test_tls_verify_false_accepts_any_certificate_and_warns(pki: PKI) -> None:
     assert isinstance(protocol, Sink)
 
 
-def test_an_upstream_handshake_that_never_ends_times_out(pki: PKI) -> None:
+def test_an_upstream_handshake_that_never_ends_times_out(pki: PKI, handshake_path: str) -> None:
     up = Upstream(pki, pki.site, connect_timeout=2.0)
     results: list[Any] = []
     up.endpoint.connect(Factory.forProtocol(Sink)).addBoth(results.append)

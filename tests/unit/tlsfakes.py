@@ -1,26 +1,33 @@
 """
-An in-memory TLS client against a listener's TLS, shared by the TLS unit tests: the
-listener's settings from PEM files, a wrapped protocol that records what it reads, and a
-pyOpenSSL client pumped by hand (L{Link}).
+TLS in memory, shared by the TLS unit tests: the listener's settings from PEM files, a wrapped
+protocol that records what it reads, a pyOpenSSL client pumped by hand against a listener
+(L{Link}), and the upstream side dialling a TLS server in a memory reactor (L{Upstream}).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
 from pki import PKI
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter
 
+from persistproxy.config import UpstreamConfig
+from persistproxy.logs import make_event_log
 from persistproxy.metrics import ListenerStats
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS
 from persistproxy.tls.transport import TLSListenerFactory
+from persistproxy.tls.upstream import endpoint_wrapper
 
 
 def settings(*pairs: tuple[str, str], **kw: Any) -> ListenerTLSSettings:
@@ -149,3 +156,49 @@ def listener(
 ) -> TLSListenerFactory:
     tls = ServerTLS(settings(pki.site, pki.other, **kw), "web")
     return TLSListenerFactory(tls, Factory.forProtocol(Recorder), stats, None, clock)
+
+
+class Sink(Protocol):
+    """The upstream side's protocol: keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class Upstream:
+    """A TLS server in a memory reactor, and the upstream side dialling it."""
+
+    def __init__(self, pki: PKI, server_pair: tuple[str, str], **config: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.stats = ListenerStats()
+        server_tls = ServerTLS(settings(server_pair), "origin")
+        self.reactor.listenTCP(
+            4321,
+            TLSListenerFactory(
+                server_tls, Factory.forProtocol(Recorder), self.stats, None, self.reactor
+            ),
+        )
+        self.log = io.StringIO()
+        defaults: dict[str, Any] = {"tls_ca": str(pki.ca_pem), "tls_server_name": "site.test"}
+        self.config = UpstreamConfig(
+            name="app", servers=(("127.0.0.1", 4321),), tls=True, **{**defaults, **config}
+        )
+        wrap = endpoint_wrapper(self.reactor, self.config, make_event_log(self.log, "debug"))
+        assert wrap is not None
+        self.endpoint = wrap(TCP4ClientEndpoint(self.reactor, "127.0.0.1", 4321), "127.0.0.1")
+
+    def connect(self) -> tuple[Any, list[Any]]:
+        results: list[Any] = []
+        d = self.endpoint.connect(Factory.forProtocol(Sink))
+        d.addBoth(results.append)
+        pump = ConnectionCompleter(self.reactor).succeedOnce()
+        assert pump is not None
+        pump.flush()
+        return pump, results
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.log.getvalue().splitlines()]
+        return [e for e in lines if e["event"] == name]
