@@ -74,8 +74,9 @@ DRAIN = "drain"
 CONNECT_FAILED = "connect_failed"
 
 #: Read size and write-buffer bound (Twisted's C{bufferSize}) of a relayed TCP transport.
-#: Twisted's 64 KiB costs a third more CPU per GiB relayed than 256 KiB (fewer reads, sends
-#: and Python calls per byte); a relay holds at most about two of these per direction.
+#: Measured with C{bench/run.sh tcp}: Twisted's 64 KiB costs 1.75x the CPU per GiB relayed
+#: (4x the reads, sends and Python calls per byte), 1 MiB 1.25x (buffers that big fall out of
+#: the CPU caches). A relay holds at most about two of these per direction.
 BUFFER_SIZE = 256 * 1024
 
 # RelaySide states.
