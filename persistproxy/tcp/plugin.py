@@ -194,6 +194,7 @@ class TCPConnection(TwistedProtocol):
         self._reason: str | None = None
         self._error: str | None = None
         self._tls: dict[str, Any] | None = None
+        self._logged = False
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -274,16 +275,22 @@ class TCPConnection(TwistedProtocol):
         return True
 
     def drain_cut(self) -> None:
+        """
+        Abort both connections, and write the access line now: the aborts complete on the
+        next reactor turn, after the drain has flushed the access log for the last time.
+        """
         if self.state == _RELAYING and self.relay is not None:
             self.relay.cut(DRAIN, abort=True)
-            return
-        if self.state == _CONNECTING:
-            self.cancelled = True
-            self.state = _CLOSING
             self._reason = DRAIN
-        transport: Any = self.transport
-        if transport is not None:
-            transport.abortConnection()
+        else:
+            if self.state == _CONNECTING:
+                self.cancelled = True
+                self.state = _CLOSING
+                self._reason = DRAIN
+            transport: Any = self.transport
+            if transport is not None:
+                transport.abortConnection()
+        self._log_access()
 
     # -- TLSAware -----------------------------------------------------------------------------
 
@@ -303,9 +310,14 @@ class TCPConnection(TwistedProtocol):
 
     def _closed(self) -> None:
         self.state = _CLOSED
+        self._log_access()
+
+    def _log_access(self) -> None:
+        """The connection's one access line (at its end, or at a drain cut)."""
         listener = self._listener
-        if not listener.access_log:
+        if not listener.access_log or self._logged:
             return
+        self._logged = True
         relay = self.relay
         pool = self._pool
         fields: dict[str, Any] = {

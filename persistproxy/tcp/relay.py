@@ -158,11 +158,12 @@ class RelaySide:
     def received(self, data: bytes) -> None:
         """Bytes read from this connection (its protocol's C{dataReceived})."""
         if self.state == _OPEN:
-            self.bytes += len(data)
             relay = self.relay
             assert relay is not None
-            if relay.reason is None:
-                self._pass_on(data)
+            if relay.reason is not None:
+                return  # cut: the rest of a read that was under way is dropped
+            self.bytes += len(data)
+            self._pass_on(data)
             queue = relay.idle
             if queue is not None:
                 queue.add(relay)

@@ -8,6 +8,7 @@ TLS to the upstream, the listener's per-client limit, and `--list-protocols`.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -307,6 +308,51 @@ def test_the_per_client_limit_of_the_listener_applies(proxy: Proxy) -> None:
     assert proxy.wait_event("client.refused", 5, lambda e: e.get("listener") == "limited")
     for s in (*held, refused):
         s.close()
+
+
+def test_drain_closes_a_silent_relay_at_once_and_cuts_a_busy_one_at_drain_timeout(
+    origin: TCPOrigin, tmp_path: Path
+) -> None:
+    path = tmp_path / "persistproxy.toml"
+    path.write_text(
+        f"""
+drain_timeout = 2
+
+[[listener]]
+name = "tcp"
+bind = "tcp:0:interface=127.0.0.1"
+protocol = "tcp"
+upstream = "origin"
+
+[[upstream]]
+name = "origin"
+servers = ["127.0.0.1:{origin.port}"]
+"""
+    )
+    proxy = Proxy(str(path), cwd=str(tmp_path), listener="tcp")
+    try:
+        port = _port(proxy, "tcp")
+        silent = _connect(port)  # never sends a byte, gets none
+        busy = _connect(port)
+        busy.sendall(b"hold\n")  # a relay that carried bytes and is still open
+        assert proxy.wait_event("access", 0.5) is None
+        time.sleep(0.3)  # both relays are up
+        started = time.monotonic()
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert _closed(silent), "closed: nothing was ever relayed"
+        assert _closed(busy), "cut at drain_timeout"
+        cut_after = time.monotonic() - started
+        assert proxy.proc.wait(10) == 0
+        [timeout] = proxy.events("drain.timeout")
+        assert timeout["open_connections"] == 1, "only the busy relay was left to cut"
+        lines = [e for e in proxy.events("access") if e.get("listener") == "tcp"]
+        assert sorted((e["bytes_up"], e["reason"]) for e in lines) == [(0, "drain"), (5, "drain")]
+        print(f"\nbusy relay cut {cut_after:.1f} s after SIGTERM (drain_timeout = 2)")
+        for s in (silent, busy):
+            s.close()
+    finally:
+        proxy.terminate(5)
+        proxy.kill()
 
 
 def test_list_protocols() -> None:

@@ -224,8 +224,10 @@ def test_a_drain_cut_aborts_both_and_says_drain() -> None:
     p.client.received(b"busy")
     p.relay.cut(DRAIN, abort=True)
     assert p.client_t.aborted and p.upstream_t.aborted
-    p.client.received(b"late")  # the rest of a read: dropped
+    p.client.received(b"late")  # the rest of a read: dropped, not counted, not timed
     assert p.upstream_t.value() == b"busy"
+    assert p.relay.bytes_up == 4
+    assert p.relay.idle is not None and p.relay not in p.relay.idle
     p.lose(p.client, ConnectionAborted)
     p.lose(p.upstream, ConnectionAborted)
     assert p.relay.reason == DRAIN

@@ -305,6 +305,7 @@ def test_drain_lets_a_busy_relay_run_then_cuts_it() -> None:
     assert not transport.disconnecting
     connection.drain_cut()
     assert transport.aborted and upstream.transport.aborted  # type: ignore[union-attr]
+    assert len(h.access()) == 1, "written at the cut: the drain flushes the log right after"
     _lost(connection, ConnectionAborted)
     _lost(upstream, ConnectionAborted)
     [line] = h.access()
