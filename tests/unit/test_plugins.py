@@ -84,3 +84,20 @@ def test_unknown_protocol_is_a_config_error() -> None:
     doc = {"listener": [{"name": "e", "bind": "tcp:0", "protocol": "gopher"}]}
     with pytest.raises(ConfigError, match=r"listener.e.protocol: unknown protocol 'gopher'"):
         parse_config(doc, "x.toml", validators)
+
+
+def test_list_protocols_prints_each_protocol_with_its_description_and_exits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from persistproxy.tap import Options
+
+    with pytest.raises(SystemExit) as exit_:
+        Options().parseOptions(["--list-protocols"])  # no --config needed
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    plugins = protocol_plugins()
+    assert {line.split()[0] for line in lines} == set(plugins) >= {"http", "tcp"}
+    for line in lines:
+        name, description = line.split(None, 1)
+        assert description == plugins[name].description
+    assert "--list-protocols" in str(Options())
