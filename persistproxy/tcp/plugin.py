@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
@@ -29,10 +29,13 @@ from persistproxy.interfaces import (
     ConfigError,
     IProtocolPlugin,
     ListenerConfig,
+    Pool,
     ProxyContext,
+    Upstream,
     UpstreamConfig,
+    UpstreamServer,
 )
-from persistproxy.tcp.relay import (
+from persistproxy.relay import (
     CLIENT_FIN,
     CONNECT_FAILED,
     DRAIN,
@@ -121,7 +124,7 @@ class TCPConnector:
     their C{max_connections}.
     """
 
-    def factory_for(self, server: Any, config: UpstreamConfig) -> Factory:
+    def factory_for(self, server: UpstreamServer, config: UpstreamConfig) -> Factory:
         return _UpstreamFactory()
 
 
@@ -130,21 +133,6 @@ class _UpstreamFactory(Factory):
 
     noisy = False
     protocol = TCPUpstream
-
-
-# -- what this plugin uses of the upstream group (structurally, as a third party would) -----
-
-
-class _Pool(Protocol):
-    address: str
-
-    def acquire(self, waiter: Any, fresh: bool = ...) -> None: ...
-
-    def release(self, connection: Any, reusable: bool) -> None: ...
-
-
-class _Group(Protocol):
-    def pick(self) -> _Pool: ...
 
 
 # -- the client side ------------------------------------------------------------------------
@@ -156,7 +144,7 @@ class _Listener:
 
     name: str
     clock: IReactorTime
-    group: _Group
+    group: Upstream[TCPUpstream]
     context: ProxyContext
     access_log: bool
     idle: Any
@@ -188,7 +176,7 @@ class TCPConnection(TwistedProtocol):
         self.cancelled = False
         self.relay: Relay | None = None
         self.side: RelaySide | None = None
-        self._pool: _Pool | None = None
+        self._pool: Pool[TCPUpstream] | None = None
         self._upstream: TCPUpstream | None = None
         self._started = 0.0
         self._reason: str | None = None
@@ -373,7 +361,7 @@ class TCPProtocolPlugin:
                 raise ConfigError(f"{key}: an HTTP setting, not used by protocol tcp")
 
     def build_factory(self, listener: ListenerConfig, context: ProxyContext) -> TCPFactory:
-        group: _Group = context.upstream(listener.upstream, TCPConnector())
+        group: Upstream[TCPUpstream] = context.upstream(listener.upstream, TCPConnector())
         return TCPFactory(
             _Listener(
                 name=listener.name,

@@ -1,5 +1,5 @@
 """
-The byte relay (persistproxy.tcp.relay) between two in-memory transports: bytes both ways,
+The byte relay (persistproxy.relay) between two in-memory transports: bytes both ways,
 flow control both ways, half-close both ways, resets, the idle timeout on a Clock, drain cuts,
 byte counts and the close reason.
 """
@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from persistproxy.tcp.relay import (
+from persistproxy.relay import (
     CLIENT_FIN,
     DRAIN,
     IDLE_TIMEOUT,
