@@ -87,6 +87,8 @@ class ListenerConfig:
     send_408_on_idle: bool = False
     tcp_keepalive: Mapping[str, int] | None = None
     tls: Mapping[str, Any] | None = None
+    #: A byte relay (a tcp listener; HTTP's tunnels later) idle both ways this long is closed.
+    tunnel_idle_timeout: float = 3600.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -329,6 +331,7 @@ def _listener(
         send_408_on_idle=s.boolean("send_408_on_idle", False),
         tcp_keepalive=tcp_keepalive,
         tls=_listener_tls(s, source, name, protocol),
+        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
         extra=s.unused(),
     )
     if protocols is not None:

@@ -54,10 +54,22 @@ class Options(usage.Options):
         ["demo", None, "Run on 127.0.0.1:8080 in front of a built-in demo origin."],
         ["check", None, "Validate the configuration and exit (0 when valid), like nginx -t."],
         ["version", None, "Print the version and exit."],
+        ["list-protocols", None, "Print each installed listener protocol and exit."],
     ]
 
     def opt_version(self) -> None:
         print(f"persistproxy {__version__}")
+        sys.exit(0)
+
+    def opt_list_protocols(self) -> None:
+        """
+        Print each installed protocol plugin (what a listener's C{protocol} may name) with
+        its one-line description, and exit: no configuration is needed.
+        """
+        plugins = protocol_plugins()
+        width = max((len(name) for name in plugins), default=0)
+        for name in sorted(plugins):
+            print(f"{name:<{width}}  {plugins[name].description}")
         sys.exit(0)
 
     def postOptions(self) -> None:

@@ -116,3 +116,20 @@ def test_the_http_plugin_checks_its_keys_and_answers_refusals_with_503() -> None
     assert refusal.startswith(b"HTTP/1.1 503 ")
     assert b"\r\nRetry-After: 5\r\n" in refusal and b"\r\nConnection: close\r\n" in refusal
     assert http.plaintext_answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_list_protocols_prints_each_protocol_with_its_description_and_exits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from persistproxy.tap import Options
+
+    with pytest.raises(SystemExit) as exit_:
+        Options().parseOptions(["--list-protocols"])  # no --config needed
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    plugins = protocol_plugins()
+    assert {line.split()[0] for line in lines} == set(plugins) >= {"http", "tcp"}
+    for line in lines:
+        name, description = line.split(None, 1)
+        assert description == plugins[name].description
+    assert "--list-protocols" in str(Options())
