@@ -47,7 +47,7 @@ METRICS: dict[str, Any] = {"metrics": {"bind": "tcp:0:interface=127.0.0.1"}}
 
 
 # ==============================================================================================
-# Helpers (local to this file: conftest.py and e2ehelpers.py belong to someone else)
+# Helpers of this file (shared ones: e2ehelpers.py; fixtures: conftest.py)
 # ==============================================================================================
 
 def _toml(v: Any) -> str:
