@@ -458,6 +458,11 @@ def test_upstream_queue_full_then_cancelled_waiters_free_their_places(
     finally:
         for c in busy + queued:
             c.close()
+    # A client's FIN alone is a half-close: the queued requests of those that only shut
+    # down writing may still be answered. Wait until nothing is queued or lent, so that the
+    # four below find the two connections and three places free.
+    wait_metric(p, upstream_waiting(fresh_origin.port), 0)
+    wait_metric(p, upstream_waiting(fresh_origin.port).replace("waiting", "active"), 0)
     results: list[int] = []
 
     def one() -> None:
