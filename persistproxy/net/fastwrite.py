@@ -34,6 +34,7 @@ from persistproxy.net.selfcheck import usable
 __all__ = [
     "MSG_MORE",
     "backlogged",
+    "buffered",
     "can_write_directly",
     "fin_can_follow",
     "lose_write_directly",
@@ -113,10 +114,14 @@ def queued(transport: Any) -> int | None:
     much of it has gone; the buffer alone would say "nothing taken" for seconds on end.
     """
     for candidate in (transport, getattr(transport, "transport", None)):
-        if candidate is not None and hasattr(candidate, "_tempDataLen"):
-            waiting = candidate._tempDataLen + len(candidate.dataBuffer) - candidate.offset
-            return int(waiting) + _kernel_queued(getattr(candidate, "socket", None))
+        if isinstance(candidate, tcp.Connection) and usable("fastwrite"):
+            return buffered(candidate) + _kernel_queued(candidate.socket)
     return None
+
+
+def buffered(transport: Any) -> int:
+    """The bytes waiting in a TCP transport's own buffer (see L{queued})."""
+    return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
 
 
 def _kernel_queued(sock: Any) -> int:

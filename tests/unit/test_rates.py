@@ -9,9 +9,14 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import pytest
 from fakes import OK_RESPONSE, HalfCloseTransport, Harness, parse_response
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 
+from persistproxy.http import client_closing
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.net.fastwrite import queued
@@ -287,13 +292,22 @@ def test_min_body_rate_cuts_a_response_already_streaming() -> None:
 
 
 class BufferedTransport(HalfCloseTransport):
-    """A client transport whose send buffer we can see into, as a TCP one's."""
+    """
+    A client transport whose bytes not yet taken by the client we set by hand: what
+    L{persistproxy.net.fastwrite.queued} reads from a TCP transport and its socket.
+    """
 
     def __init__(self) -> None:
         super().__init__(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
         self._tempDataLen = 0
-        self.dataBuffer = b""
-        self.offset = 0
+
+
+@pytest.fixture(autouse=True)
+def _queued_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    def queued(transport: Any) -> int | None:
+        return transport._tempDataLen if isinstance(transport, BufferedTransport) else None
+
+    monkeypatch.setattr(client_closing, "queued", queued)
 
 
 def _slow_reader(
@@ -434,17 +448,14 @@ def test_what_a_client_took_counts_the_kernels_send_queue_too() -> None:
         except BlockingIOError:
             pass
 
-        class TCPLike:
-            socket = writer
-            _tempDataLen = 1000
-            dataBuffer = b"y" * 500
-            offset = 100
-
-        waiting = queued(TCPLike())
+        transport = tcp.Connection(writer, Protocol(), Clock())  # type: ignore[no-untyped-call]
+        transport.dataBuffer = b"y" * 500  # what write() queued, 100 bytes of it sent
+        transport.offset = 100
+        waiting = queued(transport)
         assert waiting is not None
-        print(f"\n{sent} bytes sent, {waiting - 1400} in the kernel's send queue")
-        assert 1400 < waiting <= sent + 1400
-        assert queued(object()) is None
+        print(f"\n{sent} bytes sent, {waiting - 400} in the kernel's send queue")
+        assert 400 < waiting <= sent + 400
+        assert queued(HalfCloseTransport()) is None, "a transport we do not see into"
     finally:
         reader.close()
         writer.close()
