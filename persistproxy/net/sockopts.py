@@ -15,7 +15,61 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["configure_listening_socket", "set_tcp_keepalive"]
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "configure_listening_socket",
+    "set_tcp_keepalive",
+    "split_endpoint",
+    "with_default_backlog",
+]
+
+#: The listen() backlog when a listener's endpoint string does not say C{backlog=}: nginx's
+#: 511, not Twisted's 50, which under a burst of connections (or while admissions are held
+#: at C{max_connections}) makes the kernel drop SYNs, and clients retry only after 1 s, 3 s...
+#: The kernel caps it at C{net.core.somaxconn} (4096 on current kernels).
+DEFAULT_BACKLOG = 511
+
+#: Endpoint types whose listen() takes a C{backlog=} argument.
+_BACKLOG_TYPES = frozenset(("tcp", "tcp6", "unix", "ssl"))
+
+
+def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    C{description} (a Twisted server endpoint string) with C{:backlog=N} added when it is a
+    TCP, UNIX or SSL endpoint that names no backlog of its own; any other, unchanged (a
+    C{systemd:} socket's backlog is systemd's C{Backlog=}).
+    """
+    parts = split_endpoint(description)
+    if len(parts) < 2 or parts[0].strip().lower() not in _BACKLOG_TYPES:
+        return description
+    arguments = parts[1:]
+    if any(a.split("=", 1)[0].strip() == "backlog" for a in arguments if "=" in a):
+        return description
+    if sum(1 for a in arguments if "=" not in a) > 1:
+        return description  # positional arguments past the port or path: left as written
+    return f"{description}:backlog={backlog}"
+
+
+def split_endpoint(description: str) -> list[str]:
+    """
+    The parts of an endpoint string, split on the colons not escaped with a backslash and
+    unescaped, as Twisted reads them: C{"tcp6:80:interface=\\:\\:1"} gives
+    C{["tcp6", "80", "interface=::1"]}.
+    """
+    parts = [""]
+    escaped = False
+    for char in description:
+        if escaped:
+            parts[-1] += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("")
+        else:
+            parts[-1] += char
+    return parts
+
 
 _KEEPALIVE_TIMERS = (
     (getattr(socket, "TCP_KEEPIDLE", None), "idle"),
