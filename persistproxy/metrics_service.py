@@ -28,7 +28,14 @@ from persistproxy.logs import EventLog, LogOutput
 from persistproxy.metrics import StatsCollector
 from persistproxy.status import render, status_view
 
-__all__ = ["HealthResource", "ReadyResource", "StatusResource", "metrics_root", "metrics_service"]
+__all__ = [
+    "HealthResource",
+    "MetricsSite",
+    "ReadyResource",
+    "StatusResource",
+    "metrics_root",
+    "metrics_service",
+]
 
 _PATHS = ["/metrics", "/healthz", "/readyz", "/status"]
 
@@ -97,7 +104,7 @@ class _Index(Resource):
         return ("persistproxy: " + " ".join(_PATHS) + "\n").encode()
 
 
-class _QuietSite(Site):
+class MetricsSite(Site):
     def log(self, request: Any) -> None:
         """Scrapes and probes are not logged: they would drown the events that matter."""
 
@@ -164,6 +171,6 @@ def metrics_service(
     log: EventLog,
     log_outputs: Sequence[LogOutput] = (),
 ) -> IService:
-    site = _QuietSite(metrics_root(reactor, proxy, log_outputs))  # type: ignore[no-untyped-call]
+    site = MetricsSite(metrics_root(reactor, proxy, log_outputs))  # type: ignore[no-untyped-call]
     site.noisy = False
     return _MetricsService(serverFromString(reactor, bind), site, log, bind, proxy)

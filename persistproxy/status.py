@@ -40,7 +40,7 @@ REFRESH_SECONDS = 5
 
 #: Upper bounds (seconds) of the idle-age histogram's buckets; the last bucket is open.
 AGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
-_AGE_LABELS = ("<1s", "1-5s", "5-15s", "15-30s", "30-60s", "1-2m", "2-5m", ">=5m")
+_AGE_LABELS = ("<1s", "1-5s", "5-15s", "15-30s", "30-60s", "1-2m", "2-5m", "\u22655m")
 
 
 def age_histogram(ages: Iterable[float]) -> list[int]:
