@@ -21,7 +21,8 @@ from typing import Any
 
 from persistproxy.config import ListenerConfig, ProxyConfig, UpstreamConfig
 from persistproxy.errors import ConfigError
-from persistproxy.net.sockopts import DEFAULT_BACKLOG, split_endpoint, with_default_backlog
+from persistproxy.net.endpoints import EndpointError, split_description
+from persistproxy.net.sockopts import DEFAULT_BACKLOG, with_default_backlog
 
 __all__ = ["address_conflicts", "check_addresses", "effective_toml", "summary"]
 
@@ -34,10 +35,12 @@ def _address(description: str, base: str) -> Address | None:
     """
     What C{description} binds, or None for what cannot collide (port 0, unknown kinds).
     """
-    parts = split_endpoint(description)
-    kind = parts[0].strip().lower()
-    positional = [p for p in parts[1:] if "=" not in p]
-    keywords = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    try:
+        arguments, keywords = split_description(description)
+    except EndpointError:
+        return None
+    kind = arguments[0].strip().lower() if arguments else ""
+    positional = arguments[1:]
     if kind in ("tcp", "tcp6", "ssl"):
         port_text = keywords.get("port", positional[0] if positional else "")
         if not port_text.isdigit() or int(port_text) == 0:
@@ -114,11 +117,12 @@ def _limit(value: int) -> str:
 
 
 def _backlog(bind: str) -> str:
-    effective = with_default_backlog(bind)
-    if effective == bind:
-        parts = dict(p.split("=", 1) for p in split_endpoint(bind)[1:] if "=" in p)
-        return f"backlog {parts['backlog']}" if "backlog" in parts else "backlog from systemd"
-    return f"backlog {DEFAULT_BACKLOG}"
+    if with_default_backlog(bind) != bind:
+        return f"backlog {DEFAULT_BACKLOG}"
+    options = split_description(bind)[1]
+    if "backlog" in options:
+        return f"backlog {options['backlog']}"
+    return "backlog from systemd" if bind.lower().startswith("systemd:") else "default backlog"
 
 
 def summary(config: ProxyConfig) -> Iterator[str]:

@@ -16,10 +16,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.application.service import IService, Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -126,24 +127,31 @@ def metrics_root(reactor: Any, proxy: Any, log_outputs: Sequence[LogOutput] = ()
     return root
 
 
-class _MetricsService(StreamServerEndpointService):
-    def __init__(self, endpoint: Any, site: Site, log: EventLog, bind: str, proxy: Any) -> None:
-        super().__init__(endpoint, site)  # type: ignore[no-untyped-call]
+class _MetricsService(Service):
+    """
+    Listens in C{privilegedStartService} (a low port is bound before twistd drops
+    privileges), and a port that cannot be bound stops start-up with one line naming the key
+    (L{StartupError}), as a listener's does; written with public API only. It stops only once
+    the proxy's drain is over, so that the drain can be watched here.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, site: Site, log: EventLog, bind: str, proxy: Any
+    ) -> None:
+        self._endpoint = endpoint
+        self._site = site
         self._log = log
         self._bind = bind
         self._proxy = proxy
-        self._raiseSynchronously = True
+        self._listening: Deferred[IListeningPort | None] | None = None
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()  # type: ignore[no-untyped-call]
-        except Exception as e:
-            # A port in use: one line naming the key, as a listener's (see tap.py).
-            reason = str(e) or type(e).__name__
-            raise StartupError(f"metrics.bind: cannot listen on {self._bind!r}: {reason}") from None
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        starting = True
+        failed: list[Failure] = []
 
-        def started(port: Any) -> Any:
-            address = port.getHost()
+        def started(port: IListeningPort) -> IListeningPort:
+            address: Any = port.getHost()
             self._log.info(
                 "metrics.started",
                 host=getattr(address, "host", None),
@@ -152,16 +160,40 @@ class _MetricsService(StreamServerEndpointService):
             )
             return port
 
-        waiting: Any = self._waitingForPort
-        waiting.addCallback(started)
+        def failure(reason: Failure) -> None:
+            if starting:
+                failed.append(reason)
+            elif not reason.check(CancelledError):
+                self._log.error("metrics.listen_failed", reason=reason.getErrorMessage())
+
+        self._listening = self._endpoint.listen(self._site).addCallbacks(started, failure)
+        starting = False
+        if failed:
+            # A port in use: one line naming the key, as a listener's (see tap.py).
+            value = failed[0].value
+            reason = str(value) or type(value).__name__
+            raise StartupError(f"metrics.bind: cannot listen on {self._bind!r}: {reason}")
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._listening is None:
+            self.privilegedStartService()
 
     def stopService(self) -> Deferred[None]:
-        """
-        Close only once the proxy's drain is over, so that the drain can be watched here.
-        """
-        d = self._proxy.when_drained()
-        d.addCallback(lambda _: StreamServerEndpointService.stopService(self))
-        return d  # type: ignore[no-any-return]
+        super().stopService()  # type: ignore[no-untyped-call]
+        drained: Deferred[None] = self._proxy.when_drained()
+        return drained.addCallback(lambda _: self._stop_listening())
+
+    def _stop_listening(self) -> Deferred[None]:
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return succeed(None)
+        listening.cancel()
+
+        def stop(port: IListeningPort | None) -> Any:
+            return port.stopListening() if port is not None else None
+
+        return listening.addCallback(stop)
 
 
 def metrics_service(

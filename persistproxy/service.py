@@ -201,6 +201,9 @@ class ProxyService(MultiService):
         # twistd re-raises the signal that stopped the reactor once it has stopped, so the
         # process would end "killed by SIGTERM". A drain that ran is a clean, requested exit:
         # say so with status 0, as the systemd unit and the drain contract expect.
+        # _exitSignal is private (twistd reads it through _ISupportsExitSignalCapturing):
+        # without it this does nothing and the exit status is the signal's; the start-up
+        # self-check (persistproxy.net.selfcheck, "exit_signal") logs that once.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 

@@ -40,6 +40,7 @@ from persistproxy.logs import (
     route_twisted_events,
     stdout_output,
 )
+from persistproxy.net.selfcheck import self_check
 
 __all__ = ["Options", "example_config", "makeService", "protocol_plugins"]
 
@@ -71,10 +72,11 @@ class Options(usage.Options):
     synopsis = "[--config FILE | --demo [--port N]] [--check [--verbose]] [--example-config]"
     longdesc = (
         "persistproxy: a reverse proxy with independent keep-alive on the client and "
-        "upstream hops. --config names the TOML configuration (--example-config prints one "
-        "with every key and its default). Relative file names in it are relative to its "
-        "directory. Run it in the foreground (twistd -n --pidfile= persistproxy ...); a "
-        "daemon (no -n) needs twistd's --logfile, where every log line then goes."
+        "upstream hops. --config names the TOML configuration (see etc/persistproxy.toml; "
+        "--example-config prints it, every key with its default). Relative file names in "
+        "it are relative to its directory. Run it in the foreground (twistd -n --pidfile= "
+        "persistproxy ...); a daemon (no -n) needs twistd's --logfile, where every log "
+        "line then goes."
     )
     optParameters = [
         ["config", "c", None, "The TOML configuration file."],
@@ -86,10 +88,22 @@ class Options(usage.Options):
         ["verbose", "v", "With --check: print the effective configuration, defaults included."],
         ["example-config", None, "Print the sample configuration (every key) and exit."],
         ["version", None, "Print the version and exit."],
+        ["list-protocols", None, "Print each installed listener protocol and exit."],
     ]
 
     def opt_version(self) -> None:
         print(f"persistproxy {__version__}")
+        sys.exit(0)
+
+    def opt_list_protocols(self) -> None:
+        """
+        Print each installed protocol plugin (what a listener's C{protocol} may name) with
+        its one-line description, and exit: no configuration is needed.
+        """
+        plugins = protocol_plugins()
+        width = max((len(name) for name in plugins), default=0)
+        for name in sorted(plugins):
+            print(f"{name:<{width}}  {plugins[name].description}")
         sys.exit(0)
 
     def postOptions(self) -> None:
@@ -156,7 +170,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _exit(status: int, message: str) -> NoReturn:
-    _stderr(message)
+    print(message, file=sys.stderr)
     sys.exit(status)
 
 
@@ -211,7 +225,8 @@ class _Root(MultiService):
             if self._daemon:
                 self._log.error("start.failed", reason=f"{self._source}: {e}")
                 raise RuntimeError(message) from None
-            _exit(1, message)
+            _stderr(message)
+            sys.exit(1)
 
 
 def makeService(options: Options) -> IService:
@@ -245,6 +260,8 @@ def makeService(options: Options) -> IService:
     console = config.log_format == "console" or (config.log_format == "auto" and terminal)
     route_twisted_events(main, config.log_level, console, colors=terminal)
     log = make_event_log(main, level=config.log_level, console=console, colors=terminal)
+    # Before anything listens: the fast paths built below consult the probes' results.
+    self_check(log, reactor)
     access_output = main
     if config.access_log_file:
         sink = _open_sink(config.access_log_file, "log.access_log", config)

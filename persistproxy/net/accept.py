@@ -21,7 +21,9 @@ Twisted's, except two things that matter when descriptors run short:
    descriptor and accepts and closes every waiting client instead; without a spare, it
    calls C{accept()} again at every reactor turn (a busy loop) until a descriptor frees.
 
-L{persistproxy.net.reactor.ProxyReactor} listens (and adopts systemd's sockets) with these.
+L{persistproxy.net.reactor.ProxyReactor} listens (and adopts systemd's sockets) with these,
+unless the self-check (L{persistproxy.net.selfcheck}) finds that the Twisted internals they
+copy or read (C{tcp.Server.__init__}, C{socket._accept}, C{Port._buildAddr}...) changed.
 """
 
 from __future__ import annotations

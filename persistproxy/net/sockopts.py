@@ -15,11 +15,12 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
+from persistproxy.net.endpoints import EndpointError, split_description
+
 __all__ = [
     "DEFAULT_BACKLOG",
     "configure_listening_socket",
     "set_tcp_keepalive",
-    "split_endpoint",
     "with_default_backlog",
 ]
 
@@ -39,36 +40,15 @@ def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> st
     TCP, UNIX or SSL endpoint that names no backlog of its own; any other, unchanged (a
     C{systemd:} socket's backlog is systemd's C{Backlog=}).
     """
-    parts = split_endpoint(description)
-    if len(parts) < 2 or parts[0].strip().lower() not in _BACKLOG_TYPES:
+    try:
+        arguments, options = split_description(description)
+    except EndpointError:
+        return description  # the configuration check says what is wrong with it
+    if not arguments or arguments[0].strip().lower() not in _BACKLOG_TYPES:
         return description
-    arguments = parts[1:]
-    if any(a.split("=", 1)[0].strip() == "backlog" for a in arguments if "=" in a):
-        return description
-    if sum(1 for a in arguments if "=" not in a) > 1:
-        return description  # positional arguments past the port or path: left as written
+    if "backlog" in options or len(arguments) > 2:
+        return description  # its own, or positional arguments past the port or path
     return f"{description}:backlog={backlog}"
-
-
-def split_endpoint(description: str) -> list[str]:
-    """
-    The parts of an endpoint string, split on the colons not escaped with a backslash and
-    unescaped, as Twisted reads them: C{"tcp6:80:interface=\\:\\:1"} gives
-    C{["tcp6", "80", "interface=::1"]}.
-    """
-    parts = [""]
-    escaped = False
-    for char in description:
-        if escaped:
-            parts[-1] += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("")
-        else:
-            parts[-1] += char
-    return parts
 
 
 _KEEPALIVE_TIMERS = (
