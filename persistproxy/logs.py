@@ -556,7 +556,7 @@ def console_renderer(colors: bool = True) -> structlog.dev.ConsoleRenderer:
     """
     How an event reads on a terminal: time, level, event name, then the fields as key=value.
     """
-    return structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts", pad_event_to=24)
+    return structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts")
 
 
 def make_event_log(
