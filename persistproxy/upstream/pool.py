@@ -43,6 +43,8 @@ class ServerPool(Generic[C]):
     whatever L{persistproxy.interfaces.PooledConnection} its connector makes.
 
     @ivar active: connections lent out or being opened; bounded by C{max_connections}.
+    @ivar connects: connections opened (the connect succeeded); C{connect_failures}, the
+        attempts that failed.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class ServerPool(Generic[C]):
         self.address = address
         self.active = 0
         self.connects = 0
+        self.connect_failures = 0
         self._clock = clock
         self._config = config
         self._connect = connector
@@ -80,6 +83,14 @@ class ServerPool(Generic[C]):
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def idle_ages(self) -> list[float]:
+        """
+        How long each idle connection has been idle, in seconds: for the status page, at
+        request time (a walk of at most C{pool_size} entries, never on the hot path).
+        """
+        now = self._clock.seconds()
+        return [now - c.idle_since for c in self._idle if c.in_pool]
 
     def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
         """
@@ -223,11 +234,11 @@ class ServerPool(Generic[C]):
 
     def _open(self, waiter: ConnectionWaiter[C]) -> None:
         self.active += 1
-        self.connects += 1
         self._budget.upstream_opening()
         d = self._connect()
 
         def connected(connection: C) -> None:
+            self.connects += 1
             connection.on_lost = self._on_lost
             if waiter.cancelled:
                 self.release(connection, True)
@@ -236,6 +247,7 @@ class ServerPool(Generic[C]):
 
         def failed(failure: Failure) -> None:
             self.active -= 1
+            self.connect_failures += 1
             self._budget.upstream_closed()
             reason = failure.getErrorMessage() or repr(failure.value)
             # Out of descriptors is our state, not the origin's: 503 with Retry-After (the

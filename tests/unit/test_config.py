@@ -135,9 +135,11 @@ def test_log_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.access_log_file, config.log_buffer_size) == ("", 1048576)
     config = _load(tmp_path, '[log]\naccess_log = "stdout"\nbuffer_size = 65536\n' + GOOD)
     assert (config.access_log_file, config.log_buffer_size) == ("", 65536)
-    # A relative file is relative to where twistd starts (made absolute before any chdir).
+    # A relative file is relative to the configuration file's directory, wherever twistd
+    # starts (made absolute before any chdir).
     (tmp_path / "logs").mkdir()
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     config = _load(tmp_path, '[log]\naccess_log = "logs/access.log"\n' + GOOD)
     assert config.access_log_file == str(tmp_path / "logs" / "access.log")
 
