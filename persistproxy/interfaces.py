@@ -105,7 +105,10 @@ class PooledConnection(Protocol):
     def usable(self, now: float, margin: float) -> bool:
         """
         Whether it may be lent now: open, between requests, and not within C{margin} seconds
-        of a keep-alive limit the server announced or was learned.
+        of a keep-alive limit the server announced. The margin counts for at most half of
+        that limit, so C{margin=math.inf} asks whether the connection is in the first half of
+        it (what the pool asks for a request that must not be replayed). A limit the pool
+        learned from the server's closes is the pool's to apply.
         """
 
     def close(self) -> None:

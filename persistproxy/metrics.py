@@ -55,14 +55,15 @@ class ProxyStats:
         return self.listeners.setdefault(name, ListenerStats())
 
 
-PoolGauges = Callable[[], Iterable[tuple[str, str, int, int, int, int]]]
+PoolGauges = Callable[[], Iterable[tuple[str, str, int, int, int, int, float | None]]]
 
 
 class StatsCollector(Collector):
     """
     Renders L{ProxyStats} and the pools' state for C{prometheus_client}.
 
-    @param pools: yields C{(upstream, server, active, idle, waiting, connects)} per pool.
+    @param pools: yields C{(upstream, server, active, idle, waiting, connects, learned idle
+        limit or None)} per pool.
     """
 
     def __init__(self, stats: ProxyStats, pools: PoolGauges) -> None:
@@ -129,9 +130,17 @@ class StatsCollector(Collector):
         connects = CounterMetricFamily(
             "persistproxy_upstream_connects", "Upstream connections opened", labels=labels
         )
-        for upstream, server, n_active, n_idle, n_waiting, n_connects in self._pools():
+        learned = GaugeMetricFamily(
+            "persistproxy_upstream_learned_idle_seconds",
+            "How long the server is believed to keep an idle connection, learned from its"
+            " closes of idle pooled connections (absent while nothing is learned)",
+            labels=labels,
+        )
+        for upstream, server, n_active, n_idle, n_waiting, n_connects, limit in self._pools():
             active.add_metric([upstream, server], n_active)
             idle.add_metric([upstream, server], n_idle)
             waiting.add_metric([upstream, server], n_waiting)
             connects.add_metric([upstream, server], n_connects)
-        yield from (active, idle, waiting, connects)
+            if limit is not None:
+                learned.add_metric([upstream, server], limit)
+        yield from (active, idle, waiting, connects, learned)

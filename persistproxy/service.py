@@ -107,9 +107,17 @@ class ProxyService(MultiService):
     def open_connections(self) -> int:
         return len(self.connections)
 
-    def pool_gauges(self) -> list[tuple[str, str, int, int, int, int]]:
+    def pool_gauges(self) -> list[tuple[str, str, int, int, int, int, float | None]]:
         return [
-            (group.config.name, pool.address, pool.active, pool.idle, pool.waiting, pool.connects)
+            (
+                group.config.name,
+                pool.address,
+                pool.active,
+                pool.idle,
+                pool.waiting,
+                pool.connects,
+                pool.learned_idle,
+            )
             for group in self.router.groups
             for pool in group.pools
         ]
