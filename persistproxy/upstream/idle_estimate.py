@@ -13,11 +13,14 @@ The rule, in full:
  - The estimate is the lowest close age observed in the current and the previous window of
    C{window} seconds: an observation counts for one to two windows.
  - When no close was observed for that long, the estimate relaxes upward: the one that stood
-   after the last close (at least L{RELAX_BASE}), times L{RELAX} for every whole window since
-   that close. Once it reaches C{ceiling} (the pool's own C{idle_timeout}, past which it would
-   change nothing) it is forgotten. So one early close (a restart, a server shedding
-   connections under load) limits reuse for at most two windows while the server keeps
-   closing at its real limit, and for a few windows if it never closes anything again.
+   after the last close, times L{RELAX} for every whole window since that close. Once it
+   reaches C{ceiling} (the pool's own C{idle_timeout}, past which it would change nothing) it
+   is forgotten. So one early close (a restart, a server shedding connections under load)
+   limits reuse for at most two windows while the server keeps closing at its real limit,
+   and for a few windows if it never closes anything again.
+ - A close within L{SHORTEST} of the connection going idle is not counted: that is a server
+   ending the connection after its response (at its request limit, say, without
+   C{Connection: close}), not an idle limit, and taken for one it would stop all reuse.
  - Relaxing is safe because it is self-correcting: connections too old to be lent under the
    estimate stay in the pool, so if a relaxed estimate overshoots the real limit, the server's
    next idle close is seen and brings it back down; and a request that must not be replayed
@@ -34,13 +37,12 @@ import math
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["RELAX", "RELAX_BASE", "IdleEstimate"]
+__all__ = ["RELAX", "SHORTEST", "IdleEstimate"]
 
 #: How much the estimate grows per window without a close observed.
 RELAX = 1.5
-#: The least an estimate relaxes from: a close seen right after a response (age ~0) must
-#: not pin the estimate at zero for good.
-RELAX_BASE = 0.1
+#: Seconds of idleness below which a close is not taken for the server's idle limit.
+SHORTEST = 0.1
 
 
 class IdleEstimate:
@@ -89,8 +91,9 @@ class IdleEstimate:
         if self._window <= 0:
             return None
         before = self.limit()
+        if age < SHORTEST:
+            return before
         self._rotate()
-        age = max(0.0, age)
         if self._current is None or age < self._current:
             self._current = age
         self._held = self._lowest()
@@ -111,7 +114,7 @@ class IdleEstimate:
         steps = math.floor((self._clock.seconds() - self._last_close) / self._window)
         # (Capped so that a long silence cannot overflow the power; 1.5 ** 100 is past any
         # ceiling anyway.)
-        relaxed = max(self._held, RELAX_BASE) * RELAX ** min(max(1, steps), 100)
+        relaxed = self._held * RELAX ** min(max(1, steps), 100)
         if relaxed >= self._ceiling:
             self._held = None  # nothing learned any more: the pool's own limits govern
             return None
@@ -130,9 +133,9 @@ class IdleEstimate:
     def _rotate(self) -> None:
         """Move the windows on to now (on a fixed grid from the estimator's creation)."""
         now = self._clock.seconds()
+        if now < self._start + self._window:
+            return  # (the pool asks on every request: the common case costs one comparison)
         elapsed = math.floor((now - self._start) / self._window)
-        if elapsed <= 0:
-            return
         self._previous = self._current if elapsed == 1 else None
         self._current = None
         self._start += elapsed * self._window

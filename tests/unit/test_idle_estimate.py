@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from persistproxy.upstream.idle_estimate import RELAX, RELAX_BASE, IdleEstimate
+from persistproxy.upstream.idle_estimate import RELAX, SHORTEST, IdleEstimate
 
 WINDOW = 60.0
 
@@ -78,13 +78,16 @@ def test_a_close_during_relaxation_sets_the_estimate_again() -> None:
     assert estimate.limit() == 0.8
 
 
-def test_a_close_at_age_zero_relaxes_from_the_base_not_from_zero() -> None:
-    """A server that closed right after a response must not pin the estimate at 0 for good."""
-    clock, estimate = _estimate()
-    estimate.observe(0.0)
-    assert estimate.limit() == 0.0
-    clock.advance(2 * WINDOW)
-    assert estimate.limit() == pytest.approx(RELAX_BASE * RELAX**2)
+def test_a_close_right_after_a_response_is_not_an_idle_limit() -> None:
+    """A server that ends a connection after its last response (its request limit, without
+    saying Connection: close) must not stop all reuse."""
+    _, estimate = _estimate()
+    estimate.observe(SHORTEST / 2)
+    assert estimate.limit() is None
+    estimate.observe(2.0)
+    estimate.observe(0.001)
+    assert estimate.limit() == 2.0
+    assert estimate.observations == 1
 
 
 def test_a_very_long_silence_forgets_without_overflowing() -> None:

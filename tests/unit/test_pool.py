@@ -165,6 +165,18 @@ def test_pool_learns_the_idle_limit_from_the_origin_closing_an_idle_connection()
     assert h.pool.learned_idle == 1.0
 
 
+def test_a_close_right_after_a_response_does_not_stop_reuse() -> None:
+    """An origin that ends connections at its request limit without Connection: close."""
+    h = Harness()
+    _closed_by_origin_after(h, 0.002)
+    assert h.pool.learned_idle is None
+    b, _ = _take(h.pool)
+    h.pool.release(b, True)
+    h.clock.advance(5)
+    again, reused = _take(h.pool)
+    assert again is b and reused
+
+
 def test_connection_past_the_learned_limit_is_not_lent_and_left_for_the_origin() -> None:
     h = Harness(upstream={"keepalive_margin": 0.2})
     _closed_by_origin_after(h, 1.0)
@@ -282,3 +294,23 @@ def test_post_through_the_proxy_is_sent_on_a_new_connection_after_a_long_idle() 
     assert b"GET /again" in h.origin.sent(1), "the most recently used connection"
     assert b"GET /again" not in h.origin.sent(0)
     assert not h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+
+
+def test_learned_idle_limit_is_a_gauge_only_once_learned() -> None:
+    from persistproxy.metrics import ProxyStats, StatsCollector
+
+    h = Harness()
+
+    def gauges() -> list[tuple[str, str, int, int, int, int, float | None]]:
+        pool = h.pool
+        return [("app", pool.address, 0, pool.idle, 0, pool.connects, pool.learned_idle)]
+
+    def samples() -> list[Any]:
+        families = {m.name: m for m in StatsCollector(ProxyStats(), gauges).collect()}
+        return list(families["persistproxy_upstream_learned_idle_seconds"].samples)
+
+    assert samples() == []
+    _closed_by_origin_after(h, 2.5)
+    [sample] = samples()
+    assert sample.labels == {"upstream": "app", "server": "127.0.0.1:8081"}
+    assert sample.value == 2.5
