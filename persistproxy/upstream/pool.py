@@ -175,8 +175,16 @@ class ServerPool(Generic[C]):
                 waiter.connection_ready(connection, True)
                 return
         if self._idle_count >= self._config.pool_size:
-            connection.close()
-            return
+            oldest = self._bottom()
+            if oldest is None:  # pool_size = 0
+                connection.close()
+                return
+            # Keep the young one: the oldest would be lent last, and if it is past the learned
+            # limit, never (it waits for the server's close).
+            self._idle.popleft()
+            oldest.in_pool = False
+            self._idle_count -= 1
+            oldest.close()
         connection.idle_since = now
         connection.in_pool = True
         self._idle.append(connection)
@@ -260,14 +268,17 @@ class ServerPool(Generic[C]):
         one open now. (A close it sent that the reactor has not read yet can make that a few
         milliseconds too long; the safe share absorbs it.)
         """
+        oldest = self._bottom()
+        if oldest is not None and now - oldest.idle_since > self._tolerated:
+            self._tolerated = now - oldest.idle_since
+        return self._tolerated
+
+    def _bottom(self) -> C | None:
+        """The oldest idle connection still open, if any."""
         idle = self._idle
         while idle and not idle[0].in_pool:
             idle.popleft()  # closed while idle; already uncounted
-        if idle:
-            age = now - idle[0].idle_since
-            if age > self._tolerated:
-                self._tolerated = age
-        return self._tolerated
+        return idle[0] if idle else None
 
     def _reap(self) -> None:
         now = self._clock.seconds()

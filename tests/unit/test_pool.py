@@ -314,3 +314,18 @@ def test_learned_idle_limit_is_a_gauge_only_once_learned() -> None:
     [sample] = samples()
     assert sample.labels == {"upstream": "app", "server": "127.0.0.1:8081"}
     assert sample.value == 2.5
+
+
+def test_a_full_pool_keeps_the_young_connection_and_closes_the_oldest() -> None:
+    """Connections left past the learned limit must not crowd young ones out of the pool."""
+    h = Harness(upstream={"pool_size": 1})
+    _closed_by_origin_after(h, 1.0)
+    a, _ = _take(h.pool)
+    b, _ = _take(h.pool)
+    h.pool.release(a, True)
+    h.clock.advance(0.9)  # a is past the learned limit: left for the origin to close
+    h.pool.release(b, True)
+    assert a.transport.disconnecting and not b.transport.disconnecting  # type: ignore[union-attr]
+    assert h.pool.idle == 1
+    got, reused = _take(h.pool)
+    assert got is b and reused
