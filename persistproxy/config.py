@@ -50,6 +50,7 @@ class UpstreamConfig:
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
+    max_header_count: int = 100
     tls: bool = False
     tls_verify: bool = True
     tls_ca: str = ""
@@ -72,7 +73,9 @@ class ListenerConfig:
     keepalive_timeout: float = 75.0
     max_requests: int = 1000
     max_head_size: int = 16384
+    max_header_count: int = 100
     max_body_size: int = 0
+    min_chunk_size: int = 16
     add_via: bool = True
     add_forwarded: bool = True
     access_log: bool = True
@@ -86,6 +89,8 @@ class ListenerConfig:
     send_408_on_idle: bool = False
     tcp_keepalive: Mapping[str, int] | None = None
     tls: Mapping[str, Any] | None = None
+    #: A byte relay (a tcp listener; HTTP's tunnels later) idle both ways this long is closed.
+    tunnel_idle_timeout: float = 3600.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -98,6 +103,10 @@ class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
     upstreams: Mapping[str, UpstreamConfig]
     log_level: str = "info"
+    #: The file access lines are appended to; "" for standard output, with the other events.
+    access_log_file: str = ""
+    #: Bytes of lines each log output holds while its destination does not take them.
+    log_buffer_size: int = 1024 * 1024
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
@@ -191,17 +200,15 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
 
 def _check_endpoint(section: _Section, key: str, description: str) -> None:
     """
-    Parse a Twisted server endpoint string without binding it, so a typo is a config error
+    Check a Twisted server endpoint string without binding it, so a typo is a config error
     and not a traceback after half of the listeners are already up.
     """
-    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+    from persistproxy.net.endpoints import EndpointError, check_server_endpoint
 
     try:
-        kind, args, _ = _parseServer(description, None)
-    except (ValueError, TypeError, KeyError) as e:
+        check_server_endpoint(description)
+    except EndpointError as e:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
-    if kind in ("TCP", "SSL") and not 0 <= args[0] < 65536:
-        raise section.fail(key, f"bad endpoint {description!r}: port {args[0]} out of range")
 
 
 def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
@@ -226,6 +233,7 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         max_connections=s.integer("max_connections", 0),
         queue_size=s.integer("queue_size", 1024),
         queue_timeout=s.seconds("queue_timeout", 10.0),
+        max_header_count=s.integer("max_header_count", 100, 1),
         tls=s.boolean("tls", False),
         tls_verify=s.boolean("tls_verify", True),
         tls_ca=_tls_ca(s),
@@ -311,7 +319,9 @@ def _listener(
         keepalive_timeout=s.seconds("keepalive_timeout", 75.0),
         max_requests=s.integer("max_requests", 1000),
         max_head_size=s.integer("max_head_size", 16384, 256),
+        max_header_count=s.integer("max_header_count", 100, 1),
         max_body_size=s.integer("max_body_size", 0),
+        min_chunk_size=s.integer("min_chunk_size", 16),
         add_via=s.boolean("add_via", True),
         add_forwarded=s.boolean("add_forwarded", True),
         access_log=s.boolean("access_log", True),
@@ -325,6 +335,7 @@ def _listener(
         send_408_on_idle=s.boolean("send_408_on_idle", False),
         tcp_keepalive=tcp_keepalive,
         tls=_listener_tls(s, source, name, protocol),
+        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
         extra=s.unused(),
     )
     if protocols is not None:
@@ -338,6 +349,28 @@ def _listener(
     elif listener.extra:
         s.reject_unknown()
     return listener
+
+
+def _access_log_file(s: _Section) -> str:
+    """
+    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to where twistd
+    starts, as C{tls_ca}), whose directory must exist so that C{--check} catches a typo; the
+    file itself is opened (created) at start.
+    """
+    value = s.string("access_log", "stdout")
+    if value == "stdout":
+        return ""
+    if not value:
+        raise s.fail("access_log", 'expected "stdout" or a file name, got ""')
+    path = Path(value).absolute()
+    try:
+        if path.is_dir():
+            raise s.fail("access_log", f"{path} is a directory")
+        if not path.parent.is_dir():
+            raise s.fail("access_log", f"directory {path.parent} does not exist")
+    except OSError as e:
+        raise s.fail("access_log", f"{path}: {e.strerror}") from None
+    return str(path)
 
 
 _TOP_KEYS = {"listener", "upstream", "log", "metrics", "drain_timeout"}
@@ -379,6 +412,8 @@ def parse_config(
     log_level = log.string("level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
+    access_log_file = _access_log_file(log)
+    log_buffer_size = log.integer("buffer_size", 1024 * 1024, 65536)
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
     metrics_bind = metrics.string("bind", "")
@@ -389,6 +424,8 @@ def parse_config(
         listeners=tuple(listeners),
         upstreams=upstreams,
         log_level=log_level,
+        access_log_file=access_log_file,
+        log_buffer_size=log_buffer_size,
         metrics_bind=metrics_bind,
         drain_timeout=top.seconds("drain_timeout", 30.0),
         source=source,

@@ -21,7 +21,7 @@ itself is a zope interface, as Twisted's plugin system wants.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -36,19 +36,23 @@ if TYPE_CHECKING:
     from persistproxy.listener.limits import ConnectionLimits
     from persistproxy.logs import AccessLog, EventLog
     from persistproxy.metrics import ListenerStats
-    from persistproxy.upstream.group import Server, UpstreamGroup
 
 __all__ = [
+    "C",
     "ConfigError",
+    "ConnectionWaiter",
     "DrainAware",
     "IProtocolPlugin",
     "IProxyContext",
     "ListenerConfig",
+    "Pool",
     "PooledConnection",
     "ProxyContext",
     "TLSAware",
+    "Upstream",
     "UpstreamConfig",
     "UpstreamConnector",
+    "UpstreamServer",
 ]
 
 
@@ -117,6 +121,72 @@ class PooledConnection(Protocol):
 
 C = TypeVar("C", bound=PooledConnection)
 C_co = TypeVar("C_co", covariant=True)
+C_contra = TypeVar("C_contra", contravariant=True)
+
+
+class UpstreamServer(Protocol):
+    """One server of an upstream group (shared by every protocol that dials it)."""
+
+    host: str
+    port: int
+    #: C{host:port} (C{[v6]:port}), as logs and metrics name it.
+    address: str
+
+
+class ConnectionWaiter(Protocol[C_contra]):
+    """
+    Who asked a pool for a connection. Exactly one of the two methods is called, once,
+    unless C{cancelled} became true first.
+    """
+
+    cancelled: bool
+
+    def connection_ready(self, connection: C_contra, reused: bool) -> None:
+        """A connection is lent: a pooled one (C{reused}) or a new one."""
+
+    def connection_failed(self, reason: str, status: int) -> None:
+        """
+        None could be had: C{status} is what an HTTP client would be told (502: connect
+        failed; 503: the pool's limit and queue are full, or no slot freed in time).
+        """
+
+
+class Pool(Protocol[C]):
+    """The connections of one protocol to one server."""
+
+    address: str
+
+    def acquire(
+        self, waiter: ConnectionWaiter[C], fresh: bool = False, replayable: bool = True
+    ) -> None:
+        """
+        Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one. Say
+        C{replayable=False} for work that must not be sent twice (an HTTP POST): it is lent
+        only a connection that cannot be in the keep-alive race with its server's idle close.
+        """
+
+    def release(self, connection: C, reusable: bool) -> None:
+        """Give a lent connection back once its work is complete (closed unless reusable)."""
+
+    def forget(self) -> None:
+        """A lent connection died; it is not coming back."""
+
+
+class Upstream(Protocol[C]):
+    """An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each."""
+
+    config: UpstreamConfig
+
+    @property
+    def servers(self) -> Sequence[UpstreamServer]:
+        """The group's servers, as configured."""
+
+    @property
+    def pools(self) -> Sequence[Pool[C]]:
+        """One per server, in the order of C{servers}."""
+
+    def pick(self) -> Pool[C]:
+        """The pool of the server the next connection should go to (balancing)."""
 
 
 class UpstreamConnector(Protocol[C_co]):
@@ -127,7 +197,7 @@ class UpstreamConnector(Protocol[C_co]):
     listeners forwarding to one upstream lend each other's idle connections.
     """
 
-    def factory_for(self, server: Server, config: UpstreamConfig) -> IProtocolFactory:
+    def factory_for(self, server: UpstreamServer, config: UpstreamConfig) -> IProtocolFactory:
         """
         The factory whose protocol (a L{PooledConnection}) speaks to C{server} of the
         upstream configured by C{config}.
@@ -149,9 +219,12 @@ class IProxyContext(Interface):
     reactor = Attribute("The reactor (IReactorCore, IReactorTime, IReactorTCP) to use.")
     clock = Attribute("The same reactor, typed as IReactorTime, for timers.")
     log = Attribute("The event log (structlog): C{log.info(event, **fields)}.")
-    access_log = Attribute("Where access lines go: C{log(record)} (batched, never blocks).")
+    access_log = Attribute(
+        "Where access lines go (batched, never blocks): C{record(fields)} writes one line of"
+        " any protocol (a dict of JSON-encodable fields); HTTP's exchanges use C{log(...)}."
+    )
 
-    def upstream(name: str, connector: UpstreamConnector[Any]) -> UpstreamGroup[Any]:
+    def upstream(name: str, connector: UpstreamConnector[Any]) -> Upstream[Any]:
         """
         The servers of the C{[[upstream]]} called C{name}, with pools of the connections
         C{connector} makes. Balancing and server state are shared by every protocol that
@@ -184,12 +257,12 @@ class ProxyContext:
     clock: IReactorTime
     log: EventLog
     access_log: AccessLog
-    _upstream: Callable[[str, UpstreamConnector[Any]], UpstreamGroup[Any]]
+    _upstream: Callable[[str, UpstreamConnector[Any]], Upstream[Any]]
     _limits: Mapping[str, ConnectionLimits]
     _stats: Callable[[str], ListenerStats]
     _draining: Callable[[], bool]
 
-    def upstream(self, name: str, connector: UpstreamConnector[C]) -> UpstreamGroup[C]:
+    def upstream(self, name: str, connector: UpstreamConnector[C]) -> Upstream[C]:
         return self._upstream(name, connector)
 
     def limits(self, listener: str) -> ConnectionLimits:

@@ -56,6 +56,11 @@ class ProxyStats:
 
 
 PoolGauges = Callable[[], Iterable[tuple[str, str, int, int, int, int, float | None]]]
+LogDrops = Callable[[], Iterable[tuple[str, int]]]
+
+
+def _no_log_drops() -> Iterable[tuple[str, int]]:
+    return ()
 
 
 class StatsCollector(Collector):
@@ -64,11 +69,16 @@ class StatsCollector(Collector):
 
     @param pools: yields C{(upstream, server, active, idle, waiting, connects, learned idle
         limit or None)} per pool.
+    @param log_drops: yields C{(output, lines dropped)} per log output (see
+        L{persistproxy.logs.LogOutput}).
     """
 
-    def __init__(self, stats: ProxyStats, pools: PoolGauges) -> None:
+    def __init__(
+        self, stats: ProxyStats, pools: PoolGauges, log_drops: LogDrops = _no_log_drops
+    ) -> None:
         self._stats = stats
         self._pools = pools
+        self._log_drops = log_drops
 
     def collect(self) -> Iterator[Metric]:
         counters = {
@@ -144,3 +154,11 @@ class StatsCollector(Collector):
             if limit is not None:
                 learned.add_metric([upstream, server], limit)
         yield from (active, idle, waiting, connects, learned)
+        dropped = CounterMetricFamily(
+            "persistproxy_log_lines_dropped",
+            "Log lines dropped because their destination did not take them in time",
+            labels=["output"],
+        )
+        for output, count in self._log_drops():
+            dropped.add_metric([output], count)
+        yield dropped

@@ -15,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 
 from persistproxy.config import ProxyConfig
+from persistproxy.descriptors import DescriptorBudget, Process
 from persistproxy.interfaces import IProtocolPlugin, ProxyContext
 from persistproxy.listener.admission import ConnectionRegistry
 from persistproxy.listener.limits import ConnectionLimits
@@ -40,10 +41,13 @@ class ProxyService(MultiService):
         log: EventLog,
         upstream_tls: EndpointWrapper | None = None,
         access_log: AccessLog | None = None,
+        process: Process | None = None,
     ) -> None:
         """
         @param upstream_tls: wraps every upstream's endpoints (tests); by default each
             upstream's own TLS settings decide.
+        @param process: the process whose descriptor limit is raised and budgeted at start
+            (L{persistproxy.descriptors.ProcessDescriptors}); without it, no budget.
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
@@ -51,6 +55,9 @@ class ProxyService(MultiService):
         self.access_log = access_log or AccessLog(reactor)
         self.config = config
         self.proxy_stats = ProxyStats()
+        self._process = process
+        #: Every listener admits, and every pool opens, within it.
+        self.budget = DescriptorBudget(log)
         self.router = Router(
             reactor,
             config.upstreams,
@@ -58,6 +65,7 @@ class ProxyService(MultiService):
             (lambda up: upstream_tls)
             if upstream_tls is not None
             else (lambda up: endpoint_wrapper(reactor, up, log)),
+            self.budget,
         )
         self.connections = ConnectionRegistry()
         self._limits = {
@@ -68,6 +76,7 @@ class ProxyService(MultiService):
                 lc.max_idle_per_client,
                 log,
                 self.proxy_stats.listener(lc.name),
+                self.budget,
             )
             for lc in config.listeners
         }
@@ -101,6 +110,15 @@ class ProxyService(MultiService):
 
     def draining(self) -> bool:
         return self._draining
+
+    def startService(self) -> None:
+        # The listeners are bound (privilegedStartService) and the reactor has not polled
+        # yet: the descriptors open now are the fixed ones, and no client is accepted before
+        # the budget is set.
+        if self._process is not None:
+            wanted = [lc.max_connections for lc in self.config.listeners]
+            self.budget.start(self._process, None if 0 in wanted else sum(wanted))
+        super().startService()  # type: ignore[no-untyped-call]
 
     # -- drain --------------------------------------------------------------------------------
 
@@ -142,6 +160,9 @@ class ProxyService(MultiService):
         # twistd re-raises the signal that stopped the reactor once it has stopped, so the
         # process would end "killed by SIGTERM". A drain that ran is a clean, requested exit:
         # say so with status 0, as the systemd unit and the drain contract expect.
+        # _exitSignal is private (twistd reads it through _ISupportsExitSignalCapturing):
+        # without it this does nothing and the exit status is the signal's; the start-up
+        # self-check (persistproxy.net.selfcheck, "exit_signal") logs that once.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 

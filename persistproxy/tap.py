@@ -10,7 +10,7 @@ key and the problem, and a non-zero exit status.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService
 from twisted.plugin import getPlugins
@@ -19,7 +19,15 @@ from twisted.python import usage
 from persistproxy import __version__
 from persistproxy.config import ConfigError, ProxyConfig, load_config, parse_config
 from persistproxy.interfaces import IProtocolPlugin
-from persistproxy.logs import make_event_log
+from persistproxy.logs import (
+    AccessLog,
+    FileSink,
+    LogOutput,
+    LogReopener,
+    make_event_log,
+    stdout_output,
+)
+from persistproxy.net.selfcheck import self_check
 
 __all__ = ["Options", "makeService", "protocol_plugins"]
 
@@ -46,10 +54,22 @@ class Options(usage.Options):
         ["demo", None, "Run on 127.0.0.1:8080 in front of a built-in demo origin."],
         ["check", None, "Validate the configuration and exit (0 when valid), like nginx -t."],
         ["version", None, "Print the version and exit."],
+        ["list-protocols", None, "Print each installed listener protocol and exit."],
     ]
 
     def opt_version(self) -> None:
         print(f"persistproxy {__version__}")
+        sys.exit(0)
+
+    def opt_list_protocols(self) -> None:
+        """
+        Print each installed protocol plugin (what a listener's C{protocol} may name) with
+        its one-line description, and exit: no configuration is needed.
+        """
+        plugins = protocol_plugins()
+        width = max((len(name) for name in plugins), default=0)
+        for name in sorted(plugins):
+            print(f"{name:<{width}}  {plugins[name].description}")
         sys.exit(0)
 
     def postOptions(self) -> None:
@@ -92,8 +112,12 @@ class Options(usage.Options):
 
 
 def _fail(message: str) -> None:
+    _exit(2, message)
+
+
+def _exit(status: int, message: str) -> NoReturn:
     print(message, file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _demo_document(port: int, origin_port: int) -> dict[str, Any]:
@@ -118,9 +142,37 @@ def makeService(options: Options) -> IService:
         demo_port = reactor.listenTCP(0, demo_site(), interface="127.0.0.1")  # type: ignore[attr-defined, arg-type]
         validators = {name: p.validate for name, p in options.plugins.items()}
         config = parse_config(_demo_document(8080, demo_port.getHost().port), "<demo>", validators)
-    log = make_event_log(level=config.log_level)
+    # Every line leaves through a LogOutput's writer thread: a stalled reader of stdout (a full
+    # pipe, a busy journald) or a slow disk never blocks the reactor; see persistproxy.logs.
+    stdout = stdout_output()
+    stdout.buffer_size = config.log_buffer_size
+    log = make_event_log(stdout, level=config.log_level)
+    # Before anything listens: the fast paths built below consult the probes' results.
+    self_check(log, reactor)
+    access_output = stdout
+    files: list[LogOutput] = []
+    if config.access_log_file:
+        try:
+            sink = FileSink(config.access_log_file)
+        except OSError as e:
+            _exit(1, f"persistproxy: [log] access_log: cannot open {e.filename}: {e.strerror}")
+        access_output = LogOutput("access_log", sink, config.log_buffer_size)
+        files.append(access_output)
+    outputs = [stdout, *files]
     root = MultiService()
-    proxy = ProxyService(reactor, config, options.plugins, log)
+    # SIGUSR1 (logrotate's postrotate) reopens the access log file; installed even without
+    # one, so that the signal never kills the process.
+    LogReopener(reactor, files, log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    from persistproxy.descriptors import ProcessDescriptors
+
+    proxy = ProxyService(
+        reactor,
+        config,
+        options.plugins,
+        log,
+        access_log=AccessLog(reactor, access_output),
+        process=ProcessDescriptors(),
+    )
     from persistproxy.tls.reload import CertificateReloader
 
     # SIGHUP (systemctl reload) re-reads the TLS listeners' certificates and keys. Its handler
@@ -132,7 +184,8 @@ def makeService(options: Options) -> IService:
     if config.metrics_bind:
         from persistproxy.metrics_service import metrics_service
 
-        metrics_service(reactor, config.metrics_bind, proxy, log).setServiceParent(root)  # type: ignore[attr-defined]
+        metrics = metrics_service(reactor, config.metrics_bind, proxy, log, outputs)
+        metrics.setServiceParent(root)  # type: ignore[attr-defined]
     if demo_port is not None:
         log.info("demo.origin", port=demo_port.getHost().port)
     return root

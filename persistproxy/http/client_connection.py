@@ -8,7 +8,8 @@ it) until the responses before them are complete. The connection stays open betw
 requests for the listener's keep-alive timeout and closes gracefully: half-close, then
 drain the client's input for a moment, so a response already sent is not destroyed by a
 reset. What a request head may say, and the head the upstream gets instead, is
-L{persistproxy.http.request_head}'s part.
+L{persistproxy.http.request_head}'s part; how its body is read, L{persistproxy.http.request_body}'s;
+how it waits and closes, L{persistproxy.http.client_closing}'s.
 
 @ivar _phase: C{"idle"} between requests (keep-alive timer), C{"head"} while a request head
     is incomplete (header timer), C{"body"} while a request body is incomplete (body timer),
@@ -26,16 +27,19 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from persistproxy.http.client_closing import ClientClosing
 from persistproxy.http.context import ListenerContext, TimedConnection
 from persistproxy.http.errors import error_response
 from persistproxy.http.exchange import Exchange
-from persistproxy.http.request_head import UNKNOWN_METHOD, BadRequest, RequestHeadReader
+from persistproxy.http.request_body import (
+    PAUSE_BACKLOG,
+    PAUSE_CLOSING,
+    PAUSE_UPSTREAM,
+)
+from persistproxy.http.request_head import OTHER_VERSION, UNKNOWN_METHOD, BadRequest
 from persistproxy.net.fastwrite import (
-    MSG_MORE,
     backlogged,
     can_write_directly,
-    fin_can_follow,
-    lose_write_directly,
     write_directly,
 )
 from persistproxy.policy import Deadline
@@ -45,16 +49,13 @@ _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
 __all__ = ["ClientConnection"]
 
-#: Bytes of pipelined requests (and bodies waiting for a connection) held before reading pauses.
-PIPELINE_BUFFER = 256 * 1024
+#: Phases in which a request is being read, and an unfinished line must be bounded.
+_READING = frozenset(("head", "body", "busy"))
 
-_PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
-_PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
-_PAUSE_CLOSING = 4  # nothing more will be read
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
-class ClientConnection(RequestHeadReader, Protocol):
+class ClientConnection(ClientClosing, Protocol):
     """
     One client's persistent HTTP/1.x connection to a listener.
     """
@@ -71,15 +72,11 @@ class ClientConnection(RequestHeadReader, Protocol):
         "_in_message",
         "_out",
         "_parser",
-        "_pause",
         "_peer",
         "_peer_str",
-        "_phase",
         "_queue",
         "_quiet",
         "_served",
-        "_timer",
-        "_waiting",
         "log_extra",
     )
 
@@ -142,7 +139,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         phase = self._phase
         if phase == "closing":
             # Nothing read now will be answered: stop reading until the last response is out.
-            self._pause_reading(_PAUSE_CLOSING)
+            self._pause_reading(PAUSE_CLOSING)
             return
         if phase == "lingering" or phase == "closed":
             return
@@ -172,6 +169,9 @@ class ClientConnection(RequestHeadReader, Protocol):
     def _feed(self, parser: httptools.HttpRequestParser, data: bytes) -> None:
         try:
             parser.feed_data(data)
+            current = self._current
+            if current is not None and current.body_parts:
+                self._flush_body(current)
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data, e)
         except BadRequest as e:
@@ -190,22 +190,35 @@ class ClientConnection(RequestHeadReader, Protocol):
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
+            reason = str(e)
             if parser.get_method() == b"PRI" and parser.get_http_version() == "2.0":
                 # HTTP/2's connection preface (prior knowledge): llhttp stops at it.
                 self._reject(505, "HTTP/2 is not supported on this listener")
+            elif ("version" in reason or "dot" in reason) and (
+                other := OTHER_VERSION.search(data)
+            ):
+                # A version llhttp does not parse (HTTP/1.2, HTTP/1.10): not supported, as
+                # the 0.9 and 2.0 it does parse (judged in _upstream_request).
+                version = other.group(1).decode()
+                self._reject(505, f"HTTP/{version} is not supported")
             else:
-                self._reject(400, str(e) or "malformed request")
+                self._reject(400, reason or "malformed request")
         else:
-            if self._phase == "head":
-                # httptools keeps a header line that has not ended to itself: count the bytes
-                # of reads that completed no part of the head, so a never-ending line is bounded.
+            if self._in_message and self._phase in _READING:
+                # httptools keeps a header or trailer line that has not ended to itself, and
+                # llhttp skips chunk extensions: count the bytes of reads that completed no
+                # field and carried no body data, so a never-ending line is bounded. Trailers
+                # count against max_head_size with the head they follow.
                 if self._progress:
                     self._progress = False
                     self._quiet = 0
                 else:
                     self._quiet += len(data)
                     if self._head_size + self._quiet > self._ctx.config.max_head_size:
-                        self._reject(431, "request head too large")
+                        if self._current is None:
+                            self._reject(431, "request head too large")
+                        else:
+                            self._reject(431, "request trailers or chunk framing too large")
 
     def readConnectionLost(self) -> None:
         """
@@ -259,10 +272,10 @@ class ClientConnection(RequestHeadReader, Protocol):
     # -- IPushProducer: the upstream transport pauses us while it cannot take the body ------
 
     def pauseProducing(self) -> None:
-        self._pause_reading(_PAUSE_UPSTREAM)
+        self._pause_reading(PAUSE_UPSTREAM)
 
     def resumeProducing(self) -> None:
-        self._resume_reading(_PAUSE_UPSTREAM)
+        self._resume_reading(PAUSE_UPSTREAM)
 
     def stopProducing(self) -> None:
         """The upstream went away; the exchange reports that."""
@@ -306,28 +319,16 @@ class ClientConnection(RequestHeadReader, Protocol):
         if len(queue) == 1:
             exchange.start()
 
-    def on_body(self, body: bytes) -> None:
-        exchange = self._current
-        if exchange is None:
-            return
-        body_queue = self._ctx.body_queue
-        if body_queue is not None:
-            body_queue.add(self)
-        limit = self._ctx.config.max_body_size
-        if limit:
-            self._body_size += len(body)
-            if self._body_size > limit:
-                raise BadRequest(413, "request body too large")
-        buffered = exchange.request_body(body)
-        if buffered > PIPELINE_BUFFER:
-            self._pause_reading(_PAUSE_BACKLOG)
-
     def on_message_complete(self) -> None:
         self._in_message = False
         exchange = self._current
-        self._current = None
         if exchange is None:
             return
+        if exchange.body_parts:
+            self._flush_body(exchange)  # before its last chunk; may refuse it (413)
+        if exchange.chunked:
+            self._check_field_count()  # with the trailers
+        self._current = None
         exchange.request_complete()
         if self._phase == "body":
             self._phase = "busy"
@@ -340,7 +341,7 @@ class ClientConnection(RequestHeadReader, Protocol):
             # such request, to be undone by _close_gracefully, which reads for the FIN.
             self._phase = "closing"
         elif len(self._queue) > 1:
-            self._pause_reading(_PAUSE_BACKLOG)
+            self._pause_reading(PAUSE_BACKLOG)
         if not self._queue:
             # The response was complete before the request was (an early answer).
             if self._phase == "busy":
@@ -416,10 +417,10 @@ class ClientConnection(RequestHeadReader, Protocol):
 
     def request_body_drained(self) -> None:
         if len(self._queue) <= 1:
-            self._resume_reading(_PAUSE_BACKLOG)
+            self._resume_reading(PAUSE_BACKLOG)
 
     def resume_from_upstream(self) -> None:
-        self._resume_reading(_PAUSE_UPSTREAM)
+        self._resume_reading(PAUSE_UPSTREAM)
 
     def exchange_finished(self, exchange: Exchange) -> None:
         """
@@ -436,10 +437,10 @@ class ClientConnection(RequestHeadReader, Protocol):
             return
         if queue:
             if len(queue) == 1:
-                self._resume_reading(_PAUSE_BACKLOG)
+                self._resume_reading(PAUSE_BACKLOG)
             queue[0].start()
             return
-        self._resume_reading(_PAUSE_BACKLOG)
+        self._resume_reading(PAUSE_BACKLOG)
         if self._phase == "busy":
             self._go_idle()
         elif self._phase == "closing":
@@ -488,46 +489,6 @@ class ClientConnection(RequestHeadReader, Protocol):
     def peer(self) -> str:
         """The client's address, as limits count it."""
         return self._peer_str
-
-    def reap_idle(self) -> None:
-        """
-        The listener reaps this connection: its client parks too many idle ones.
-        """
-        if self._phase == "idle":
-            self._close_gracefully()
-
-    def send_stalled(self) -> None:
-        """
-        The client stopped reading our response; it has C{send_timeout} to resume.
-        """
-        send_queue = self._ctx.send_queue
-        if send_queue is not None:
-            send_queue.add(self)
-
-    def send_flowing(self) -> None:
-        send_queue = self._ctx.send_queue
-        if send_queue is not None:
-            send_queue.discard(self)
-
-    def send_timed_out(self) -> None:
-        ctx = self._ctx
-        ctx.stats.timeouts += 1
-        ctx.log.info(
-            "client.send_timeout",
-            listener=ctx.name,
-            client=self._peer_str,
-            timeout=ctx.config.send_timeout,
-        )
-        self.abort()
-
-    def close_if_idle(self) -> bool:
-        """
-        For a graceful drain: close now if nothing is in flight, else after the response.
-        """
-        if self._phase == "idle":
-            self._close_gracefully()
-            return True
-        return False
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -618,7 +579,7 @@ class ClientConnection(RequestHeadReader, Protocol):
         before it (with its access line and count), then close; nothing more is read.
         """
         self._phase = "closing"
-        self._pause_reading(_PAUSE_CLOSING)
+        self._pause_reading(PAUSE_CLOSING)
         self._wait(None)
         failed = Exchange.failed(self, self._ctx, error_response(status, detail), status, target)
         self._queue.append(failed)
@@ -640,92 +601,3 @@ class ClientConnection(RequestHeadReader, Protocol):
         rest = data[offset:]
         if rest:
             self.dataReceived(rest)
-
-    def _close_gracefully(self) -> None:
-        """
-        Half-close and drain: a client whose pipelined requests are still in our receive
-        buffer would otherwise get a reset and lose the responses it was reading.
-        """
-        if self._phase in ("lingering", "closed"):
-            return
-        self._phase = "lingering"
-        queue = self._queue
-        while queue:
-            queue.pop().cancel()
-        transport = self.transport
-        if transport is None:
-            return
-        # Until our FIN is out, the client must keep reading; after it (writeConnectionLost,
-        # usually at once), linger briefly.
-        self._wait(None)
-        lose_write = getattr(transport, "loseWriteConnection", None)
-        if lose_write is None:
-            self._deadline(self._ctx.config.send_timeout or 60)
-            self._send_out()
-            transport.loseConnection()
-            return
-        if self._pause:
-            self._pause = 0
-            transport.resumeProducing()  # type: ignore[attr-defined]
-        if self._direct:
-            # The last bytes and the FIN in one segment when the FIN can follow at once.
-            self._send_out(MSG_MORE if fin_can_follow(transport) else 0)
-            lose_write_directly(transport)
-        else:
-            lose_write()
-        if self._phase == "lingering" and self._waiting is not self._ctx.linger_queue:
-            # The FIN waits behind unsent bytes: the client has this long to read them.
-            self._deadline(self._ctx.config.send_timeout or 60)
-
-    def _close_now(self) -> None:
-        self._wait(None)
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.transport is not None:
-            self._send_out()
-            self.transport.loseConnection()
-
-    def _wait(self, queue: TimeoutQueue[TimedConnection] | None) -> None:
-        """
-        Wait in C{queue} (header, body or keep-alive timeout) from now, and in no other.
-        """
-        waiting = self._waiting
-        if waiting is not None and waiting is not queue:
-            waiting.discard(self)
-        self._waiting = queue
-        if queue is not None:
-            queue.add(self)
-
-    def _deadline(self, seconds: float) -> None:
-        """A timer of this connection's own, for lingering and the end of its lifetime."""
-        if self._timer is None:
-            self._timer = Deadline(self._ctx.clock, self.timed_out)
-        self._timer.arm(seconds)
-
-    def timed_out(self) -> None:
-        """
-        The timeout of the current phase expired (called by the listener's queues).
-        """
-        self._waiting = None
-        phase = self._phase
-        ctx = self._ctx
-        if phase == "lingering":
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        if phase == "idle":
-            ctx.log.debug("client.idle_timeout", listener=ctx.name, client=self._peer_str)
-            if ctx.config.send_408_on_idle and self._served:  # not to a connection never used
-                self.write(error_response(408, "idle timeout"))
-            self._close_gracefully()
-            return
-        if phase in ("head", "body"):
-            ctx.stats.timeouts += 1
-            ctx.log.info(
-                "client.timeout",
-                listener=ctx.name,
-                client=self._peer_str,
-                phase=phase,
-            )
-            if self._end_current("timeout"):
-                return
-            self._answer_last(408, f"no complete request {phase} in time", self._url or b"-")

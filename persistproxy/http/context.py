@@ -19,10 +19,10 @@ from persistproxy.timers import TimeoutQueue
 if TYPE_CHECKING:
     from persistproxy.config import ListenerConfig
     from persistproxy.http.upstream_connection import UpstreamConnection
+    from persistproxy.interfaces import Upstream
     from persistproxy.listener.limits import ConnectionLimits
     from persistproxy.logs import AccessLog, EventLog
     from persistproxy.metrics import ListenerStats
-    from persistproxy.upstream.group import UpstreamGroup
 
 __all__ = ["LINGER_SECONDS", "ListenerContext", "TimedConnection"]
 
@@ -54,7 +54,7 @@ class ListenerContext:
 
     config: ListenerConfig
     clock: IReactorTime
-    group: UpstreamGroup[UpstreamConnection]
+    group: Upstream[UpstreamConnection]
     log: EventLog
     stats: ListenerStats
     scheme: bytes = b"http"

@@ -28,7 +28,7 @@ from persistproxy.http.upstream_connection import (
 if TYPE_CHECKING:
     from persistproxy.http.context import ListenerContext
     from persistproxy.http.headers import Header
-    from persistproxy.upstream.pool import ServerPool
+    from persistproxy.interfaces import Pool
 
 __all__ = ["Exchange", "ExchangeOwner"]
 
@@ -71,6 +71,11 @@ class Exchange:
     @ivar keep_alive: after the response head, whether the client connection survives it.
     @ivar response_started: a byte of the final response went to the client; from then on
         an upstream failure can only be reported by cutting the client connection.
+    @ivar body_parts: request body data parsed out of the current read, not yet forwarded
+        (the client connection forwards it as one piece at the end of the read).
+    @ivar chunks: chunks of a chunked request body in the current window (see
+        L{persistproxy.http.client_connection.CHUNK_WINDOW}), C{chunk_bytes} their data
+        and C{chunk_window} the clock time it began.
     """
 
     __slots__ = (
@@ -83,9 +88,13 @@ class Exchange:
         "_pool",
         "_relaying",
         "body_done",
+        "body_parts",
         "bytes_out",
         "cancelled",
+        "chunk_bytes",
+        "chunk_window",
         "chunked",
+        "chunks",
         "client_http11",
         "client_keep_alive",
         "error",
@@ -128,11 +137,14 @@ class Exchange:
         self.has_body = has_body
         self.chunked = chunked
         self.body_done = not has_body
+        self.body_parts: list[bytes] = []
+        self.chunks = 0
+        self.chunk_bytes = 0
         self._body: list[bytes] = []
         self._buffered = 0
         self._feeding = False  # the client's transport is the producer of the upstream's
         self._relaying = False  # the upstream's transport is the producer of the client's
-        self._pool: ServerPool[UpstreamConnection] | None = None
+        self._pool: Pool[UpstreamConnection] | None = None
         self._framing = FRAMING_NONE
         self.upstream: UpstreamConnection | None = None
         self.cancelled = False
@@ -144,7 +156,7 @@ class Exchange:
         self.retries = 0
         self.stale = 0
         self.reused = False
-        self.started = ctx.clock.seconds()
+        self.started = self.chunk_window = ctx.clock.seconds()
 
     @classmethod
     def failed(

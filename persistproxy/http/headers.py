@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "HOP_BY_HOP",
+    "MAX_CONTENT_LENGTH",
     "NEVER_NOMINATED",
     "connection_tokens",
     "keepalive_timeout_param",
@@ -34,6 +35,11 @@ HOP_BY_HOP = frozenset(
 )
 
 Header = tuple[bytes, bytes]
+
+#: The largest Content-Length forwarded either way: a peer keeping lengths in a signed 64-bit
+#: integer could not frame a larger body as we do (llhttp accepts up to 2^64 - 1). Larger
+#: is a 400 from a client, a 502 from an origin.
+MAX_CONTENT_LENGTH = 2**63 - 1
 
 
 def connection_tokens(value: bytes, into: set[bytes]) -> None:

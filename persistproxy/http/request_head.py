@@ -20,6 +20,7 @@ import httptools
 
 from persistproxy.http.headers import (
     HOP_BY_HOP,
+    MAX_CONTENT_LENGTH,
     connection_tokens,
     nominated_headers,
     remove_nominated,
@@ -29,10 +30,24 @@ if TYPE_CHECKING:
     from persistproxy.http.context import ListenerContext
     from persistproxy.http.headers import Header
 
-__all__ = ["UNKNOWN_METHOD", "BadRequest", "RequestHeadReader", "UpstreamRequest", "origin_form"]
+__all__ = [
+    "OTHER_VERSION",
+    "UNKNOWN_METHOD",
+    "BadRequest",
+    "RequestHeadReader",
+    "UpstreamRequest",
+    "origin_form",
+]
 
 #: A well-formed request line whose method llhttp does not know: 501, not 400.
 UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
+
+#: A request line with a well-formed version that is neither 1.0 nor 1.1 (llhttp refuses
+#: HTTP/1.2 and cannot parse HTTP/1.10): 505, as for HTTP/2.0, not 400. Anchored to a line
+#: start, as the read may hold requests pipelined before it.
+OTHER_VERSION = re.compile(
+    rb"(?:\A|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/(?!1\.[01]\r\n)([0-9]{1,3}\.[0-9]{1,3})\r\n"
+)
 
 #: RFC 9112 3.2 / RFC 3986 3.2.2: a reg-name or an IP literal, and an optional port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
@@ -88,6 +103,7 @@ class RequestHeadReader:
         "_progress",
         "_te",
         "_tokens",
+        "_unlisted",
         "_upgrade",
         "_url",
         "_valid_host",
@@ -110,6 +126,7 @@ class RequestHeadReader:
     _te: bytes | None
     _upgrade: bool
     _head_size: int
+    _unlisted: int
     _progress: bool
 
     def _reset_head(self) -> None:
@@ -124,6 +141,7 @@ class RequestHeadReader:
         self._te = None
         self._upgrade = False
         self._head_size = 0
+        self._unlisted = 0
         self._progress = True
 
     def on_url(self, url: bytes) -> None:
@@ -134,12 +152,17 @@ class RequestHeadReader:
             raise BadRequest(431, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Trailer fields come through here too, after the head: max_head_size and
+        # max_header_count bound the head and the trailers together. The field count is
+        # len(_headers) + _unlisted, judged once per head (and once for trailers): the
+        # size bound already stops a head of many fields, and this is a hot callback.
         self._head_size += len(name) + len(value) + 4
         self._progress = True
         if self._head_size > self._ctx.config.max_head_size:
             raise BadRequest(431, "request head too large")
         lower = name.lower()
         if lower in HOP_BY_HOP:
+            self._unlisted += 1
             if lower == b"connection":
                 if self._tokens is None:
                     self._tokens = set()
@@ -153,15 +176,29 @@ class RequestHeadReader:
             self._hosts += 1
             self._host = value
         elif lower == b"content-length":
+            # Sent on normalised (see _upstream_request), not as the client wrote it.
             self._length = value
+            self._unlisted += 1
+            return
         elif lower == b"x-forwarded-for" and self._ctx.config.add_forwarded:
             if self._xff is None:
                 self._xff = []
             self._xff.append(value)
+            self._unlisted += 1
             return
         elif lower == b"x-forwarded-proto" and self._ctx.config.add_forwarded:
+            self._unlisted += 1
             return
         self._headers.append((name, value))
+
+    def _check_field_count(self) -> None:
+        """
+        @raise BadRequest: more fields than max_header_count in the head (or, once the
+            trailers are read, in the head and trailers).
+        """
+        limit = self._ctx.config.max_header_count
+        if len(self._headers) + self._unlisted > limit:
+            raise BadRequest(431, f"more than {limit} header fields")
 
     def _upstream_request(self, parser: httptools.HttpRequestParser) -> UpstreamRequest:
         """
@@ -171,6 +208,7 @@ class RequestHeadReader:
         """
         ctx = self._ctx
         config = ctx.config
+        self._check_field_count()
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise BadRequest(505, f"HTTP/{version} is not supported")
@@ -197,8 +235,13 @@ class RequestHeadReader:
                 raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
             chunked = True
         has_body = chunked
+        length = -1
         if self._length is not None:
-            length = int(self._length)
+            length = int(self._length)  # llhttp let only digits through
+            if length > MAX_CONTENT_LENGTH:
+                # An origin that reads it into an int64 would see a negative or wrapped
+                # length, and frame the body differently from us.
+                raise BadRequest(400, "Content-Length too large")
             has_body = length > 0
             if config.max_body_size and length > config.max_body_size:
                 raise BadRequest(413, "request body too large")
@@ -229,6 +272,8 @@ class RequestHeadReader:
             extra.append(b"X-Forwarded-Proto: %s\r\n" % ctx.scheme)
         if chunked:
             extra.append(b"Transfer-Encoding: chunked\r\n")
+        elif length >= 0:
+            extra.append(b"Content-Length: %d\r\n" % length)  # no leading zeros
         tokens = self._tokens
         if tokens and b"close" in tokens:
             keep_alive = False  # close wins over keep-alive (RFC 9112 9.3)

@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from persistproxy.http.headers import (
     HOP_BY_HOP,
+    MAX_CONTENT_LENGTH,
     connection_tokens,
     keepalive_timeout_param,
     nominated_headers,
@@ -38,13 +39,14 @@ from persistproxy.policy import Deadline
 if TYPE_CHECKING:
     from persistproxy.config import UpstreamConfig
     from persistproxy.http.headers import Header
-    from persistproxy.upstream.group import Server
+    from persistproxy.interfaces import UpstreamServer
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
 __all__ = ["HTTPConnector", "ResponseSink", "UpstreamConnection"]
 
-#: Bytes of status line and headers an origin may send before we answer 502.
+#: Bytes of status line and headers an origin may send before we answer 502; also the bytes
+#: of trailers (or chunk framing without data) allowed in a row before the response is cut.
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
@@ -104,13 +106,17 @@ class UpstreamConnection(TwistedProtocol):
         "_feeding",
         "_head_seen",
         "_headers",
+        "_hops",
         "_interim",
         "_is_head",
         "_length",
+        "_max_fields",
         "_max_requests",
         "_new_parser",
         "_parser",
+        "_parts",
         "_paused",
+        "_quiet",
         "_reason",
         "_response_timeout",
         "_sink",
@@ -133,7 +139,11 @@ class UpstreamConnection(TwistedProtocol):
         clock: IReactorTime,
         response_timeout: float,
         max_requests: int,
+        max_header_count: int = 100,
     ) -> None:
+        """
+        @param max_header_count: header fields a response head may have (more is a 502).
+        """
         self.state = "CONNECTING"
         self.requests = 0
         self.idle_since = 0.0
@@ -146,6 +156,9 @@ class UpstreamConnection(TwistedProtocol):
         self._clock = clock
         self._response_timeout = response_timeout
         self._max_requests = max_requests
+        self._max_fields = max_header_count
+        #: Body data parsed out of the current read, relayed as one piece at its end.
+        self._parts: list[bytes] = []
         self._timer = Deadline(clock, self._timed_out)
         self._parser = httptools.HttpResponseParser(self)
         self._sink: ResponseSink | None = None
@@ -163,6 +176,7 @@ class UpstreamConnection(TwistedProtocol):
         self._head_seen = False
         self._reason = b""
         self._headers: list[Header] = []
+        self._hops = 0
         self._tokens: set[bytes] = set()
         self._codings: list[bytes] = []
         self._extra = False
@@ -171,6 +185,8 @@ class UpstreamConnection(TwistedProtocol):
         self._te = False
         self._length = False
         self._done = False
+        #: Bytes of reads in a row that carried no body data once the head was relayed.
+        self._quiet = 0
 
     # -- used by the pool and the exchange -------------------------------------------------
 
@@ -284,12 +300,23 @@ class UpstreamConnection(TwistedProtocol):
             # Bytes after the end of the response, in the same read: whatever they are, they
             # answer nothing we sent. Never let them reach the next request.
             self._complete(sink, reusable and not self._extra)
-        elif (
-            not self._head_seen
-            and self._sink is not None
-            and (self.bytes_received > MAX_RESPONSE_HEAD)
-        ):
-            self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
+        elif self._parts:
+            self._quiet = 0
+            self._relay_body()
+        elif self._sink is not None:
+            if not self._head_seen:
+                if self.bytes_received > MAX_RESPONSE_HEAD:
+                    self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes", False)
+            elif self._chunked:
+                # A read without body data: chunk framing, or trailers, whose unfinished
+                # line httptools keeps to itself. Bound them as the head is bounded.
+                self._quiet += len(data)
+                if self._quiet > MAX_RESPONSE_HEAD:
+                    self._fail(
+                        f"response trailers or chunk framing larger than {MAX_RESPONSE_HEAD}"
+                        " bytes",
+                        False,
+                    )
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._timer.stop()
@@ -320,6 +347,7 @@ class UpstreamConnection(TwistedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
         if lower in HOP_BY_HOP:
+            self._hops += 1  # not in _headers, but counted against max_header_count
             if lower == b"connection":
                 connection_tokens(value, self._tokens)
             elif lower == b"transfer-encoding":
@@ -333,6 +361,13 @@ class UpstreamConnection(TwistedProtocol):
             return
         if lower == b"content-length":
             self._length = True
+            if len(value) > 18 or (value[0] == 48 and len(value) > 1):  # 48: "0"
+                # Rare: leading zeros, or near the int64 limit (llhttp let only digits by).
+                length = int(value)
+                if length > MAX_CONTENT_LENGTH:
+                    self._fail("origin sent a Content-Length over 2^63 - 1", False)
+                    raise _Stop()
+                value = b"%d" % length
         # The head's size is bounded per read in dataReceived, not per header: this is the
         # hottest callback of the proxy.
         self._headers.append((name, value))
@@ -346,6 +381,9 @@ class UpstreamConnection(TwistedProtocol):
         sink = self._sink
         if sink is None:
             return
+        if len(self._headers) + self._hops > self._max_fields:
+            self._fail(f"response head has more than {self._max_fields} header fields", False)
+            raise _Stop()
         if status == 101:
             self._fail("origin switched protocols unasked", False)
             raise _Stop()
@@ -361,12 +399,17 @@ class UpstreamConnection(TwistedProtocol):
             sink.response_interim(status, self._reason, headers)
             self._reason = b""
             self._headers = []
+            self._hops = 0
             self._tokens = set()
             return
         self._timer.cancel()
         self._head_seen = True
         if self._is_head or status in (204, 304):
             framing = FRAMING_NONE
+            if status in (204, 304) and self._length:
+                # A 204 or 304 has no body whatever its Content-Length says; relayed, the
+                # header could make a client wait for one (HAProxy drops it too).
+                headers = [h for h in headers if h[0].lower() != b"content-length"]
         elif self._te:
             framing = FRAMING_CHUNKED if self._chunked else FRAMING_CLOSE
         elif self._length:
@@ -383,7 +426,12 @@ class UpstreamConnection(TwistedProtocol):
     def on_body(self, data: bytes) -> None:
         sink = self._sink
         if sink is not None:
-            sink.response_body(data)
+            if self._chunked:
+                # Called once per chunk: only collect here; what one read brings is relayed
+                # as one piece (one chunk to the client) at the end of it.
+                self._parts.append(data)
+            else:
+                sink.response_body(data)  # once per read already
         elif self._done:
             # A body after a HEAD response or a 204/304: bytes that answer nothing.
             self._extra = True
@@ -398,8 +446,19 @@ class UpstreamConnection(TwistedProtocol):
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _relay_body(self) -> None:
+        """Hand the body data parsed out of the current read to the sink, in one piece."""
+        parts = self._parts
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        sink = self._sink
+        if sink is not None:
+            sink.response_body(data)
+
     def _finish(self) -> None:
         self._done = True
+        if self._parts:
+            self._relay_body()  # the chunk data of this read goes before the completion
         sink = self._sink
         self._sink = None
         reusable = bool(
@@ -427,6 +486,7 @@ class UpstreamConnection(TwistedProtocol):
             self.close()
 
     def _fail(self, reason: str, timeout: bool) -> None:
+        self._parts.clear()
         sink = self._sink
         self._sink = None
         self.abort()
@@ -447,7 +507,10 @@ class _UpstreamFactory(Factory):
 
     def buildProtocol(self, addr: object) -> UpstreamConnection:
         return UpstreamConnection(
-            self._clock, self._config.response_timeout, self._config.max_requests
+            self._clock,
+            self._config.response_timeout,
+            self._config.max_requests,
+            self._config.max_header_count,
         )
 
 
@@ -461,5 +524,5 @@ class HTTPConnector:
 
     clock: IReactorTime
 
-    def factory_for(self, server: Server, config: UpstreamConfig) -> Factory:
+    def factory_for(self, server: UpstreamServer, config: UpstreamConfig) -> Factory:
         return _UpstreamFactory(self.clock, config)

@@ -11,7 +11,9 @@ all expired connections: no periodic scan, O(1) per event.
 Nothing caps idle connections below C{pool_size}, so the pool holds as many as recent
 concurrency needed; a small fixed idle cap makes a proxy close and reopen upstream
 connections under load (nginx's default of 32 loses a quarter of its throughput at 50
-concurrent clients on this kind of machine).
+concurrent clients on this kind of machine). Instead, idle connections count against the
+process's descriptor budget (L{persistproxy.descriptors.DescriptorBudget}): when a client or
+another connect needs a descriptor, the oldest idle connection of all pools is closed first.
 
 The keep-alive race (a connection lent just as its server closes it) is avoided rather than
 recovered from, because a request that must not be replayed can only get a 502 from it:
@@ -36,19 +38,20 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from persistproxy.config import UpstreamConfig
-from persistproxy.interfaces import C
+from persistproxy.descriptors import DescriptorBudget, out_of_descriptors
+from persistproxy.interfaces import C, ConnectionWaiter
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
 from persistproxy.upstream.idle_estimate import IdleEstimate
 
-__all__ = ["SAFE_SHARE", "ConnectionWaiter", "ServerPool"]
+__all__ = ["SAFE_SHARE", "Connector", "ServerPool"]
 
 #: The share of a server's known or learned idle limit that a request which must not be
 #: replayed may find a pooled connection idle for. The learned limit is the lowest age at
@@ -60,22 +63,6 @@ SAFE_SHARE = 0.5
 T = TypeVar("T")
 #: Opens one connection to the pool's server.
 Connector = Callable[[], "Deferred[T]"]
-W = TypeVar("W", contravariant=True)
-
-
-class ConnectionWaiter(Protocol[W]):
-    """
-    Who asked the pool for a connection. Exactly one of the two methods is called, once,
-    unless C{cancelled} became true first.
-    """
-
-    cancelled: bool
-
-    def connection_ready(self, connection: W, reused: bool) -> None: ...
-
-    def connection_failed(self, reason: str, status: int) -> None: ...
-
-
 class ServerPool(Generic[C]):
     """
     Persistent connections to one C{host:port}, shared by every client connection; lends
@@ -91,7 +78,12 @@ class ServerPool(Generic[C]):
         config: UpstreamConfig,
         connector: Connector[C],
         log: EventLog,
+        budget: DescriptorBudget | None = None,
     ) -> None:
+        """
+        @param budget: the process's descriptor budget, which counts this pool's sockets and
+            may ask it to close its oldest idle connection; none if not given.
+        """
         self.address = address
         self.active = 0
         self.connects = 0
@@ -104,6 +96,8 @@ class ServerPool(Generic[C]):
         self._waiters: deque[tuple[ConnectionWaiter[C], Deadline | None, bool]] = deque()
         self._reaper = Deadline(clock, self._reap)
         self._closed = False
+        self._budget = budget if budget is not None else DescriptorBudget()
+        self._budget.add_pool(self)
         self._estimate = IdleEstimate(clock, config.idle_learn_window, config.idle_timeout)
         #: The longest the server has been seen to keep an idle pooled connection open.
         self._tolerated = 0.0
@@ -161,7 +155,12 @@ class ServerPool(Generic[C]):
         """
         self.active -= 1
         now = self._clock.seconds()
-        if not reusable or self._closed or not connection.usable(now, 0.0):
+        if (
+            not reusable
+            or self._closed
+            or not connection.usable(now, 0.0)
+            or self._budget.pressed()
+        ):
             connection.close()
             self._wake_waiter()
             return
@@ -216,6 +215,18 @@ class ServerPool(Generic[C]):
                 deadline.stop()
             if not waiter.cancelled:
                 waiter.connection_failed("shutting down", 503)
+
+    # -- what the descriptor budget calls ------------------------------------------------------
+
+    def oldest_idle_since(self) -> float | None:
+        oldest = self._bottom()
+        return oldest.idle_since if oldest is not None else None
+
+    def shed_oldest_idle(self) -> None:
+        connection = self._idle.popleft()
+        connection.in_pool = False
+        self._idle_count -= 1
+        connection.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -299,6 +310,7 @@ class ServerPool(Generic[C]):
             oldest.close()
 
     def _on_lost(self, connection: C) -> None:
+        self._budget.upstream_closed()
         # An idle connection that the origin closed stays in the deque, marked CLOSED, and is
         # skipped later: removing it from the middle would be a linear search.
         if connection.in_pool:
@@ -322,6 +334,7 @@ class ServerPool(Generic[C]):
     def _open(self, waiter: ConnectionWaiter[C]) -> None:
         self.active += 1
         self.connects += 1
+        self._budget.upstream_opening()
         d = self._connect()
 
         def connected(connection: C) -> None:
@@ -333,10 +346,23 @@ class ServerPool(Generic[C]):
 
         def failed(failure: Failure) -> None:
             self.active -= 1
+            self._budget.upstream_closed()
             reason = failure.getErrorMessage() or repr(failure.value)
-            self._log.warning("upstream.connect_failed", server=self.address, reason=reason)
+            # Out of descriptors is our state, not the origin's: 503 with Retry-After (the
+            # client may try again once others leave), and an idle connection is given back.
+            exhausted = failure.value is not None and out_of_descriptors(failure.value)
+            self._log.warning(
+                "upstream.connect_failed",
+                server=self.address,
+                reason=reason,
+                out_of_descriptors=exhausted,
+            )
+            if exhausted:
+                self._budget.shed_idle()
             if not waiter.cancelled:
-                waiter.connection_failed(f"cannot connect to {self.address}: {reason}", 502)
+                waiter.connection_failed(
+                    f"cannot connect to {self.address}: {reason}", 503 if exhausted else 502
+                )
             self._wake_waiter()
 
         d.addCallbacks(connected, failed)

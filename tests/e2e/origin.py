@@ -24,7 +24,18 @@ keep-alive, pipelining) and behaves by path:
 ``/hop``                   a response full of hop-by-hop headers plus ``X-End-To-End: yes``
 ``/continue``              honours ``Expect: 100-continue`` before reading the body
 ``/reset``                 reads the request, then closes without answering
+``/endless-trailer``       chunked 200: a 5-byte chunk, then a trailer line that never ends
+                           (64 KiB writes until the peer goes, 1 GiB at most); the bytes it
+                           got out are in ``endless_trailer_bytes`` of the stats
+``/status-length/NNN``     that status with ``Content-Length: 5`` and no body (204, 304)
+``/raw-length/VALUE``      200 with ``Content-Length: VALUE`` as written (leading zeros, huge
+                           values) and ``int(VALUE)`` bytes of body if under 1 MiB
+``/many-headers/N``        200 with N extra header fields ``X-H<i>: <i>``
+``/tiny-chunks/N``         chunked 200 of N 1-byte chunks, in one write
 =========================  ==================================================================
+
+The stats also count the chunks of all chunked request bodies read (``chunks``), and
+``/echo`` says how many chunks its body came in (``chunks``).
 
 Connections whose first request is a ``/__`` control path (stats, reset, arm) are not counted
 in ``accepts``/``open``/``requests``, so tests can read the counters without disturbing them.
@@ -81,11 +92,14 @@ class Stats:
         self.bad = 0
         self.ids: dict[str, int] = {}
         self.paths: dict[str, int] = {}
+        self.chunks = 0
+        self.endless_trailer_bytes = 0
 
     def as_json(self) -> bytes:
         return json.dumps({
             "accepts": self.accepts, "requests": self.requests, "open": self.open,
-            "bad": self.bad, "ids": self.ids, "paths": self.paths,
+            "bad": self.bad, "ids": self.ids, "paths": self.paths, "chunks": self.chunks,
+            "endless_trailer_bytes": self.endless_trailer_bytes,
         }).encode()
 
 
@@ -102,6 +116,7 @@ class Request:
         self.headers = headers
         self.body = b""
         self.chunked = False
+        self.chunks = 0
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
@@ -206,14 +221,14 @@ class Connection:
             if codings != ["chunked"]:
                 raise BadRequest(f"unsupported transfer-coding {codings}")
             req.chunked = True
-            req.body = await self.read_chunked()
+            req.body = await self.read_chunked(req)
         elif cl:
             values = {c.strip() for v in cl for c in v.split(",")}
             if len(values) != 1 or not next(iter(values)).isdigit():
                 raise BadRequest(f"bad Content-Length {cl}")
             req.body = await self.read_exact(int(next(iter(values))))
 
-    async def read_chunked(self) -> bytes:
+    async def read_chunked(self, req: Request) -> bytes:
         parts: list[bytes] = []
         while True:
             line = await self.read_until(b"\r\n", 4096)
@@ -227,6 +242,8 @@ class Connection:
                     if not trailer:
                         return b"".join(parts)
             parts.append(await self.read_exact(size))
+            req.chunks += 1
+            STATS.chunks += 1
             if await self.read_exact(2) != b"\r\n":
                 raise BadRequest("chunk not followed by CRLF")
 
@@ -360,6 +377,7 @@ class Connection:
                 "version": f"HTTP/{req.version[0]}.{req.version[1]}",
                 "headers": [[k, v] for k, v in req.headers], "body_len": len(req.body),
                 "body_sha256": hashlib.sha256(req.body).hexdigest(), "chunked": req.chunked,
+                "chunks": req.chunks,
                 "conn": self.serial, "req": self.nreq,
             }).encode()
             await self.send_simple(req, 200, body, conn_hdr, "application/json")
@@ -404,6 +422,42 @@ class Connection:
         if len(parts) == 2 and parts[0] == "slow":
             await asyncio.sleep(float(parts[1]))
             await self.send_simple(req, 200, b"slow\n", conn_hdr)
+            return keep
+
+        if path == "/endless-trailer":
+            await self.send_head(200, [("Content-Type", "text/plain"),
+                                       ("Transfer-Encoding", "chunked")])
+            self.writer.write(b"5\r\nhello\r\n0\r\nX-Trailer: ")
+            piece = b"a" * 65536
+            for _ in range(16384):  # 1 GiB at most
+                self.writer.write(piece)
+                await self.writer.drain()
+                STATS.endless_trailer_bytes += len(piece)
+            return False
+
+        if len(parts) == 2 and parts[0] == "status-length" and parts[1].isdigit():
+            await self.send_head(int(parts[1]), [("Content-Length", "5"), *conn_hdr])
+            return keep
+
+        if len(parts) == 2 and parts[0] == "raw-length" and parts[1].isdigit():
+            n = int(parts[1])
+            await self.send_head(200, [("Content-Length", parts[1]), *conn_hdr])
+            if n < 1 << 20:
+                self.writer.write(b"x" * n)
+                return keep
+            self.writer.write(b"x" * 1000)
+            await self.writer.drain()
+            return False
+
+        if len(parts) == 2 and parts[0] == "many-headers" and parts[1].isdigit():
+            extra = [(f"X-H{i}", str(i)) for i in range(int(parts[1]))]
+            await self.send_simple(req, 200, b"many\n", [*extra, *conn_hdr])
+            return keep
+
+        if len(parts) == 2 and parts[0] == "tiny-chunks" and parts[1].isdigit():
+            await self.send_head(200, [("Transfer-Encoding", "chunked"), *conn_hdr])
+            self.writer.write(b"1\r\nx\r\n" * int(parts[1]) + b"0\r\n\r\n")
+            await self.writer.drain()
             return keep
 
         if path == "/close":

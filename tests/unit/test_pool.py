@@ -296,26 +296,6 @@ def test_post_through_the_proxy_is_sent_on_a_new_connection_after_a_long_idle() 
     assert not h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
 
 
-def test_learned_idle_limit_is_a_gauge_only_once_learned() -> None:
-    from persistproxy.metrics import ProxyStats, StatsCollector
-
-    h = Harness()
-
-    def gauges() -> list[tuple[str, str, int, int, int, int, float | None]]:
-        pool = h.pool
-        return [("app", pool.address, 0, pool.idle, 0, pool.connects, pool.learned_idle)]
-
-    def samples() -> list[Any]:
-        families = {m.name: m for m in StatsCollector(ProxyStats(), gauges).collect()}
-        return list(families["persistproxy_upstream_learned_idle_seconds"].samples)
-
-    assert samples() == []
-    _closed_by_origin_after(h, 2.5)
-    [sample] = samples()
-    assert sample.labels == {"upstream": "app", "server": "127.0.0.1:8081"}
-    assert sample.value == 2.5
-
-
 def test_a_full_pool_keeps_the_young_connection_and_closes_the_oldest() -> None:
     """Connections left past the learned limit must not crowd young ones out of the pool."""
     h = Harness(upstream={"pool_size": 1})

@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.unit.test_bounds -*-
+"""
+A request body as llhttp hands it over: chunk by chunk, forwarded one piece per read.
+
+A slotted mixin of the client connection, like L{persistproxy.http.request_head}: llhttp
+calls back a single object.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from persistproxy.http.request_head import BadRequest, RequestHeadReader
+
+if TYPE_CHECKING:
+    from persistproxy.http.context import TimedConnection
+    from persistproxy.http.exchange import Exchange
+
+__all__ = [
+    "CHUNK_WINDOW",
+    "CHUNK_WINDOW_SECONDS",
+    "PAUSE_BACKLOG",
+    "PAUSE_CLOSING",
+    "PAUSE_UPSTREAM",
+    "PIPELINE_BUFFER",
+    "RequestBodyReader",
+]
+
+#: Bytes of pipelined requests (and bodies waiting for a connection) held before reading pauses.
+PIPELINE_BUFFER = 256 * 1024
+
+#: The second line of defence against bodies of tiny chunks (coalescing is the first): a
+#: window of this many chunks that arrives in less than CHUNK_WINDOW_SECONDS must average at
+#: least the listener's min_chunk_size bytes of data per chunk.
+CHUNK_WINDOW = 4096
+CHUNK_WINDOW_SECONDS = 1.0
+
+# Why reading from the client is paused (bits; reading resumes when none is left).
+PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
+PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
+PAUSE_CLOSING = 4  # nothing more will be read
+
+
+class RequestBodyReader(RequestHeadReader):
+    """
+    llhttp's body callback and what is done with a read's worth of body data.
+    """
+
+    __slots__ = ()
+
+    # The connection's, read here.
+    _current: Exchange | None
+
+    def _pause_reading(self, reason: int) -> None:
+        raise NotImplementedError
+
+    def on_body(self, body: bytes) -> None:
+        # Called once per chunk of a chunked body: only collect here. What one read brings
+        # is forwarded as one piece (one chunk, one write) by _flush_body at the end of it.
+        exchange = self._current
+        if exchange is not None:
+            exchange.body_parts.append(body)
+
+    def _flush_body(self, exchange: Exchange) -> None:
+        """
+        Forward the body data parsed out of the current read, as one piece: 1-byte chunks
+        would otherwise cost a write and a chunk on the upstream hop each.
+
+        @raise BadRequest: past max_body_size (413), or chunks too small and too many (400).
+        """
+        parts = exchange.body_parts
+        count = len(parts)
+        data = parts[0] if count == 1 else b"".join(parts)
+        parts.clear()
+        self._progress = True
+        ctx = self._ctx
+        body_queue = ctx.body_queue
+        if body_queue is not None:
+            body_queue.add(cast("TimedConnection", self))
+        config = ctx.config
+        limit = config.max_body_size
+        if limit:
+            self._body_size += len(data)
+            if self._body_size > limit:
+                raise BadRequest(413, "request body too large")
+        if exchange.chunked and config.min_chunk_size:
+            exchange.chunks += count
+            exchange.chunk_bytes += len(data)
+            if exchange.chunks >= CHUNK_WINDOW:
+                self._judge_chunk_window(exchange)
+        buffered = exchange.request_body(data)
+        if buffered > PIPELINE_BUFFER:
+            self._pause_reading(PAUSE_BACKLOG)
+
+    def _judge_chunk_window(self, exchange: Exchange) -> None:
+        """
+        A window of CHUNK_WINDOW chunks is complete: refuse a flood of tiny chunks (each is
+        a parser callback), but not a client streaming small chunks at a human pace nor one
+        sending many large ones quickly.
+
+        @raise BadRequest: the window came in under CHUNK_WINDOW_SECONDS with chunks that
+            averaged less than min_chunk_size bytes.
+        """
+        now = self._ctx.clock.seconds()
+        minimum = self._ctx.config.min_chunk_size
+        if (
+            exchange.chunk_bytes < exchange.chunks * minimum
+            and now - exchange.chunk_window < CHUNK_WINDOW_SECONDS
+        ):
+            raise BadRequest(
+                400,
+                f"{exchange.chunks} chunks in under {CHUNK_WINDOW_SECONDS:g}s averaging"
+                f" under {minimum} bytes",
+            )
+        exchange.chunks = 0
+        exchange.chunk_bytes = 0
+        exchange.chunk_window = now
