@@ -48,6 +48,8 @@ class UpstreamConfig:
     read_timeout: float = 60.0
     write_timeout: float = 60.0
     keepalive_margin: float = 1.0
+    idle_learn_window: float = 60.0
+    assumed_idle_limit: float = 1.0
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
@@ -239,6 +241,8 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         read_timeout=s.seconds("read_timeout", 60.0),
         write_timeout=s.seconds("write_timeout", 60.0),
         keepalive_margin=s.seconds("keepalive_margin", 1.0),
+        idle_learn_window=s.seconds("idle_learn_window", 60.0),
+        assumed_idle_limit=s.seconds("assumed_idle_limit", 1.0),
         max_connections=s.integer("max_connections", 0),
         queue_size=s.integer("queue_size", 1024),
         queue_timeout=s.seconds("queue_timeout", 10.0),

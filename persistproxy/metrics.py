@@ -169,6 +169,8 @@ class PoolState:
     connects: int = 0
     connect_failures: int = 0
     idle_ages: tuple[float, ...] = ()
+    #: The idle limit learned from the server's closes (None while nothing is learned).
+    learned_idle: float | None = None
 
 
 PoolGauges = Callable[[], Iterable[PoolState]]
@@ -315,6 +317,12 @@ class StatsCollector(Collector):
             "Upstream connections opened (connected)",
             labels=labels,
         )
+        learned = GaugeMetricFamily(
+            "persistproxy_upstream_learned_idle_seconds",
+            "How long the server is believed to keep an idle connection, learned from its"
+            " closes of idle pooled connections (absent while nothing is learned)",
+            labels=labels,
+        )
         failures = CounterMetricFamily(
             "persistproxy_upstream_connect_failures",
             "Upstream connection attempts that failed (refused, timed out, no descriptor)",
@@ -322,8 +330,13 @@ class StatsCollector(Collector):
         )
         # Pools are per server and protocol: a server's line sums its pools.
         sums: dict[tuple[str, str], list[int]] = {}
+        limits: dict[tuple[str, str], float] = {}
         for state in self._pools():
-            row = sums.setdefault((state.upstream, state.server), [0, 0, 0, 0, 0])
+            key = (state.upstream, state.server)
+            if state.learned_idle is not None:
+                # The tightest any protocol's pool learned is what the server does.
+                limits[key] = min(limits.get(key, state.learned_idle), state.learned_idle)
+            row = sums.setdefault(key, [0, 0, 0, 0, 0])
             for i, value in enumerate(
                 (state.active, state.idle, state.waiting, state.connects, state.connect_failures)
             ):
@@ -334,7 +347,9 @@ class StatsCollector(Collector):
             waiting.add_metric(list(key), n_waiting)
             connects.add_metric(list(key), n_connects)
             failures.add_metric(list(key), n_failures)
-        yield from (active, idle, waiting, connects, failures)
+        for key, limit in limits.items():
+            learned.add_metric(list(key), limit)
+        yield from (active, idle, waiting, connects, failures, learned)
         per_server: dict[tuple[str, str], UpstreamStats] = {key: UpstreamStats() for key in sums}
         for ls in self._stats.listeners.values():
             for key, us in ls.upstreams.items():

@@ -215,7 +215,7 @@ class Exchange:
             self._client.exchange_finished(self)
             return
         self._pool = self._ctx.group.pick()
-        self._pool.acquire(self)
+        self._pool.acquire(self, replayable=self._ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
         """
