@@ -544,6 +544,8 @@ class H2Connection(Protocol):
         machine = self._machine
         if machine is not None and not self._goaway:
             self._goaway = True
+            # What h2 queued while reading the flood (its answers) is not sent.
+            machine.clear_outbound_data_buffer()
             machine.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=self._last_stream)
         self._abort_all("client", graceful=True)
 
