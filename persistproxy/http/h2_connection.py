@@ -38,6 +38,7 @@ Governance, as for HTTP/1.1 where the notion carries over:
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
@@ -86,6 +87,9 @@ CONTROL_FRAMES_PER_SECOND = 100
 #: flight that its upstream has not taken yet.
 _STREAM_WINDOW = 65535
 _MAX_WINDOW = 2**31 - 1
+
+#: Numbers the HTTP/2 connections of the process, for their access lines ("connection").
+_SERIALS = itertools.count(1)
 
 
 def _h2_config() -> H2Configuration:
@@ -183,6 +187,8 @@ class H2Connection(Protocol):
         self._controls: _Bucket | None = None
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
+        #: Which connection of the process this is: its streams' access lines say so.
+        self.serial = next(_SERIALS)
 
     # -- Twisted protocol ---------------------------------------------------------------------
 

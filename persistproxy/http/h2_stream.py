@@ -615,7 +615,7 @@ class H2Stream:
         if access_log is None:
             return
         exchange = self.exchange
-        extra: dict[str, Any] = {"stream": self.stream_id}
+        extra: dict[str, Any] = {"connection": self._conn.serial, "stream": self.stream_id}
         if self._conn.log_extra:
             extra = {**self._conn.log_extra, **extra}
         if aborted is not None:

@@ -32,6 +32,8 @@ keep-alive, pipelining) and behaves by path:
                            values) and ``int(VALUE)`` bytes of body if under 1 MiB
 ``/many-headers/N``        200 with N extra header fields ``X-H<i>: <i>``
 ``/tiny-chunks/N``         chunked 200 of N 1-byte chunks, in one write
+``/page/N``                an HTML page with N images ``/bytes/N?i=<k>`` (a browser's page load)
+``/trailers``              chunked 200 ``hello`` with the trailer ``X-Checksum: 42``
 =========================  ==================================================================
 
 The stats also count the chunks of all chunked request bodies read (``chunks``), and
@@ -469,6 +471,20 @@ class Connection:
             await self.send_simple(req, 200, b"keep-alive timeout\n",
                                    [("Keep-Alive", f"timeout={parts[1]}"), *conn_hdr])
             self.idle_timeout = timeout
+            return keep
+
+        if len(parts) == 2 and parts[0] == "page" and parts[1].isdigit():
+            n = int(parts[1])
+            images = "".join(f'<img src="/bytes/{100 + i}?i={i}">' for i in range(n))
+            body = f"<!doctype html><html><body><p>page</p>{images}</body></html>".encode()
+            await self.send_simple(req, 200, body, conn_hdr, "text/html")
+            return keep
+
+        if path == "/trailers":
+            await self.send_head(200, [("Content-Type", "text/plain"),
+                                       ("Transfer-Encoding", "chunked"), *conn_hdr])
+            self.writer.write(b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n")
+            await self.writer.drain()
             return keep
 
         if path == "/hop":
