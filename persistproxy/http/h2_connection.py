@@ -177,6 +177,8 @@ class H2Connection(Protocol):
         self._eof = False
         self._idle = False
         self._in_event = False
+        self._flushing = False
+        self._settle = False
         self._scheduled = False
         self._direct = False
         #: The transport's buffer is full: DATA waits, and nothing more is read.
@@ -269,7 +271,8 @@ class H2Connection(Protocol):
                     return
         finally:
             self._in_event = False
-        self._wait_state()
+        self._settle = False
+        self._settled()
         self._flush()
 
     def readConnectionLost(self) -> None:
@@ -354,10 +357,17 @@ class H2Connection(Protocol):
         if held:
             self.acknowledge(held, stream.stream_id)
         if not self._streams:
-            if self._phase == "closing":
-                self._close_transport()
-            elif not self._in_event:
-                self._wait_state()
+            if self._in_event or self._flushing:
+                self._settle = True  # once the event's input, or the output, is handled
+            else:
+                self._settled()
+
+    def _settled(self) -> None:
+        """No stream is open any more: close if closing, else wait as idle."""
+        if self._phase == "closing" and not self._streams:
+            self._close_transport()
+        else:
+            self._wait_state()
 
     def wait_for_body(self, stream: H2Stream) -> None:
         body_queue = self._ctx.body_queue
@@ -724,18 +734,25 @@ class H2Connection(Protocol):
             return
         ready = self._ready
         data_ok = not self.write_paused
-        while ready:
-            again = False
-            for stream in list(ready):
-                if stream.emit(machine, data_ok) == MORE:
-                    again = True
-                else:
-                    ready.pop(stream, None)
-            if not again:
-                break
+        self._flushing = True
+        try:
+            while ready:
+                again = False
+                for stream in list(ready):
+                    if stream.emit(machine, data_ok) == MORE:
+                        again = True
+                    else:
+                        ready.pop(stream, None)
+                if not again:
+                    break
+        finally:
+            self._flushing = False
         out = machine.data_to_send()
         if out:
             self._write(out)
+        if self._settle and not final:
+            self._settle = False
+            self._settled()
 
     def _write(self, data: bytes) -> None:
         transport = self.transport

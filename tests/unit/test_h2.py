@@ -403,6 +403,19 @@ def test_keepalive_timeout_counts_from_the_last_stream_then_goaway() -> None:
     assert c.transport.write_closed
 
 
+def test_keepalive_timeout_zero_closes_after_the_last_stream_with_its_response_out() -> None:
+    h = Harness(listener={"keepalive_timeout": 0})
+    raw = Raw(h)
+    raw.send(raw.headers(1))
+    h.origin.respond(OK_RESPONSE)
+    h.clock.advance(0)
+    frames = raw.frames()
+    kinds = [type(f).__name__ for f in frames if f.stream_id == 1 or isinstance(f, GoAwayFrame)]
+    assert kinds == ["HeadersFrame", "DataFrame", "GoAwayFrame"]
+    assert raw.goaway().last_stream_id == 1
+    assert raw.transport.write_closed
+
+
 def test_max_requests_sends_goaway_with_the_last_stream_and_refuses_later_ones() -> None:
     h = Harness(listener={"max_requests": 2})
     raw = Raw(h)
