@@ -38,6 +38,7 @@ Governance, as for HTTP/1.1 where the notion carries over:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -87,6 +88,9 @@ CONTROL_FRAMES_PER_SECOND = 100
 #: flight that its upstream has not taken yet.
 _STREAM_WINDOW = 65535
 _MAX_WINDOW = 2**31 - 1
+
+#: Whether the fallback of L{header_block_probe} was logged (once per process).
+_warned: list[bool] = []
 
 #: Numbers the HTTP/2 connections of the process, for their access lines ("connection").
 _SERIALS = itertools.count(1)
@@ -129,6 +133,29 @@ class _HeaderBlockBuffer(FrameBuffer):
     @property
     def in_header_block(self) -> bool:
         return bool(self._headers_buffer)
+
+
+@functools.cache
+def header_block_probe() -> str | None:
+    """
+    Whether L{_HeaderBlockBuffer}'s hook into h2 (C{FrameBuffer._update_header_buffer} and
+    C{_headers_buffer}, private) works with the installed h2: L{None}, or what went wrong.
+    Without it, h2's own bound applies (64 CONTINUATION frames) and an unfinished header
+    block is timed as the connection's idle time rather than by C{header_timeout}.
+    """
+    try:
+        buffer = _HeaderBlockBuffer(100)
+        buffer.max_frame_size = 16384
+        buffer.add_data(PREFACE + HeadersFrame(1, data=b"\x82").serialize())
+        if list(buffer) or not buffer.in_header_block:
+            return "a HEADERS frame without END_HEADERS was not held as a header block"
+        buffer.add_data(ContinuationFrame(1, data=b"\x84" * 200).serialize())
+        list(buffer)
+    except DenialOfServiceError:
+        return None
+    except Exception as e:  # an h2 whose internals changed: any failure means "do not use"
+        return f"{type(e).__name__}: {e}"
+    return "a header block larger than the bound was not refused"
 
 
 class _Bucket:
@@ -210,7 +237,18 @@ class H2Connection(Protocol):
         )
         # Enforced from now on: h2 would apply the advertised size only once acknowledged.
         machine.decoder.max_header_list_size = limit
-        self._buffer = machine.incoming_buffer = _HeaderBlockBuffer(limit)
+        problem = header_block_probe()
+        if problem is None:
+            self._buffer = machine.incoming_buffer = _HeaderBlockBuffer(limit)
+        elif not _warned:
+            _warned.append(True)
+            ctx.log.warning(
+                "internals.fallback",
+                internal="h2.frame_buffer",
+                attribute="h2.frame_buffer.FrameBuffer._update_header_buffer",
+                fallback="h2's own CONTINUATION bound; header_timeout not applied mid-block",
+                finding=problem,
+            )
         machine.initiate_connection()
         # The connection's window: every stream's worth, so streams held back by a slow
         # origin never starve the others (the stream windows bound what is buffered).

@@ -686,3 +686,28 @@ def test_config_keys_are_checked() -> None:
     with pytest.raises(ConfigError, match="h2c: cleartext HTTP/2 only"):
         plugin.validate(replace(base, extra={"h2c": True}, tls={"alpn": ["h2"]}))
     plugin.validate(replace(base, extra={"h2c": True, "h2_max_concurrent_streams": 10}))
+
+
+def test_metrics_split_requests_by_version() -> None:
+    from persistproxy.metrics import ProxyStats, StatsCollector
+
+    h = Harness()
+    c = Client(h)
+    c.get(1)
+    h.origin.respond(OK_RESPONSE)
+    client, _ = h.client()
+    client.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    proxy_stats = ProxyStats(listeners={"web": h.stats})
+    families = {m.name: m for m in StatsCollector(proxy_stats, list).collect()}
+    samples = {
+        s.labels["version"]: s.value
+        for s in families["persistproxy_requests_by_version"].samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {"1.x": 1, "2": 1}
+
+
+def test_the_hook_into_h2s_frame_buffer_is_probed() -> None:
+    from persistproxy.http.h2_connection import header_block_probe
+
+    assert header_block_probe() is None, "h2's FrameBuffer internals changed"
