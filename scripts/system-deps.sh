@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real clients and servers the end-to-end tests drive (curl, openssl, slowhttptest,
-# testssl.sh, h2load and nghttp, headless Chromium) from Debian's packages when any is
+# testssl.sh, ss, h2load and nghttp, headless Chromium) from Debian's packages when any is
 # missing. Does nothing when all are present.
 set -euo pipefail
 need=()
@@ -10,7 +10,7 @@ command -v slowhttptest >/dev/null || need+=(slowhttptest)
 command -v testssl >/dev/null || need+=(testssl.sh)
 command -v ss >/dev/null || need+=(iproute2)
 command -v h2load >/dev/null || need+=(nghttp2-client)
-command -v chromium >/dev/null || need+=(chromium)
+command -v chromium >/dev/null || need+=(chromium)   # the /status page, opened headless
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "system-deps: missing ${need[*]} and no apt-get here; install them by hand" >&2

@@ -272,6 +272,7 @@ class H2Connection(Protocol):
         machine = self._machine
         if machine is None or self._phase in ("lingering", "closed"):
             return
+        self._ctx.stats.bytes_in += len(data)
         self._in_event = True
         try:
             try:

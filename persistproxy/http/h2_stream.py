@@ -608,25 +608,37 @@ class H2Stream:
             return
         self._accounted = True
         ctx = self._ctx
-        ctx.stats.count_response(status)
+        stats = ctx.stats
+        stats.count_response(status)
         if aborted is not None:
-            ctx.stats.aborted[aborted] = ctx.stats.aborted.get(aborted, 0) + 1
-        access_log = ctx.access_log
-        if access_log is None:
-            return
+            stats.aborted[aborted] = stats.aborted.get(aborted, 0) + 1
         exchange = self.exchange
-        extra: dict[str, Any] = {"connection": self._conn.serial, "stream": self.stream_id}
-        if self._conn.log_extra:
-            extra = {**self._conn.log_extra, **extra}
-        if aborted is not None:
-            extra["aborted"] = aborted
+        server = None
         if exchange is not None:
             method = method or exchange.method
             target = target or exchange.target
             started = exchange.started
             size = exchange.bytes_out if size is None else size
+            server = exchange.server
         else:
             started = self._conn.now()
+        duration = ctx.clock.seconds() - started
+        stats.durations.observe(duration)
+        stats.bytes_out += size or 0
+        if server is not None and exchange is not None:
+            upstream = stats.upstream(ctx.config.upstream, server)
+            upstream.requests += 1
+            if exchange.reused:
+                upstream.reused += 1
+            upstream.durations.observe(duration)
+        access_log = ctx.access_log
+        if access_log is None:
+            return
+        extra: dict[str, Any] = {"connection": self._conn.serial, "stream": self.stream_id}
+        if self._conn.log_extra:
+            extra = {**self._conn.log_extra, **extra}
+        if aborted is not None:
+            extra["aborted"] = aborted
         access_log.log(
             ctx.name,
             self._conn.peer,
@@ -635,8 +647,8 @@ class H2Stream:
             "2",
             status,
             size or 0,
-            (ctx.clock.seconds() - started) * 1000,
-            exchange.server if exchange is not None else None,
+            duration * 1000,
+            server,
             exchange.reused if exchange is not None else False,
             exchange.retries + exchange.stale if exchange is not None else 0,
             extra,

@@ -101,6 +101,10 @@ class HTTPProtocolPlugin:
             h2c=bool(listener.extra.get("h2c", False)),
             h2_max_concurrent_streams=int(listener.extra.get("h2_max_concurrent_streams", 128)),
         )
+        # Kept-alive connections waiting for their next request, read at scrape time (none
+        # are kept with keepalive_timeout = 0).
+        idle = ctx.idle_queue
+        ctx.stats.idle = idle.__len__ if idle is not None else (lambda: 0)
         if ctx.h2_alpn or ctx.h2c:
             return NegotiatingFactory(ctx)
         return HTTPFactory(ctx)

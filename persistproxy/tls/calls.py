@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_transport -*-
 """
 The per-record OpenSSL calls of the TLS transport: feed received bytes in, take decrypted
 records out, encrypt, and take what is to be sent out.

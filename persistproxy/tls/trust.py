@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_upstream -*-
 """
 The CA file an upstream's certificates are verified against (C{tls_ca}): read by the config
 check, so C{--check} catches a bad file, and by the upstream TLS policy.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_upstream -*-
 """
 TLS to upstream servers: verified with service-identity, resumed across connections.
 

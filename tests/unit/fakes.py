@@ -17,7 +17,10 @@ from twisted.internet.testing import StringTransport
 from persistproxy.config import ListenerConfig, UpstreamConfig
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.http.context import ListenerContext
+from persistproxy.http.plugin import HTTPFactory, HTTPProtocolPlugin
 from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
+from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.logs import AccessLog, make_event_log
 from persistproxy.metrics import ListenerStats
 from persistproxy.upstream.group import Server, UpstreamGroup
@@ -143,6 +146,49 @@ class Harness:
     @property
     def pool(self) -> Any:
         return self.group.pools[0]
+
+
+class FakePort:
+    """A listening port that records whether it reads (accepts) or not."""
+
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def limited_listener(**kw: int) -> tuple[Harness, ListenerFactory, ConnectionLimits]:
+    """
+    An HTTP listener with connection limits (C{max_connections}, C{max_connections_per_client},
+    C{max_idle_per_client}): its harness, the admitting factory and the limits.
+    """
+    h = Harness(listener={k: v for k, v in kw.items()})
+    limits = ConnectionLimits(
+        "web",
+        kw.get("max_connections", 0),
+        kw.get("max_connections_per_client", 0),
+        kw.get("max_idle_per_client", 0),
+        h.log,
+        ListenerStats(),
+    )
+    h.ctx.limits = limits
+    plugin = HTTPProtocolPlugin()
+    factory = ListenerFactory(
+        HTTPFactory(h.ctx), h.clock, limits, h.stats, ConnectionRegistry(), plugin.refusal
+    )
+    return h, factory, limits
+
+
+def connect_from(factory: Any, host: str) -> tuple[Any, StringTransport]:
+    """A connection from C{host} accepted by C{factory}, on a StringTransport."""
+    address = IPv4Address("TCP", host, 40000)
+    protocol = factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
 
 
 def parse_response(data: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
