@@ -711,3 +711,16 @@ def test_the_hook_into_h2s_frame_buffer_is_probed() -> None:
     from persistproxy.http.h2_connection import header_block_probe
 
     assert header_block_probe() is None, "h2's FrameBuffer internals changed"
+
+
+def test_check_summary_says_which_listeners_offer_http2() -> None:
+    from persistproxy.check import summary
+    from persistproxy.config import parse_config
+    from persistproxy.http.plugin import HTTPProtocolPlugin
+
+    document = {
+        "listener": [{"name": "clear", "bind": "tcp:0", "upstream": "app", "h2c": True}],
+        "upstream": [{"name": "app", "servers": ["127.0.0.1:1"]}],
+    }
+    config = parse_config(document, "t.toml", {"http": HTTPProtocolPlugin().validate})
+    assert "HTTP/2 with prior knowledge (h2c)" in next(iter(summary(config)))
