@@ -82,6 +82,11 @@ class ListenerContext:
     access_log: AccessLog | None = None
     #: The listener's admission and idle-per-client policy, if any limit is set.
     limits: ConnectionLimits | None = None
+    #: HTTP/2: offered through ALPN (a TLS listener whose alpn names "h2"), and with prior
+    #: knowledge on a cleartext listener (h2c = true); the streams a connection may open.
+    h2_alpn: bool = False
+    h2c: bool = False
+    h2_max_concurrent_streams: int = 128
     #: Runs a function once the current I/O event is handled (ProxyReactor.call_after_event;
     #: the next turn with any other reactor).
     after_event: Callable[[Callable[[], object]], object] = field(init=False)

@@ -38,7 +38,9 @@ class ExchangeOwner(Protocol):
     The client connection an exchange answers, as the exchange sees it.
     """
 
-    transport: Any
+    @property
+    def transport(self) -> Any:
+        """What the exchange registers itself with as a producer, when the client is slow."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -242,8 +244,15 @@ class Exchange:
         self.body_done = True
         upstream = self.upstream
         if upstream is not None and upstream.state == "ACTIVE" and self.has_body:
-            upstream.finish_request(_LAST_CHUNK if self.chunked else b"")
+            upstream.finish_request(self._last_chunk())
             self._unregister_request_producer(upstream)
+
+    def _last_chunk(self) -> bytes:
+        """
+        What ends the request body on the upstream hop: the last chunk of a chunked body, or
+        nothing. (A client hop that carries request trailers, HTTP/2's, adds them here.)
+        """
+        return _LAST_CHUNK if self.chunked else b""
 
     def cancel(self) -> None:
         """
@@ -279,7 +288,7 @@ class Exchange:
                 self.request_body(piece)
             self._client.request_body_drained()
         if self.has_body and self.body_done:
-            connection.finish_request(_LAST_CHUNK if self.chunked else b"")
+            connection.finish_request(self._last_chunk())
         # Flow control in either direction is wired up only once bytes queue up in a
         # transport (see request_body and _relay): most exchanges never need it.
 
@@ -355,6 +364,12 @@ class Exchange:
             client.write(data)
         if not self._relaying and client.backlogged():
             self._relay()
+
+    def response_trailers(self, headers: list[Header]) -> None:
+        """
+        The trailer fields of a chunked response. An HTTP/1.x client is not sent them (its
+        last chunk is ours); the HTTP/2 hop's exchange relays them.
+        """
 
     def _relay(self) -> None:
         """

@@ -90,6 +90,9 @@ class ResponseSink(Protocol):
     def response_body(self, data: bytes) -> None:
         """A piece of the (de-chunked) response body arrived."""
 
+    def response_trailers(self, headers: list[Header]) -> None:
+        """The trailer fields of a chunked response, before C{response_complete}."""
+
     def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
         """The response is complete; the connection no longer belongs to the sink."""
 
@@ -127,6 +130,7 @@ class UpstreamConnection(TwistedProtocol):
         "_done",
         "_extra",
         "_feeding",
+        "_head_fields",
         "_head_seen",
         "_headers",
         "_hops",
@@ -212,6 +216,8 @@ class UpstreamConnection(TwistedProtocol):
         self._head_seen = False
         self._reason = b""
         self._headers: list[Header] = []
+        #: Fields of the final head in _headers: those after it are trailers.
+        self._head_fields = 0
         self._hops = 0
         self._tokens: set[bytes] = set()
         self._codings: list[bytes] = []
@@ -487,6 +493,7 @@ class UpstreamConnection(TwistedProtocol):
             framing = FRAMING_LENGTH
         else:
             framing = FRAMING_CLOSE
+        self._head_fields = len(self._headers)
         sink.response_head(status, self._reason, headers, framing)
         if self._is_head:
             # llhttp cannot be told that a HEAD response has no body; finish here and give
@@ -534,6 +541,10 @@ class UpstreamConnection(TwistedProtocol):
             self._relay_body()  # the chunk data of this read goes before the completion
         sink = self._sink
         self._sink = None
+        fields = self._headers
+        if self._chunked and len(fields) > self._head_fields and sink is not None:
+            # Trailer fields came through on_header after the head (hop-by-hop ones dropped).
+            sink.response_trailers(fields[self._head_fields :])
         reusable = bool(
             self.request_sent
             and b"close" not in self._tokens

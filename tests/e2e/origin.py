@@ -37,6 +37,8 @@ keep-alive, pipelining) and behaves by path:
                            responses in ``stalls`` and those whose peer closed in ``stalls_cut``
 ``/unread``                reads the request head and never its body, and answers nothing
                            (60 s at most, then closes); counted in ``unread``
+``/page/N``                an HTML page with N images ``/bytes/N?i=<k>`` (a browser's page load)
+``/trailers``              chunked 200 ``hello`` with the trailer ``X-Checksum: 42``
 =========================  ==================================================================
 
 The stats also count the chunks of all chunked request bodies read (``chunks``), and
@@ -503,6 +505,20 @@ class Connection:
             await self.send_simple(req, 200, b"keep-alive timeout\n",
                                    [("Keep-Alive", f"timeout={parts[1]}"), *conn_hdr])
             self.idle_timeout = timeout
+            return keep
+
+        if len(parts) == 2 and parts[0] == "page" and parts[1].isdigit():
+            n = int(parts[1])
+            images = "".join(f'<img src="/bytes/{100 + i}?i={i}">' for i in range(n))
+            body = f"<!doctype html><html><body><p>page</p>{images}</body></html>".encode()
+            await self.send_simple(req, 200, body, conn_hdr, "text/html")
+            return keep
+
+        if path == "/trailers":
+            await self.send_head(200, [("Content-Type", "text/plain"),
+                                       ("Transfer-Encoding", "chunked"), *conn_hdr])
+            self.writer.write(b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n")
+            await self.writer.drain()
             return keep
 
         if path == "/hop":
