@@ -166,7 +166,9 @@ class Pool(Protocol[C]):
 class Upstream(Protocol[C]):
     """An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each."""
 
-    config: UpstreamConfig
+    @property
+    def config(self) -> UpstreamConfig:
+        """The group's C{[[upstream]]} table."""
 
     @property
     def servers(self) -> Sequence[UpstreamServer]:

@@ -72,6 +72,28 @@ class ConnectionLimits:
         self._held: deque[Holdable] = deque()
         self._accepting = True
 
+    def update(self, max_connections: int, per_client: int, idle_per_client: int) -> None:
+        """
+        A reload changed the limits: they apply from the next decision on, to the
+        connections already counted too (a lower C{max_connections} holds new ones until
+        enough of those close; a higher one serves held ones at once).
+        """
+        self.max_connections = max_connections
+        if not per_client:
+            self._clients.clear()
+        self.per_client = per_client
+        if not idle_per_client:
+            self._idle.clear()
+        self.idle_per_client = idle_per_client
+        held = self._held
+        while held and (not max_connections or self.total < max_connections):
+            connection = held.popleft()
+            self._count(connection.peer)
+            connection.unhold()
+        full = bool(max_connections) and self.total >= max_connections
+        if self._accepting == full:
+            self._set_accepting(not full)
+
     def admit(self, host: str) -> str | None:
         """
         Count a new connection from C{host}, or say why it is refused.

@@ -101,7 +101,7 @@ class ServerPool(Generic[C]):
         """
         self.active -= 1
         now = self._clock.seconds()
-        if not reusable or self._closed or not connection.usable(now, 0.0):
+        if not reusable or (self._closed and not self._waiters) or not connection.usable(now, 0.0):
             connection.close()
             self._wake_waiter()
             return
@@ -113,7 +113,7 @@ class ServerPool(Generic[C]):
                 self.active += 1
                 waiter.connection_ready(connection, True)
                 return
-        if self._idle_count >= self._config.pool_size:
+        if self._closed or self._idle_count >= self._config.pool_size:
             connection.close()
             return
         connection.idle_since = now
@@ -132,7 +132,22 @@ class ServerPool(Generic[C]):
 
     def close(self) -> None:
         """
-        Close idle connections now and lent ones as they come back.
+        Close idle connections now and lent ones as they come back; what waits for a
+        connection is refused.
+        """
+        self.retire()
+        while self._waiters:
+            waiter, deadline = self._waiters.popleft()
+            if deadline is not None:
+                deadline.stop()
+            if not waiter.cancelled:
+                waiter.connection_failed("shutting down", 503)
+
+    def retire(self) -> None:
+        """
+        A reload replaced the pool: close idle connections now and lent ones as they come
+        back, except that each one returned goes to the next request still waiting here
+        (those were admitted before the reload, and must not fail because of it).
         """
         self._closed = True
         self._reaper.stop()
@@ -141,12 +156,6 @@ class ServerPool(Generic[C]):
             connection.in_pool = False
             connection.close()
         self._idle_count = 0
-        while self._waiters:
-            waiter, deadline = self._waiters.popleft()
-            if deadline is not None:
-                deadline.stop()
-            if not waiter.cancelled:
-                waiter.connection_failed("shutting down", 503)
 
     # -- internals ----------------------------------------------------------------------------
 
