@@ -233,7 +233,10 @@ class IProxyContext(Interface):
         """The listener's counters."""
 
     def draining() -> bool:
-        """Whether the proxy is shutting down gracefully (finish, then close)."""
+        """
+        Whether this listener's connections should finish what is in flight and close: the
+        proxy is shutting down gracefully, or a reload removed the listener.
+        """
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,8 @@ class IProtocolPlugin(Interface):
     def build_factory(listener: ListenerConfig, context: ProxyContext) -> IProtocolFactory:
         """
         The factory whose protocols serve the listener's admitted connections. Called once
-        per listener at start-up; never blocks. Its C{buildProtocol} may return C{None} to
+        per listener at start-up, and again when a reload adds or changes the listener (the
+        new factory serves the connections accepted from then on); never blocks. Its C{buildProtocol} may return C{None} to
         refuse a connection outright.
         """
 

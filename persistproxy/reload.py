@@ -90,9 +90,17 @@ class ConfigReloader(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._install()
+        add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            add_trigger("after", "shutdown", self.restore_signal)
 
     def stopService(self) -> None:
+        # The handler stays while the proxy drains: a SIGHUP then is refused ("the proxy is
+        # stopping"), where the default action would end the process in the middle of it.
         super().stopService()  # type: ignore[no-untyped-call]
+
+    def restore_signal(self) -> None:
+        """Give SIGHUP back to whoever had it (once the reactor has stopped)."""
         if self._previous is not None:
             signal.signal(self._signum, self._previous)
             self._previous = None
@@ -145,6 +153,7 @@ class ConfigReloader(Service):
         proxy = self._proxy
         self._log.info("reload", config=proxy.config.source)
         if self._load is None:
+            self._log.info("config.reload_skipped", reason="no configuration file (--demo)")
             return self._certificates.reload(_tls(proxy))
         if proxy.draining():
             self._refused("the proxy is stopping")

@@ -438,6 +438,17 @@ def test_sighup_schedules_a_reload_on_the_reactor() -> None:
     try:
         os.kill(os.getpid(), signal.SIGHUP)
         assert calls == [r.reload]
-    finally:
+        # Stopping (the drain) keeps the handler: a SIGHUP then must not end the process.
         r.stopService()
+        p.service.stopService()
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert calls == [r.reload, r.reload]
+        calls[-1]()
+        [refused] = p.events("config.reload_failed")
+        assert refused["error"] == "persistproxy: the proxy is stopping"
+        # Given back once the reactor has stopped.
+        [(restore, _, _)] = p.reactor.triggers["after"]["shutdown"]
+        restore()
+    finally:
+        r.restore_signal()
     assert signal.getsignal(signal.SIGHUP) == previous
