@@ -294,8 +294,8 @@ class IProtocolPlugin(Interface):
         """
         The factory whose protocols serve the listener's admitted connections. Called once
         per listener at start-up, and again when a reload adds or changes the listener (the
-        new factory serves the connections accepted from then on); never blocks. Its C{buildProtocol} may return C{None} to
-        refuse a connection outright.
+        new factory serves the connections accepted from then on); never blocks. Its
+        C{buildProtocol} may return C{None} to refuse a connection outright.
         """
 
     def refusal(reason: str) -> bytes:
