@@ -249,6 +249,8 @@ def test_systemd_socket_activate_and_the_notify_protocol(origin: Origin, tmp_pat
             assert status is not None, notify.messages
             print(f"STATUS={status['STATUS']}")
 
+            # A reload that changes the listener keeps the inherited socket (no rebind).
+            config.write_text(toml_config([dict(listener, add_via=False)], [upstream]))
             before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             os.kill(p.pid, signal.SIGHUP)
             reloading = notify.wait(lambda m: m.get("RELOADING") == "1", 10)
@@ -258,7 +260,13 @@ def test_systemd_socket_activate_and_the_notify_protocol(origin: Origin, tmp_pat
             index = notify.messages.index(reloading)
             assert notify.wait(lambda m: m.get("READY") == "1"
                                and notify.messages.index(m) > index, 10) is not None
-            assert first.roundtrip("GET", "/echo").status == 200, "kept across the reload"
+            r = first.roundtrip("GET", "/echo")
+            assert r.status == 200 and "Via" in dict(r.json()["headers"]), "kept, as it was"
+            reloaded = _wait_event(p, "config.reloaded", 5)
+            assert reloaded["listeners_changed"] == ["web"], reloaded
+            with RawConn(port) as fresh:
+                r = fresh.roundtrip("GET", "/echo")
+                assert r.status == 200 and "Via" not in dict(r.json()["headers"]), r
         p.proc.send_signal(signal.SIGTERM)
         stopping = notify.wait(lambda m: m.get("STOPPING") == "1", 10)
         assert stopping is not None and stopping["STATUS"].startswith("draining: ")
