@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 
 from persistproxy.config import ListenerConfig, ProxyConfig, UpstreamConfig
 from persistproxy.interfaces import IProtocolPlugin, ProxyContext
@@ -203,7 +203,8 @@ class ProxyService(MultiService):
          - TLS contexts of listeners whose C{[listener.tls]} is unchanged are kept (the
            session cache and ticket keys survive); the caller reloads their certificates.
 
-        Everything that can fail (binding, TLS files) happens before anything changes.
+        Everything that can fail (binding, TLS files, the plugins' factories) happens before
+        anything changes.
 
         @raise ReloadError: the configuration cannot be applied; nothing changed.
         """
@@ -229,7 +230,8 @@ class ProxyService(MultiService):
         created: list[str] = []
         stats_before = set(self.proxy_stats.listeners)
         ports_before = {name: slot.limits.port for name, slot in self._slots.items()}
-        switches: list[tuple[ListenerService, ListenerConfig, ServerTLS | None]] = []
+        switches: list[tuple[ListenerService, ListenerConfig, IProtocolFactory, ServerTLS | None]]
+        switches = []
         binds: list[tuple[ListenerService | None, ListenerService]] = []
         try:
             router = Router(self.reactor, config.upstreams, self.log, self._wrap, self.router)
@@ -257,7 +259,10 @@ class ProxyService(MultiService):
                         tls = ServerTLS(
                             ListenerTLSSettings.from_mapping(listener.tls), listener.name
                         )
-                    switches.append((service, listener, tls))
+                    assert slot.context is not None
+                    plugin = self._plugins[listener.protocol]
+                    factory = plugin.build_factory(listener, slot.context)
+                    switches.append((service, listener, factory, tls))
                 else:
                     binds.append((service, self._listener_service(listener, slot, tls)))
             for _, new in binds:
@@ -289,11 +294,8 @@ class ProxyService(MultiService):
         )
         old_router.retire_replaced(router)
         by_name = {service.config.name: service for service in self.listeners}
-        for service, listener, tls in switches:
-            plugin = self._plugins[listener.protocol]
-            slot = self._slots[listener.name]
-            assert slot.context is not None
-            service.switch(listener, plugin, plugin.build_factory(listener, slot.context), tls)
+        for service, listener, factory, tls in switches:
+            service.switch(listener, self._plugins[listener.protocol], factory, tls)
         for previous, new in binds:
             if previous is not None:
                 # The new port is bound already: clients always find one of the two.

@@ -407,7 +407,7 @@ def test_the_sandbox_really_applies_the_units_settings(tmp_path: Path, pki: PKI)
     """Control for the test below: inside the sandbox, each restriction is in force."""
     d = Deployment(tmp_path, pki, SERVICE.read_text())
     probe = d.etc / "probe.py"
-    probe.write_text(PROBE)
+    probe.write_text(PROBE.replace("LOW_PORT", str(_low_port())))
     probe.chmod(0o644)
     cp = subprocess.run(d.sandboxed([sys.executable, "/etc/persistproxy/probe.py"]),
                         capture_output=True, text=True, timeout=60)
@@ -448,7 +448,7 @@ def check(rc):
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 libc = ctypes.CDLL(None, use_errno=True)
-attempt("bind_low_port", lambda: socket.create_server(("127.0.0.1", 999)).close())
+attempt("bind_low_port", lambda: socket.create_server(("127.0.0.1", LOW_PORT)).close())
 attempt("netlink_socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
 attempt("raw_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1).close())
 attempt("write_usr", lambda: open("/usr/probe", "w").close())

@@ -452,3 +452,36 @@ def test_sighup_schedules_a_reload_on_the_reactor() -> None:
     finally:
         r.restore_signal()
     assert signal.getsignal(signal.SIGHUP) == previous
+
+
+def test_a_tls_listener_keeps_its_session_context_unless_its_tls_table_changed(
+    tmp_path: Path,
+) -> None:
+    from pki import make_pki
+
+    pki = make_pki(tmp_path)
+    cert, key = pki.site
+    tls = {"certificates": [{"cert": cert, "key": key}]}
+    p = Proxy(config([{"name": "web", "bind": "tcp:8001", "tls": tls}]))
+    [web] = p.service.listeners
+    before = web.tls
+    assert before is not None
+    summary = p.service.reload(
+        config([{"name": "web", "bind": "tcp:8001", "tls": tls, "keepalive_timeout": 5}])
+    )
+    assert summary.listeners_changed == ["web"] and summary.kept_tls == [before]
+    assert web.tls is before, "the session cache and ticket keys survive"
+    summary = p.service.reload(
+        config(
+            [
+                {
+                    "name": "web",
+                    "bind": "tcp:8001",
+                    "tls": {**tls, "min_version": "TLSv1.3"},
+                    "keepalive_timeout": 5,
+                }
+            ]
+        )
+    )
+    assert summary.kept_tls == [] and web.tls is not before
+    assert web.tls is not None and web.tls.settings.min_version == "TLSv1.3"
