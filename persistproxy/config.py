@@ -87,6 +87,8 @@ class ListenerConfig:
     send_408_on_idle: bool = False
     tcp_keepalive: Mapping[str, int] | None = None
     tls: Mapping[str, Any] | None = None
+    #: A byte relay (a tcp listener; HTTP's tunnels later) idle both ways this long is closed.
+    tunnel_idle_timeout: float = 3600.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -196,17 +198,15 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
 
 def _check_endpoint(section: _Section, key: str, description: str) -> None:
     """
-    Parse a Twisted server endpoint string without binding it, so a typo is a config error
+    Check a Twisted server endpoint string without binding it, so a typo is a config error
     and not a traceback after half of the listeners are already up.
     """
-    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+    from persistproxy.net.endpoints import EndpointError, check_server_endpoint
 
     try:
-        kind, args, _ = _parseServer(description, None)
-    except (ValueError, TypeError, KeyError) as e:
+        check_server_endpoint(description)
+    except EndpointError as e:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
-    if kind in ("TCP", "SSL") and not 0 <= args[0] < 65536:
-        raise section.fail(key, f"bad endpoint {description!r}: port {args[0]} out of range")
 
 
 def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
@@ -331,6 +331,7 @@ def _listener(
         send_408_on_idle=s.boolean("send_408_on_idle", False),
         tcp_keepalive=tcp_keepalive,
         tls=_listener_tls(s, source, name, protocol),
+        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
         extra=s.unused(),
     )
     if protocols is not None:

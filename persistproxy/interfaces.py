@@ -212,7 +212,10 @@ class IProxyContext(Interface):
     reactor = Attribute("The reactor (IReactorCore, IReactorTime, IReactorTCP) to use.")
     clock = Attribute("The same reactor, typed as IReactorTime, for timers.")
     log = Attribute("The event log (structlog): C{log.info(event, **fields)}.")
-    access_log = Attribute("Where access lines go: C{log(record)} (batched, never blocks).")
+    access_log = Attribute(
+        "Where access lines go (batched, never blocks): C{record(fields)} writes one line of"
+        " any protocol (a dict of JSON-encodable fields); HTTP's exchanges use C{log(...)}."
+    )
 
     def upstream(name: str, connector: UpstreamConnector[Any]) -> Upstream[Any]:
         """

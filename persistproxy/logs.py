@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol, TextIO, cast
@@ -678,6 +678,27 @@ class AccessLog:
             f'"event": "access", "level": "info", '
             f'"ts": "{self._second_text}.{int((now - second) * 1000):03d}+00:00"}}'
         )
+        self._add(line)
+
+    def record(self, fields: Mapping[str, Any]) -> None:
+        """
+        Write one access line of a protocol whose lines are not HTTP exchanges (a TCP relay:
+        bytes each way, the close reason): C{fields}, JSON-encodable, then the same C{event},
+        C{level} and C{ts} as every access line.
+        """
+        now = self._clock.seconds()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        line = self._encode(fields)[:-1] if fields else "{"
+        line += (
+            f'{", " if fields else ""}"event": "access", "level": "info", '
+            f'"ts": "{self._second_text}.{int((now - second) * 1000):03d}+00:00"}}'
+        )
+        self._add(line)
+
+    def _add(self, line: str) -> None:
         self._lines.append(line)
         self._size += len(line) + 1
         if self._size >= self._limit:

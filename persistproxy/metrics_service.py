@@ -10,9 +10,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -22,17 +24,27 @@ from persistproxy.metrics import StatsCollector
 __all__ = ["metrics_service"]
 
 
-class _MetricsService(StreamServerEndpointService):
-    def __init__(self, endpoint: Any, site: Site, log: EventLog) -> None:
-        super().__init__(endpoint, site)  # type: ignore[no-untyped-call]
+class _MetricsService(Service):
+    """
+    Listens in C{privilegedStartService} (a low port is bound before twistd drops
+    privileges), and a port that cannot be bound stops start-up with its error, as
+    C{StreamServerEndpointService} with its private C{_raiseSynchronously} would; written with
+    public API only.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, site: Site, log: EventLog) -> None:
+        self._endpoint = endpoint
+        self._site = site
         self._log = log
-        self._raiseSynchronously = True
+        self._listening: Deferred[IListeningPort | None] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+        starting = True
+        failed: list[Failure] = []
 
-        def started(port: Any) -> Any:
-            address = port.getHost()
+        def started(port: IListeningPort) -> IListeningPort:
+            address: Any = port.getHost()
             self._log.info(
                 "metrics.started",
                 host=getattr(address, "host", None),
@@ -41,8 +53,33 @@ class _MetricsService(StreamServerEndpointService):
             )
             return port
 
-        waiting: Any = self._waitingForPort
-        waiting.addCallback(started)
+        def failure(reason: Failure) -> None:
+            if starting:
+                failed.append(reason)
+            elif not reason.check(CancelledError):
+                self._log.error("metrics.listen_failed", reason=reason.getErrorMessage())
+
+        self._listening = self._endpoint.listen(self._site).addCallbacks(started, failure)
+        starting = False
+        if failed:
+            failed[0].raiseException()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return succeed(None)
+        listening.cancel()
+
+        def stop(port: IListeningPort | None) -> Any:
+            return port.stopListening() if port is not None else None
+
+        return listening.addCallback(stop)
 
 
 def metrics_service(

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 
 from persistproxy.config import ListenerConfig, ProxyConfig, UpstreamConfig
+from persistproxy.descriptors import DescriptorBudget, Process
 from persistproxy.interfaces import IProtocolPlugin, ProxyContext
 from persistproxy.listener.admission import ConnectionRegistry
 from persistproxy.listener.limits import ConnectionLimits
@@ -101,10 +102,13 @@ class ProxyService(MultiService):
         log: EventLog,
         upstream_tls: EndpointWrapper | None = None,
         access_log: AccessLog | None = None,
+        process: Process | None = None,
     ) -> None:
         """
         @param upstream_tls: wraps every upstream's endpoints (tests); by default each
             upstream's own TLS settings decide.
+        @param process: the process whose descriptor limit is raised and budgeted at start
+            (L{persistproxy.descriptors.ProcessDescriptors}); without it, no budget.
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
@@ -113,12 +117,15 @@ class ProxyService(MultiService):
         self.config = config
         self.proxy_stats = ProxyStats()
         self._plugins = plugins
+        self._process = process
+        #: Every listener admits, and every pool opens, within it.
+        self.budget = DescriptorBudget(log)
         self._wrap: Callable[[UpstreamConfig], EndpointWrapper | None] = (
             (lambda up: upstream_tls)
             if upstream_tls is not None
             else (lambda up: endpoint_wrapper(reactor, up, log))
         )
-        self._routes = RouterSwitch(Router(reactor, config.upstreams, log, self._wrap))
+        self._routes = RouterSwitch(Router(reactor, config.upstreams, log, self._wrap, self.budget))
         self.connections = ConnectionRegistry()
         self._limits: dict[str, ConnectionLimits] = {}
         self._slots: dict[str, _Slot] = {}
@@ -156,6 +163,7 @@ class ProxyService(MultiService):
             listener.max_idle_per_client,
             self.log,
             self.proxy_stats.listener(listener.name),
+            self.budget,
         )
         slot = _Slot(limits, ConnectionRegistry(self.connections))
         slot.context = replace(self.context, _draining=lambda: self._draining or slot.removed)
@@ -234,7 +242,9 @@ class ProxyService(MultiService):
         switches = []
         binds: list[tuple[ListenerService | None, ListenerService]] = []
         try:
-            router = Router(self.reactor, config.upstreams, self.log, self._wrap, self.router)
+            router = Router(
+                self.reactor, config.upstreams, self.log, self._wrap, self.budget, self.router
+            )
             for listener in config.listeners:
                 service = current.get(listener.name)
                 if service is not None and service.config == listener:
@@ -273,7 +283,7 @@ class ProxyService(MultiService):
             for _, new in binds:
                 new.stop_listening()
             for name in created:
-                self._slots.pop(name, None)
+                self.budget.remove_listener(self._slots.pop(name).limits)
                 self._limits.pop(name, None)
             for name in set(self.proxy_stats.listeners) - stats_before:
                 del self.proxy_stats.listeners[name]
@@ -323,6 +333,7 @@ class ProxyService(MultiService):
         name = service.config.name
         slot = self._slots.pop(name)
         self._limits.pop(name, None)
+        self.budget.remove_listener(slot.limits)
         slot.removed = True
         service.disownServiceParent()  # type: ignore[no-untyped-call]
         registry = slot.registry
@@ -356,6 +367,15 @@ class ProxyService(MultiService):
 
     def draining(self) -> bool:
         return self._draining
+
+    def startService(self) -> None:
+        # The listeners are bound (privilegedStartService) and the reactor has not polled
+        # yet: the descriptors open now are the fixed ones, and no client is accepted before
+        # the budget is set.
+        if self._process is not None:
+            wanted = [lc.max_connections for lc in self.config.listeners]
+            self.budget.start(self._process, None if 0 in wanted else sum(wanted))
+        super().startService()  # type: ignore[no-untyped-call]
 
     # -- drain --------------------------------------------------------------------------------
 
@@ -394,6 +414,9 @@ class ProxyService(MultiService):
         # twistd re-raises the signal that stopped the reactor once it has stopped, so the
         # process would end "killed by SIGTERM". A drain that ran is a clean, requested exit:
         # say so with status 0, as the systemd unit and the drain contract expect.
+        # _exitSignal is private (twistd reads it through _ISupportsExitSignalCapturing):
+        # without it this does nothing and the exit status is the signal's; the start-up
+        # self-check (persistproxy.net.selfcheck, "exit_signal") logs that once.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 

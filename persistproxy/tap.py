@@ -29,6 +29,7 @@ from persistproxy.logs import (
     make_event_log,
     stdout_output,
 )
+from persistproxy.net.selfcheck import self_check
 
 __all__ = ["Options", "makeService", "protocol_plugins"]
 
@@ -55,10 +56,22 @@ class Options(usage.Options):
         ["demo", None, "Run on 127.0.0.1:8080 in front of a built-in demo origin."],
         ["check", None, "Validate the configuration and exit (0 when valid), like nginx -t."],
         ["version", None, "Print the version and exit."],
+        ["list-protocols", None, "Print each installed listener protocol and exit."],
     ]
 
     def opt_version(self) -> None:
         print(f"persistproxy {__version__}")
+        sys.exit(0)
+
+    def opt_list_protocols(self) -> None:
+        """
+        Print each installed protocol plugin (what a listener's C{protocol} may name) with
+        its one-line description, and exit: no configuration is needed.
+        """
+        plugins = protocol_plugins()
+        width = max((len(name) for name in plugins), default=0)
+        for name in sorted(plugins):
+            print(f"{name:<{width}}  {plugins[name].description}")
         sys.exit(0)
 
     def postOptions(self) -> None:
@@ -136,6 +149,8 @@ def makeService(options: Options) -> IService:
     stdout = stdout_output()
     stdout.buffer_size = config.log_buffer_size
     log = make_event_log(stdout, level=config.log_level)
+    # Before anything listens: the fast paths built below consult the probes' results.
+    self_check(log, reactor)
     access_output = stdout
     files: list[LogOutput] = []
     if config.access_log_file:
@@ -150,8 +165,15 @@ def makeService(options: Options) -> IService:
     # SIGUSR1 (logrotate's postrotate) reopens the access log file; installed even without
     # one, so that the signal never kills the process.
     LogReopener(reactor, files, log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    from persistproxy.descriptors import ProcessDescriptors
+
     proxy = ProxyService(
-        reactor, config, options.plugins, log, access_log=AccessLog(reactor, access_output)
+        reactor,
+        config,
+        options.plugins,
+        log,
+        access_log=AccessLog(reactor, access_output),
+        process=ProcessDescriptors(),
     )
     from persistproxy.notify import NotifyService, SystemdNotifier
     from persistproxy.reload import ConfigReloader

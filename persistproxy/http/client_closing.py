@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_governance -*-
+# -*- test-case-name: tests.unit.test_client_closing -*-
 """
 How a client connection ends and what it waits for: the timeout queues of its phases, the
 send timeout, the graceful close (half-close, then a short drain of the client's input, so a

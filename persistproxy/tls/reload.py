@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_reload -*-
 """
 Certificate reload, all or nothing per listener: the certificate contexts of every TLS listener
 a configuration reload keeps are rebuilt from their files; the session contexts (cache, ticket

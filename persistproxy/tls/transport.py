@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_transport -*-
 """
 The TLS hop of a client connection: a protocol for the TCP transport that is itself the
 transport of the wrapped (HTTP) protocol.

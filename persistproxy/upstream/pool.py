@@ -11,7 +11,9 @@ all expired connections: no periodic scan, O(1) per event.
 Nothing caps idle connections below C{pool_size}, so the pool holds as many as recent
 concurrency needed; a small fixed idle cap makes a proxy close and reopen upstream
 connections under load (nginx's default of 32 loses a quarter of its throughput at 50
-concurrent clients on this kind of machine).
+concurrent clients on this kind of machine). Instead, idle connections count against the
+process's descriptor budget (L{persistproxy.descriptors.DescriptorBudget}): when a client or
+another connect needs a descriptor, the oldest idle connection of all pools is closed first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from persistproxy.config import UpstreamConfig
+from persistproxy.descriptors import DescriptorBudget, out_of_descriptors
 from persistproxy.interfaces import C, ConnectionWaiter
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
@@ -49,7 +52,12 @@ class ServerPool(Generic[C]):
         config: UpstreamConfig,
         connector: Connector[C],
         log: EventLog,
+        budget: DescriptorBudget | None = None,
     ) -> None:
+        """
+        @param budget: the process's descriptor budget, which counts this pool's sockets and
+            may ask it to close its oldest idle connection; none if not given.
+        """
         self.address = address
         self.active = 0
         self.connects = 0
@@ -62,6 +70,8 @@ class ServerPool(Generic[C]):
         self._waiters: deque[tuple[ConnectionWaiter[C], Deadline | None]] = deque()
         self._reaper = Deadline(clock, self._reap)
         self._closed = False
+        self._budget = budget if budget is not None else DescriptorBudget()
+        self._budget.add_pool(self)
 
     @property
     def idle(self) -> int:
@@ -101,7 +111,12 @@ class ServerPool(Generic[C]):
         """
         self.active -= 1
         now = self._clock.seconds()
-        if not reusable or (self._closed and not self._waiters) or not connection.usable(now, 0.0):
+        if (
+            not reusable
+            or (self._closed and not self._waiters)
+            or not connection.usable(now, 0.0)
+            or self._budget.pressed()
+        ):
             connection.close()
             self._wake_waiter()
             return
@@ -156,6 +171,22 @@ class ServerPool(Generic[C]):
             connection.in_pool = False
             connection.close()
         self._idle_count = 0
+        # It never holds an idle connection again: nothing for the budget to shed here.
+        self._budget.remove_pool(self)
+
+    # -- what the descriptor budget calls ------------------------------------------------------
+
+    def oldest_idle_since(self) -> float | None:
+        idle = self._idle
+        while idle and not idle[0].in_pool:
+            idle.popleft()  # closed while idle; already uncounted
+        return idle[0].idle_since if idle else None
+
+    def shed_oldest_idle(self) -> None:
+        connection = self._idle.popleft()
+        connection.in_pool = False
+        self._idle_count -= 1
+        connection.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -194,6 +225,7 @@ class ServerPool(Generic[C]):
             oldest.close()
 
     def _on_lost(self, connection: C) -> None:
+        self._budget.upstream_closed()
         # An idle connection that the origin closed stays in the deque, marked CLOSED, and is
         # skipped later: removing it from the middle would be a linear search.
         if connection.in_pool:
@@ -203,6 +235,7 @@ class ServerPool(Generic[C]):
     def _open(self, waiter: ConnectionWaiter[C]) -> None:
         self.active += 1
         self.connects += 1
+        self._budget.upstream_opening()
         d = self._connect()
 
         def connected(connection: C) -> None:
@@ -214,10 +247,23 @@ class ServerPool(Generic[C]):
 
         def failed(failure: Failure) -> None:
             self.active -= 1
+            self._budget.upstream_closed()
             reason = failure.getErrorMessage() or repr(failure.value)
-            self._log.warning("upstream.connect_failed", server=self.address, reason=reason)
+            # Out of descriptors is our state, not the origin's: 503 with Retry-After (the
+            # client may try again once others leave), and an idle connection is given back.
+            exhausted = failure.value is not None and out_of_descriptors(failure.value)
+            self._log.warning(
+                "upstream.connect_failed",
+                server=self.address,
+                reason=reason,
+                out_of_descriptors=exhausted,
+            )
+            if exhausted:
+                self._budget.shed_idle()
             if not waiter.cancelled:
-                waiter.connection_failed(f"cannot connect to {self.address}: {reason}", 502)
+                waiter.connection_failed(
+                    f"cannot connect to {self.address}: {reason}", 503 if exhausted else 502
+                )
             self._wake_waiter()
 
         d.addCallbacks(connected, failed)

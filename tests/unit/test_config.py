@@ -156,3 +156,89 @@ def test_bad_log_outputs(tmp_path: Path) -> None:
     assert "log.buffer_size: must be >= 65536, got 4096" in log("buffer_size = 4096")
     assert "log.buffer: unknown key" in log("buffer = 4096")
     assert "File name too long" in log(f'access_log = "{"x" * 300}/access.log"')
+
+
+# -- endpoint strings: Twisted's public parser, without binding ----------------------------
+
+
+def _bind_error(tmp_path: Path, bind: str) -> str:
+    return _error(tmp_path, GOOD.replace("tcp:8080:interface=127.0.0.1", bind))
+
+
+def test_an_unknown_endpoint_option_is_named_not_a_python_error(tmp_path: Path) -> None:
+    message = _bind_error(tmp_path, "tcp:8080:interfce=127.0.0.1")
+    assert message.endswith(
+        "listener.web.bind: bad endpoint 'tcp:8080:interfce=127.0.0.1': unknown option 'interfce'"
+    )
+    assert "unknown option 'mode'" in _bind_error(tmp_path, "tcp6:8080:mode=1")
+    assert "unknown option 'lockfil'" in _bind_error(tmp_path, "unix:/run/pp.sock:lockfil=0")
+    text = GOOD + '\n[metrics]\nbind = "tcp:9100:foo=1"\n'
+    assert "metrics.bind: bad endpoint 'tcp:9100:foo=1': unknown option 'foo'" in _error(
+        tmp_path, text
+    )
+    # An unescaped colon in a value (IPv6) reads as more arguments: the error says how.
+    message = _bind_error(tmp_path, "tcp6:8080:interface=::1")
+    assert "'interface' is given twice (a colon inside a value is written \\:)" in message
+
+
+def test_an_endpoint_port_must_be_a_number_from_0_to_65535(tmp_path: Path) -> None:
+    for bind in ("tcp:65536", "tcp:eighty", "tcp6:99999", "ssl:70000", "tcp:port=-1"):
+        port = bind.split(":")[1].removeprefix("port=")
+        assert _bind_error(tmp_path, bind).endswith(
+            f"bad endpoint {bind!r}: port {port!r} is not a number from 0 to 65535"
+        ), bind
+    assert "missing port" in _bind_error(tmp_path, "tcp")
+    for bind in ("tcp:0", "tcp:65535:interface=127.0.0.1", "tcp6:8080:interface=\\:\\:1"):
+        _load(tmp_path, GOOD.replace("tcp:8080:interface=127.0.0.1", bind.replace("\\", "\\\\")))
+
+
+def test_other_endpoint_mistakes_are_one_line(tmp_path: Path) -> None:
+    assert _bind_error(tmp_path, "tcp:80:backlog=many").endswith("'many' is not a number")
+    assert _bind_error(tmp_path, "tcp:80:1:2:3").endswith("too many arguments")
+    assert "Unknown endpoint type: 'tpc'" in _bind_error(tmp_path, "tpc:80")
+    missing = tmp_path / "missing.pem"
+    assert "No such file or directory" in _bind_error(tmp_path, f"ssl:443:privateKey={missing}")
+
+
+def test_systemd_endpoints_are_checked_by_hand_without_their_sockets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A systemd: endpoint looks up its inherited socket when it is built, which --check (or a
+    check before the socket unit started) does not have: it is never built at check time.
+    """
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    [parser] = [p for p in getPlugins(IStreamServerEndpointStringParser) if p.prefix == "systemd"]
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a systemd endpoint was built at check time")
+
+    monkeypatch.setattr(type(parser), "parseStreamServer", built)
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
+    for bind in (
+        "systemd:domain=INET:name=web",
+        "systemd:domain=INET6:index=0",
+        "systemd:domain=UNIX:index=1",
+        "systemd:INET:0",
+    ):
+        _load(tmp_path, GOOD.replace("tcp:8080:interface=127.0.0.1", bind))
+    bad = {
+        "systemd:name=web": "missing domain (INET, INET6 or UNIX)",
+        "systemd:domain=inet:name=web": "domain 'inet' is not INET, INET6 or UNIX",
+        "systemd:domain=INET": "give exactly one of index (a number) or name",
+        "systemd:domain=INET:index=0:name=web": "give exactly one of index (a number) or name",
+        "systemd:domain=INET:index=first": "index 'first' is not a number",
+        "systemd:domain=INET:name=web:mode=660": "unknown option 'mode'",
+        "systemd:domain=INET:name=": "name is empty",
+        "systemd:INET:0:web:extra": "too many arguments",
+        "systemd:INET:domain=INET6:name=web": "'domain' is given twice",
+    }
+    for bind, problem in bad.items():
+        message = _bind_error(tmp_path, bind)
+        assert message.startswith(
+            f"{tmp_path / 'p.toml'}: listener.web.bind: bad endpoint {bind!r}: "
+        )
+        assert problem in message, (bind, message)

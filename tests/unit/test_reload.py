@@ -155,6 +155,8 @@ def test_a_new_listener_binds_a_removed_one_drains_and_the_rest_is_untouched() -
     assert summary.listeners_changed == [] and summary.upstreams_changed == []
     assert p.reactor.order == ["listen 8003", "close 8002"]
     assert p.service.listeners[0] is web and web.port is web_port
+    budgeted = p.service.budget._listeners
+    assert [limits.listener for limits in budgeted] == ["web", "new"], "old leaves the budget"
     assert [s.config.name for s in p.service.listeners] == ["web", "new"]
     # The removed listener's idle connection closes at once; the busy one finishes first.
     assert idle_transport.write_closed and not busy_transport.write_closed
@@ -248,6 +250,7 @@ def test_a_port_that_cannot_be_bound_changes_nothing() -> None:
     assert p.service.listeners == listeners and p.service.config is first
     assert p.service.router is router
     assert set(p.service.proxy_stats.listeners) == {"web"}
+    assert [limits.listener for limits in p.service.budget._listeners] == ["web"]
     client, _ = p.accept("web")
     client.dataReceived(GET)
     assert p.origins.connections[-1][0] == 1
@@ -270,6 +273,7 @@ def test_a_moved_upstream_takes_the_next_request_and_the_old_pool_closes_behind(
 
     assert summary.upstreams_changed == ["app"]
     assert second.transport.disconnecting, "the old pool's idle connection closes at once"  # type: ignore[union-attr]
+    assert [pool.address for pool in p.service.budget._pools] == [], "nothing idle to shed"
     # The request in flight finishes on its old connection, which then closes.
     first.dataReceived(OK_RESPONSE)
     assert parse_response(in_flight_transport.value())[0] == 200
