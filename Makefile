@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OLDEST ?= .venv-oldest
-SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
+SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg setup.py pyproject.toml etc/persistproxy.toml
 
 .PHONY: run test test-oldest venv lint typecheck unit e2e bench system-deps clean
 

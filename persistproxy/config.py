@@ -11,6 +11,7 @@ journal needs.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
     keepalive_margin: float = 1.0
+    idle_learn_window: float = 60.0
+    assumed_idle_limit: float = 1.0
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
@@ -105,9 +108,13 @@ class ProxyConfig:
     access_log_file: str = ""
     #: Bytes of lines each log output holds while its destination does not take them.
     log_buffer_size: int = 1024 * 1024
+    #: "auto" (for a person on a terminal, JSON otherwise), "json" or "console".
+    log_format: str = "auto"
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
+    #: The directory relative file names were resolved against: the file's own.
+    base: str = ""
 
 
 class _Section:
@@ -209,7 +216,7 @@ def _check_endpoint(section: _Section, key: str, description: str) -> None:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
 
 
-def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
+def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: upstream[{index}]: expected a table")
     s = _Section(source, f"upstream[{index}]", table)
@@ -226,13 +233,15 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         connect_timeout=s.seconds("connect_timeout", 5.0),
         response_timeout=s.seconds("response_timeout", 60.0),
         keepalive_margin=s.seconds("keepalive_margin", 1.0),
+        idle_learn_window=s.seconds("idle_learn_window", 60.0),
+        assumed_idle_limit=s.seconds("assumed_idle_limit", 1.0),
         max_connections=s.integer("max_connections", 0),
         queue_size=s.integer("queue_size", 1024),
         queue_timeout=s.seconds("queue_timeout", 10.0),
         max_header_count=s.integer("max_header_count", 100, 1),
         tls=s.boolean("tls", False),
         tls_verify=s.boolean("tls_verify", True),
-        tls_ca=_tls_ca(s),
+        tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
     )
     s.reject_unknown()
@@ -247,14 +256,15 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
     return result
 
 
-def _tls_ca(s: _Section) -> str:
+def _tls_ca(s: _Section, base: Path) -> str:
     """
-    The upstream CA file, checked now so that C{--check} catches it; made absolute.
+    The upstream CA file, checked now so that C{--check} catches it; made absolute (a
+    relative name is relative to C{base}, the configuration file's directory).
     """
     path = s.string("tls_ca", "")
     if not path:
         return ""
-    full = str(Path(path).absolute())
+    full = str(base / path)
     try:
         load_trust_root(full)
     except OSError as e:
@@ -267,16 +277,18 @@ def _tls_ca(s: _Section) -> str:
 _PluginValidator = Callable[[ListenerConfig], None]
 
 
-def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping[str, Any] | None:
+def _listener_tls(
+    s: _Section, source: str, name: str, protocol: str, base: Path
+) -> Mapping[str, Any] | None:
     """
     Check C{[listener.tls]} now, certificate files included (see L{persistproxy.tls.server}).
     """
     table = s.table("tls")
     if table is None:
         return None
-    # Relative file names are relative to the directory twistd starts in, as tls_ca's are.
+    # Relative file names are relative to the configuration file's directory, as tls_ca's.
     ts = _Section(source, f"listener.{name}.tls", table)
-    return parse_listener_tls(table, ts.fail, Path.cwd(), protocol)
+    return parse_listener_tls(table, ts.fail, base, protocol)
 
 
 def _listener(
@@ -285,6 +297,7 @@ def _listener(
     table: Any,
     upstreams: Mapping[str, UpstreamConfig],
     protocols: Mapping[str, _PluginValidator] | None,
+    base: Path,
 ) -> ListenerConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: listener[{index}]: expected a table")
@@ -330,7 +343,7 @@ def _listener(
         max_idle_per_client=s.integer("max_idle_per_client", 0),
         send_408_on_idle=s.boolean("send_408_on_idle", False),
         tcp_keepalive=tcp_keepalive,
-        tls=_listener_tls(s, source, name, protocol),
+        tls=_listener_tls(s, source, name, protocol, base),
         tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
         extra=s.unused(),
     )
@@ -347,18 +360,18 @@ def _listener(
     return listener
 
 
-def _access_log_file(s: _Section) -> str:
+def _access_log_file(s: _Section, base: Path) -> str:
     """
-    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to where twistd
-    starts, as C{tls_ca}), whose directory must exist so that C{--check} catches a typo; the
-    file itself is opened (created) at start.
+    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to the
+    configuration file's directory, as C{tls_ca}), whose directory must exist so that
+    C{--check} catches a typo; the file itself is opened (created) at start.
     """
     value = s.string("access_log", "stdout")
     if value == "stdout":
         return ""
     if not value:
         raise s.fail("access_log", 'expected "stdout" or a file name, got ""')
-    path = Path(value).absolute()
+    path = base / value
     try:
         if path.is_dir():
             raise s.fail("access_log", f"{path} is a directory")
@@ -376,6 +389,7 @@ def parse_config(
     document: Mapping[str, Any],
     source: str = "<built-in>",
     protocols: Mapping[str, _PluginValidator] | None = None,
+    base: str | Path | None = None,
 ) -> ProxyConfig:
     """
     Validate a decoded TOML document.
@@ -383,7 +397,12 @@ def parse_config(
     @param protocols: the validator of each known listener protocol, by name. A validator
         raises L{ConfigError} with C{"key: problem"} for a key of its own it dislikes and
         rejects keys it does not know. With L{None}, only the built-in keys are accepted.
+    @param base: the directory relative file names (certificates, C{tls_ca}, C{[log]
+        access_log}) are relative to: the file's own (L{load_config}); the working
+        directory if not given. Names are made absolute, without resolving links.
     """
+    # Lexically normalised (".." folded), not resolved: a link in the path stays a link.
+    root = Path(os.path.normpath(Path(base if base is not None else ".").absolute()))
     top = _Section(source, "", document)
     for key in document:
         if key not in _TOP_KEYS:
@@ -391,7 +410,7 @@ def parse_config(
     raw_upstreams = top._get("upstream", (list,), "an array of tables [[upstream]]", [])
     upstreams: dict[str, UpstreamConfig] = {}
     for i, table in enumerate(raw_upstreams):
-        up = _upstream(source, i, table)
+        up = _upstream(source, i, table, root)
         if up.name in upstreams:
             raise ConfigError(f"{source}: upstream[{i}].name: duplicate name {up.name!r}")
         upstreams[up.name] = up
@@ -400,7 +419,7 @@ def parse_config(
         raise top.fail("listener", "at least one [[listener]] is required")
     listeners: list[ListenerConfig] = []
     for i, table in enumerate(raw_listeners):
-        lc = _listener(source, i, table, upstreams, protocols)
+        lc = _listener(source, i, table, upstreams, protocols, root)
         if any(other.name == lc.name for other in listeners):
             raise ConfigError(f"{source}: listener[{i}].name: duplicate name {lc.name!r}")
         listeners.append(lc)
@@ -408,8 +427,11 @@ def parse_config(
     log_level = log.string("level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
-    access_log_file = _access_log_file(log)
+    access_log_file = _access_log_file(log, root)
     log_buffer_size = log.integer("buffer_size", 1024 * 1024, 65536)
+    log_format = log.string("format", "auto")
+    if log_format not in ("auto", "json", "console"):
+        raise log.fail("format", f"expected auto, json or console, got {log_format!r}")
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
     metrics_bind = metrics.string("bind", "")
@@ -422,9 +444,11 @@ def parse_config(
         log_level=log_level,
         access_log_file=access_log_file,
         log_buffer_size=log_buffer_size,
+        log_format=log_format,
         metrics_bind=metrics_bind,
         drain_timeout=top.seconds("drain_timeout", 30.0),
         source=source,
+        base=str(root),
     )
 
 
@@ -432,7 +456,8 @@ def load_config(
     path: str | Path, protocols: Mapping[str, _PluginValidator] | None = None
 ) -> ProxyConfig:
     """
-    Read and validate a TOML file; every failure is a one-line L{ConfigError}.
+    Read and validate a TOML file; every failure is a one-line L{ConfigError}. Relative
+    file names in it are relative to its directory, wherever twistd is started.
     """
     source = str(path)
     try:
@@ -442,4 +467,4 @@ def load_config(
         raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    return parse_config(document, source, protocols)
+    return parse_config(document, source, protocols, Path(path).absolute().parent)

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.unit.test_logs -*-
 """
 Structured logs: one JSON object per line on standard output, for the proxy's own events
-and for Twisted's.
+and for Twisted's; on a terminal, the same events rendered for a human (structlog's console
+renderer), as C{[log] format = "auto"} decides.
 
 The proxy's events go through structlog, built here and passed down to the objects that log
 (no logger is configured at import time, and no global logging state is changed). Twisted's
@@ -50,6 +51,7 @@ __all__ = [
     "LogOutput",
     "LogReopener",
     "make_event_log",
+    "route_twisted_events",
     "stdout_output",
     "twisted_observer",
 ]
@@ -550,18 +552,31 @@ class TextSink(Protocol):
     def flush(self) -> Any: ...
 
 
-def make_event_log(stream: TextSink | None = None, level: str = "info") -> EventLog:
+def console_renderer(colors: bool = True) -> structlog.dev.ConsoleRenderer:
     """
-    A logger writing JSON lines to C{stream} (L{stdout_output} by default).
+    How an event reads on a terminal: time, level, event name, then the fields as key=value.
+    """
+    return structlog.dev.ConsoleRenderer(colors=colors, timestamp_key="ts")
+
+
+def make_event_log(
+    stream: TextSink | None = None, level: str = "info", console: bool = False, colors: bool = True
+) -> EventLog:
+    """
+    A logger writing JSON lines to C{stream} (L{stdout_output} by default), or lines for a
+    human with C{console} (a terminal), in colour with C{colors}.
 
     Filtered-out levels cost one method call, so debug events may stay in hot paths.
     """
+    renderer: Any = (
+        console_renderer(colors) if console else structlog.processors.JSONRenderer(default=str)
+    )
     logger: EventLog = structlog.wrap_logger(
         structlog.WriteLogger(cast(TextIO, stream or stdout_output())),
         processors=[
             structlog.processors.add_log_level,
             _timestamp,
-            structlog.processors.JSONRenderer(default=str),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         cache_logger_on_first_use=True,
@@ -578,21 +593,66 @@ _TWISTED_LEVELS = {
 }
 
 
-def twisted_observer(stream: TextSink | None = None) -> Callable[[dict[str, Any]], None]:
-    """
-    A twistd log observer that renders Twisted's events in the proxy's JSON line format.
+#: Numeric rank of every level name, Twisted's "critical" included (never filtered out).
+_RANKS = {**_LEVELS, "critical": logging.CRITICAL}
 
-    It writes to L{stdout_output}, like the event log: twistd also sends what is printed to
-    C{sys.stdout} and C{sys.stderr} here once logging has begun, so nothing written that way
-    can block either.
+
+class _TwistedRoute:
     """
-    out = stream or stdout_output()
+    Where L{twisted_observer} sends Twisted's events when twistd calls it without
+    arguments (it is named by twistd's C{--logger} option, a dotted name, so it cannot be
+    given arguments): set by the twistd plugin with L{route_twisted_events} once the
+    configuration is loaded, before twistd begins logging.
+    """
+
+    output: TextSink | None = None
+    level = "info"
+    console = False
+    colors = True
+
+
+def route_twisted_events(
+    output: TextSink, level: str, console: bool = False, colors: bool = True
+) -> None:
+    """
+    Send Twisted's events to C{output}, at C{level} and above (C{[log] level} applies to
+    them as to ours), as JSON lines or, with C{console}, as lines for a human.
+    """
+    _TwistedRoute.output = output
+    _TwistedRoute.level = level
+    _TwistedRoute.console = console
+    _TwistedRoute.colors = colors
+
+
+def twisted_observer(
+    stream: TextSink | None = None, level: str | None = None, console: bool | None = None
+) -> Callable[[dict[str, Any]], None]:
+    """
+    A twistd log observer that renders Twisted's events in the proxy's line format (JSON,
+    or the console's on a terminal), dropping those below the configured level.
+
+    It writes to L{stdout_output}, like the event log, unless L{route_twisted_events} or
+    C{stream} says otherwise: twistd also sends what is printed to C{sys.stdout} and
+    C{sys.stderr} here once logging has begun, so nothing written that way can block either.
+    """
+    out = stream or _TwistedRoute.output or stdout_output()
+    floor = _RANKS[level or _TwistedRoute.level]
+    if console is None:
+        console = _TwistedRoute.console
+    render: Callable[[dict[str, Any]], str] = (
+        _console_line(console_renderer(_TwistedRoute.colors))
+        if console
+        else (lambda record: json.dumps(record, default=str))
+    )
 
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
+        level_name = _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), "info")
+        if _RANKS[level_name] < floor:
+            return
         record: dict[str, Any] = {
             "event": formatEvent(event),
-            "level": _TWISTED_LEVELS.get(event.get("log_level", LogLevel.info), "info"),
+            "level": level_name,
             "ts": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(
                 timespec="milliseconds"
             ),
@@ -601,10 +661,17 @@ def twisted_observer(stream: TextSink | None = None) -> Callable[[dict[str, Any]
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        out.write(json.dumps(record, default=str) + "\n")
+        out.write(render(record) + "\n")
         out.flush()
 
     return observe  # type: ignore[no-any-return]
+
+
+def _console_line(renderer: structlog.dev.ConsoleRenderer) -> Callable[[dict[str, Any]], str]:
+    def render(record: dict[str, Any]) -> str:
+        return str(renderer(None, record.get("level", "info"), dict(record)))
+
+    return render
 
 
 class AccessLog:
@@ -626,8 +693,17 @@ class AccessLog:
         stream: TextSink | None = None,
         flush_interval: float = 0.5,
         buffer_size: int = 64 * 1024,
+        console: bool = False,
+        colors: bool = True,
     ) -> None:
+        """
+        @param console: render lines for a human (a terminal) instead of JSON: slower, and
+            only ever chosen for a terminal.
+        """
         self._clock = clock
+        self._console: Callable[[dict[str, Any]], str] | None = (
+            _console_line(console_renderer(colors)) if console else None
+        )
         self._stream = stream or stdout_output()
         self._interval = flush_interval
         self._limit = buffer_size
@@ -659,6 +735,12 @@ class AccessLog:
         fields, such as the TLS facts of the connection, are appended with the encoder.
         """
         now = self._clock.seconds()
+        if self._console is not None:
+            self._console_line(
+                now, listener, client, method, path, version, status, nbytes, duration_ms,
+                upstream, upstream_reused, retries, extra,
+            )  # fmt: skip
+            return
         second = int(now)
         if second != self._second:
             self._second = second
@@ -687,6 +769,15 @@ class AccessLog:
         C{level} and C{ts} as every access line.
         """
         now = self._clock.seconds()
+        if self._console is not None:
+            record = {
+                "event": "access",
+                "level": "info",
+                "ts": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+                **fields,
+            }
+            self._add(self._console(record))
+            return
         second = int(now)
         if second != self._second:
             self._second = second
@@ -705,6 +796,27 @@ class AccessLog:
             self.flush()
         elif self._call is None:
             self._call = self._clock.callLater(self._interval, self._timed_flush)
+
+    def _console_line(self, now: float, *fields: Any) -> None:
+        (listener, client, method, path, version, status, nbytes, duration_ms) = fields[:8]
+        upstream, upstream_reused, retries, extra = fields[8:]
+        record: dict[str, Any] = {
+            "event": "access",
+            "level": "info",
+            "ts": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "listener": listener,
+            "client": client,
+            "request": f"{method} {path} HTTP/{version}",
+            "status": status,
+            "bytes": nbytes,
+            "duration_ms": round(duration_ms, 3),
+            "upstream": upstream,
+            "upstream_reused": upstream_reused,
+            "retries": retries,
+            **(extra or {}),
+        }
+        assert self._console is not None
+        self._add(self._console(record))
 
     def _timed_flush(self) -> None:
         self._call = None

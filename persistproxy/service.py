@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 
 from persistproxy.config import ListenerConfig, ProxyConfig, UpstreamConfig
@@ -25,7 +25,7 @@ from persistproxy.listener.admission import ConnectionRegistry
 from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.listener.service import ListenerService
 from persistproxy.logs import AccessLog, EventLog
-from persistproxy.metrics import ProxyStats
+from persistproxy.metrics import PoolState, ProxyStats
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS, TLSLoadError
 from persistproxy.tls.upstream import endpoint_wrapper
 from persistproxy.upstream.group import EndpointWrapper, Router, RouterSwitch
@@ -39,6 +39,7 @@ _RESTART_ONLY = {
     "log_level": "log.level",
     "access_log_file": "log.access_log",
     "log_buffer_size": "log.buffer_size",
+    "log_format": "log.format",
     "metrics_bind": "metrics.bind",
 }
 
@@ -132,6 +133,8 @@ class ProxyService(MultiService):
         #: Listeners a reload removed, still draining, with the timer that cuts them.
         self._retiring: dict[_Slot, IDelayedCall] = {}
         self._draining = False
+        #: Waiting for the drain to finish (L{when_drained}); None once it has.
+        self._drain_waiters: list[Deferred[None]] | None = []
         #: What every plugin is lent (see L{persistproxy.interfaces.IProxyContext}); each
         #: listener gets a copy whose C{draining()} is also true once a reload removed it.
         self.context = ProxyContext(
@@ -368,6 +371,28 @@ class ProxyService(MultiService):
     def draining(self) -> bool:
         return self._draining
 
+    def ready(self) -> bool:
+        """
+        Whether new clients are served: every listener is bound and no drain has begun
+        (C{/readyz}; a load balancer stops sending clients when it turns false).
+        """
+        return (
+            bool(self.running)
+            and not self._draining
+            and all(listener.port is not None for listener in self.listeners)
+        )
+
+    def when_drained(self) -> Deferred[None]:
+        """
+        Fires once a drain has finished (at once if one has), so that what watches the drain
+        (the metrics listener) stays up until then.
+        """
+        if self._drain_waiters is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
+
     def startService(self) -> None:
         # The listeners are bound (privilegedStartService) and the reactor has not polled
         # yet: the descriptors open now are the fixed ones, and no client is accepted before
@@ -382,12 +407,35 @@ class ProxyService(MultiService):
     def open_connections(self) -> int:
         return len(self.connections)
 
-    def pool_gauges(self) -> list[tuple[str, str, int, int, int, int]]:
-        return [
-            (group.config.name, pool.address, pool.active, pool.idle, pool.waiting, pool.connects)
+    def pool_gauges(self, with_ages: bool = False) -> list[PoolState]:
+        """
+        Every pool's state, and a zero state for each configured server no protocol has a
+        pool for (yet): every server's series exists from the first scrape.
+
+        @param with_ages: also walk the idle stacks for each connection's idle age (the
+            status page).
+        """
+        states = [
+            PoolState(
+                group.config.name,
+                pool.address,
+                pool.active,
+                pool.idle,
+                pool.waiting,
+                pool.connects,
+                pool.connect_failures,
+                tuple(pool.idle_ages()) if with_ages else (),
+                pool.learned_idle,
+            )
             for group in self.router.groups
             for pool in group.pools
         ]
+        seen = {(state.upstream, state.server) for state in states}
+        for name, servers in self.router.servers.items():
+            for server in servers:
+                if (name, server.address) not in seen:
+                    states.append(PoolState(name, server.address))
+        return states
 
     async def _drain(self) -> None:
         self._draining = True
@@ -411,6 +459,9 @@ class ProxyService(MultiService):
         self.router.close()
         self.access_log.flush()
         self.log.info("drain.finished", open_connections=self.open_connections())
+        waiters, self._drain_waiters = self._drain_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(None)
         # twistd re-raises the signal that stopped the reactor once it has stopped, so the
         # process would end "killed by SIGTERM". A drain that ran is a clean, requested exit:
         # say so with status 0, as the systemd unit and the drain contract expect.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real clients and servers the end-to-end tests drive (curl, openssl, slowhttptest,
-# testssl.sh, wrk; systemd's systemd-analyze and systemd-socket-activate, util-linux's setpriv
-# and libseccomp for the unit's hardening) from Debian's packages when any is missing. Does
-# nothing when all are present.
+# testssl.sh, ss, headless Chromium, wrk; systemd's systemd-analyze and systemd-socket-activate,
+# util-linux's setpriv and libseccomp for the unit's hardening) from Debian's packages when any
+# is missing. Does nothing when all are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
@@ -10,6 +10,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v slowhttptest >/dev/null || need+=(slowhttptest)
 command -v testssl >/dev/null || need+=(testssl.sh)
 command -v ss >/dev/null || need+=(iproute2)
+command -v chromium >/dev/null || need+=(chromium)   # the /status page, opened headless
 command -v wrk >/dev/null || need+=(wrk)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)

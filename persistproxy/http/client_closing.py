@@ -60,7 +60,12 @@ class ClientClosing(RequestBodyReader):
     def _end_current(self, by: str) -> bool:
         raise NotImplementedError
 
-    def _answer_last(self, status: int, detail: str, target: bytes) -> None:
+    def _answer_last(
+        self, status: int, detail: str, method: bytes, target: bytes, version: str
+    ) -> None:
+        raise NotImplementedError
+
+    def _request_line(self) -> tuple[bytes, bytes, str]:
         raise NotImplementedError
 
     def reap_idle(self) -> None:
@@ -189,6 +194,8 @@ class ClientClosing(RequestBodyReader):
                 client=self._peer_str,
                 phase=phase,
             )
+            # Its access line says what was read of it (the request line, if complete).
+            line = self._request_line()
             if self._end_current("timeout"):
                 return
-            self._answer_last(408, f"no complete request {phase} in time", self._url or b"-")
+            self._answer_last(408, f"no complete request {phase} in time", *line)

@@ -9,7 +9,6 @@ without one of its listeners.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application.service import Service
@@ -24,12 +23,13 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 from persistproxy.config import ListenerConfig
+from persistproxy.errors import StartupError
 from persistproxy.interfaces import IProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
-from persistproxy.net.sockopts import configure_listening_socket
+from persistproxy.net.sockopts import configure_listening_socket, with_default_backlog
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS
 from persistproxy.tls.transport import TLSListenerFactory
 
@@ -166,7 +166,7 @@ class ListenerService(Service):
         if self.port is not None:
             return None
         try:
-            endpoint = serverFromString(self._reactor, self.config.bind)
+            endpoint = serverFromString(self._reactor, with_default_backlog(self.config.bind))
             d = endpoint.listen(self._current)
             result: list[Any] = []
             d.addBoth(result.append)
@@ -176,11 +176,14 @@ class ListenerService(Service):
             if not IListeningPort.providedBy(outcome):
                 outcome.raiseException()
         except Exception as e:
-            # A port in use or a socket systemd did not pass: one line, not a traceback.
+            # A port in use or a socket systemd did not pass: one line naming the key (the
+            # twistd plugin adds the file), not a traceback.
             reason = str(e) or type(e).__name__
             if isinstance(e, KeyError):
                 reason = f"no inherited socket named {reason}"
-            return f"listener {self.config.name}: cannot listen on {self.config.bind!r}: {reason}"
+            return (
+                f"listener.{self.config.name}.bind: cannot listen on {self.config.bind!r}: {reason}"
+            )
         self.port = outcome
         # Inherited by every accepted socket: no per-connection setsockopt.
         self._keepalive = self.config.tcp_keepalive
@@ -201,9 +204,8 @@ class ListenerService(Service):
         super().privilegedStartService()  # type: ignore[no-untyped-call]
         failure = self.listen()
         if failure is not None:
-            # No half-started proxy.
-            print(f"persistproxy: {failure}", file=sys.stderr)
-            sys.exit(1)
+            # No half-started proxy: the twistd plugin prints it on stderr and exits.
+            raise StartupError(failure)
 
     def stop_listening(self) -> Deferred[None]:
         """

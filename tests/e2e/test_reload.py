@@ -189,7 +189,7 @@ def test_a_port_in_use_keeps_the_old_configuration(
         extra = {"name": "extra", "bind": f"tcp:{port}:interface=127.0.0.1"}
         rewrite(proxy.config_path, config_text([b.port], extra_listener=extra))
         failed = reload(proxy, "config.reload_failed")
-        assert f"listener extra: cannot listen on 'tcp:{port}:interface=127.0.0.1'" in (
+        assert f"listener.extra.bind: cannot listen on 'tcp:{port}:interface=127.0.0.1'" in (
             failed["error"])
         assert get(proxy.port).status == 200
         assert requests_seen(a) == 1 and requests_seen(b) == 0

@@ -55,6 +55,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert up.servers == (("127.0.0.1", 8081), ("::1", 8082))
     assert (up.pool_size, up.idle_timeout, up.max_requests) == (256, 60, 1000)
     assert (up.connect_timeout, up.response_timeout) == (5, 60)
+    assert (up.keepalive_margin, up.idle_learn_window, up.assumed_idle_limit) == (1, 60, 1)
 
 
 def test_every_documented_key_in_the_sample_file_is_accepted() -> None:
@@ -80,6 +81,16 @@ def test_wrong_type(tmp_path: Path) -> None:
     assert "listener.web.max_requests: expected an integer" in _error(tmp_path, text)
     text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nheader_timeout = -1\n', 1)
     assert "listener.web.header_timeout: must be >= 0" in _error(tmp_path, text)
+
+
+def test_idle_limit_keys_are_validated(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD + "idle_learn_window = -1\n")
+    assert "upstream.app.idle_learn_window: must be >= 0, got -1" in message
+    message = _error(tmp_path, GOOD + 'assumed_idle_limit = "1s"\n')
+    assert "upstream.app.assumed_idle_limit: expected a number of seconds" in message
+    config = _load(tmp_path, GOOD + "idle_learn_window = 0\nassumed_idle_limit = 2.5\n")
+    up = config.upstreams["app"]  # type: ignore[attr-defined]
+    assert (up.idle_learn_window, up.assumed_idle_limit) == (0, 2.5)
 
 
 def test_undefined_upstream_and_bad_servers(tmp_path: Path) -> None:
@@ -135,9 +146,11 @@ def test_log_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.access_log_file, config.log_buffer_size) == ("", 1048576)
     config = _load(tmp_path, '[log]\naccess_log = "stdout"\nbuffer_size = 65536\n' + GOOD)
     assert (config.access_log_file, config.log_buffer_size) == ("", 65536)
-    # A relative file is relative to where twistd starts (made absolute before any chdir).
+    # A relative file is relative to the configuration file's directory, wherever twistd
+    # starts (made absolute before any chdir).
     (tmp_path / "logs").mkdir()
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     config = _load(tmp_path, '[log]\naccess_log = "logs/access.log"\n' + GOOD)
     assert config.access_log_file == str(tmp_path / "logs" / "access.log")
 

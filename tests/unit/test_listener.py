@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 
 from persistproxy.config import ListenerConfig
+from persistproxy.errors import StartupError
 from persistproxy.http.plugin import HTTPProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
@@ -101,21 +102,23 @@ class _Busy(MemoryReactorClock):
         (MemoryReactorClock(), "systemd:domain=INET:name=web", "no inherited socket named"),
     ],
 )
-def test_a_bind_failure_is_one_line_and_exit_status_1(
+def test_a_bind_failure_is_one_line_naming_the_key(
     reactor: MemoryReactorClock,
     bind: str,
     reason: str,
-    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """
+    The line the twistd plugin prints on stderr, after the file's name, before exiting 1
+    (tests/unit/test_tap.py, tests/e2e/test_operations.py).
+    """
     monkeypatch.delenv("LISTEN_FDS", raising=False)
     monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
     listener = _Listener(reactor, bind=bind)
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(StartupError) as error:
         listener.service.privilegedStartService()
-    assert exit_.value.code == 1
-    [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"persistproxy: listener web: cannot listen on {bind!r}: "), line
+    [line] = str(error.value).splitlines()
+    assert line.startswith(f"listener.web.bind: cannot listen on {bind!r}: "), line
     assert reason in line, line
     assert not [e for e in listener.events() if e["event"] == "listener.started"]
 
