@@ -235,7 +235,7 @@ def test_a_port_that_cannot_be_bound_changes_nothing() -> None:
     listeners, router = list(p.service.listeners), p.service.router
     p.reactor.order.clear()
     p.reactor.refuse.add(8006)
-    with pytest.raises(ReloadError, match="listener.b.bind: cannot listen on 'tcp:8006'"):
+    with pytest.raises(ReloadError, match=r"listener\.b\.bind: cannot listen on 'tcp:8006'"):
         p.service.reload(
             config(
                 [
