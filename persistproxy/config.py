@@ -58,6 +58,10 @@ class UpstreamConfig:
     tls_verify: bool = True
     tls_ca: str = ""
     tls_server_name: str = ""
+    #: Passive health (nginx's meaning): this many failed connects within fail_timeout
+    #: seconds take a server out of the rotation for fail_timeout seconds; 0 = never.
+    max_fails: int = 1
+    fail_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,8 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         tls_verify=s.boolean("tls_verify", True),
         tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
+        max_fails=s.integer("max_fails", 1),
+        fail_timeout=s.seconds("fail_timeout", 10.0),
     )
     s.reject_unknown()
     if result.idle_timeout <= 0:

@@ -11,7 +11,7 @@ L{persistproxy.interfaces.UpstreamConnector} the plugin passes to C{context.upst
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Generic
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -23,6 +23,7 @@ from persistproxy.config import UpstreamConfig
 from persistproxy.descriptors import DescriptorBudget
 from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
+from persistproxy.upstream.health import PassiveHealth
 from persistproxy.upstream.pool import Connector, ServerPool
 
 __all__ = [
@@ -57,14 +58,24 @@ class Server:
     One server of an upstream group, shared by every protocol that dials it.
     """
 
-    __slots__ = ("address", "endpoint", "host", "port")
+    __slots__ = ("address", "endpoint", "health", "host", "port")
 
-    def __init__(self, host: str, port: int, endpoint: IStreamClientEndpoint) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        endpoint: IStreamClientEndpoint,
+        max_fails: int = 1,
+        fail_timeout: float = 10.0,
+        log: EventLog | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         #: TCP, or TLS over TCP when the upstream says C{tls = true}.
         self.endpoint = endpoint
+        #: Passive health, reported to by the server's pools of every protocol.
+        self.health = PassiveHealth(self.address, max_fails, fail_timeout, log)
 
     def __repr__(self) -> str:
         return f"<Server {self.address}>"
@@ -111,18 +122,48 @@ class UpstreamGroup(Generic[C]):
         """
         self.config = config
         self.servers = servers
+        self._clock = clock
         self.pools: list[ServerPool[C]] = [
-            ServerPool(clock, server.address, config, connect(server), log, budget)
+            ServerPool(
+                clock, server.address, config, connect(server), log, budget, server.health
+            )
             for server in servers
         ]
         self._next = 0
 
-    def pick(self) -> ServerPool[C]:
-        """The pool of the next server, round-robin."""
+    def pick(
+        self, client: str | None = None, avoid: Collection[object] = ()
+    ) -> ServerPool[C]:
+        """
+        The pool of the next server, round-robin, skipping servers that are down (passive
+        health) and the pools in C{avoid} (those a request already failed to connect to).
+        When every server is down, they are tried anyway in turn, as nginx does: refusing
+        outright would make a group whose only server restarted wait out C{fail_timeout}.
+
+        @param client: the client's address, for balancing methods that use it.
+        """
         pools = self.pools
-        pool = pools[self._next % len(pools)]
-        self._next += 1
-        return pool
+        servers = self.servers
+        count = len(pools)
+        now = self._clock.seconds()
+        start = self._next
+        fallback: ServerPool[C] | None = None
+        for step in range(count):
+            index = (start + step) % count
+            pool = pools[index]
+            if pool in avoid:
+                continue
+            if servers[index].health.available(now):
+                self._next = index + 1
+                return pool
+            if fallback is None:
+                fallback = pool
+                self._next = index + 1
+        if fallback is None:
+            # Every pool was avoided: go round as if nothing had been.
+            fallback = pools[start % count]
+            self._next = start + 1
+        return fallback
 
     def close(self) -> None:
         for pool in self.pools:
@@ -176,7 +217,9 @@ class Router:
                 endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
                 if wrapper is not None:
                     endpoint = wrapper(endpoint, host)
-                servers.append(Server(host, port, endpoint))
+                servers.append(
+                    Server(host, port, endpoint, config.max_fails, config.fail_timeout, log)
+                )
             self.servers[name] = servers
         if previous is not None:
             for key, group in previous._groups.items():
@@ -294,5 +337,7 @@ class LiveUpstream(Generic[C]):
     def pools(self) -> list[ServerPool[C]]:
         return self._current().pools
 
-    def pick(self) -> ServerPool[C]:
-        return self._current().pick()
+    def pick(
+        self, client: str | None = None, avoid: Collection[object] = ()
+    ) -> ServerPool[C]:
+        return self._current().pick(client, avoid)

@@ -477,8 +477,9 @@ class ManagedProc:
 class Origin(ManagedProc):
     name = "origin"
 
-    def __init__(self, idle_close: float | None = None, host: str = "127.0.0.1") -> None:
-        argv = [sys.executable, str(ORIGIN_PY), "--host", host]
+    def __init__(self, idle_close: float | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        argv = [sys.executable, str(ORIGIN_PY), "--host", host, "--port", str(port)]
         if idle_close is not None:
             argv += ["--idle-close", str(idle_close)]
         super().__init__(argv, merge_stderr=False)

@@ -1,0 +1,235 @@
+"""
+Passive health (upstream/health.py) and what it steers: nginx's C{max_fails} /
+C{fail_timeout} on one server's state, the group's C{pick()} skipping a server that is down
+(and trying them all when all are), the pool reporting its connects, and an HTTP request
+whose connect failed going to the next server.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from fakes import OK_RESPONSE, Harness, parse_response
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+
+from persistproxy.config import UpstreamConfig
+from persistproxy.logs import make_event_log
+from persistproxy.policy import RetryPolicy
+from persistproxy.upstream.group import Server, UpstreamGroup
+from persistproxy.upstream.health import PassiveHealth
+from persistproxy.upstream.pool import ServerPool
+
+GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
+TWO = {"servers": (("127.0.0.1", 8081), ("127.0.0.1", 8082))}
+
+
+# -- the state of one server ------------------------------------------------------------------
+
+
+def test_one_failure_takes_a_server_down_for_fail_timeout() -> None:
+    health = PassiveHealth("s:1", max_fails=1, fail_timeout=10)
+    assert health.available(0)
+    health.failed(100)
+    assert not health.available(100)
+    assert not health.available(109.9)
+    assert health.available(110)
+
+
+def test_after_the_down_time_one_more_failure_takes_it_down_again() -> None:
+    health = PassiveHealth("s:1", max_fails=3, fail_timeout=10)
+    for t in (0, 1, 2):
+        health.failed(t)
+    assert not health.available(11)
+    assert health.available(12)
+    health.failed(30)  # long after the window, but no connect succeeded since
+    assert not health.available(30)
+    health.succeeded()
+    assert health.available(30)
+    health.failed(31)
+    assert health.available(31), "a success forgot the failures: one of three again"
+
+
+def test_failures_older_than_the_window_do_not_count() -> None:
+    health = PassiveHealth("s:1", max_fails=2, fail_timeout=10)
+    health.failed(0)
+    health.failed(11)
+    assert health.available(11)
+    health.failed(12)
+    assert not health.available(12)
+
+
+def test_max_fails_zero_never_takes_a_server_down() -> None:
+    health = PassiveHealth("s:1", max_fails=0, fail_timeout=10)
+    for t in range(10):
+        health.failed(t)
+    assert health.available(10)
+
+
+def test_down_and_up_are_logged() -> None:
+    stream = io.StringIO()
+    health = PassiveHealth("s:1", 1, 10, make_event_log(stream))
+    health.failed(0)
+    health.failed(0)
+    health.succeeded()
+    health.succeeded()
+    events = [line for line in stream.getvalue().splitlines()]
+    assert len(events) == 2
+    assert "upstream.server_down" in events[0] and "upstream.server_up" in events[1]
+
+
+# -- the group's pick and the pool's reports --------------------------------------------------
+
+
+def _group(clock: Clock, count: int = 3, **kw: Any) -> UpstreamGroup[Any]:
+    config = UpstreamConfig(
+        name="app", servers=tuple(("127.0.0.1", p) for p in range(1, count + 1)), **kw
+    )
+    servers = [
+        Server(h, p, None, config.max_fails, config.fail_timeout)  # type: ignore[arg-type]
+        for h, p in config.servers
+    ]
+    return UpstreamGroup(
+        clock,
+        config,
+        servers,
+        make_event_log(io.StringIO()),
+        lambda server: lambda: fail(ConnectionRefusedError()),
+    )
+
+
+def test_pick_skips_a_server_that_is_down_until_fail_timeout() -> None:
+    clock = Clock()
+    group = _group(clock)
+    group.servers[1].health.failed(clock.seconds())
+    picked = [group.pick().address for _ in range(4)]
+    assert picked == ["127.0.0.1:1", "127.0.0.1:3"] * 2
+    clock.advance(10)
+    picked = [group.pick().address for _ in range(3)]
+    assert picked == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+
+
+def test_pick_tries_every_server_in_turn_when_all_are_down() -> None:
+    clock = Clock()
+    group = _group(clock)
+    for server in group.servers:
+        server.health.failed(0)
+    picked = [group.pick().address for _ in range(4)]
+    assert picked == ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:1"]
+
+
+def test_pick_avoids_the_pools_a_request_failed_on() -> None:
+    clock = Clock()
+    group = _group(clock)
+    first = group.pick()
+    assert group.pick(avoid=[first, group.pools[1]]).address == "127.0.0.1:3"
+    assert group.pick(avoid=group.pools).address in {p.address for p in group.pools}
+
+
+class _Waiter:
+    cancelled = False
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[str, int]] = []
+        self.ready: list[Any] = []
+
+    def connection_ready(self, connection: Any, reused: bool) -> None:
+        self.ready.append(connection)
+
+    def connection_failed(self, reason: str, status: int) -> None:
+        self.failed.append((reason, status))
+
+
+def test_the_pool_reports_its_connects_to_the_server_health() -> None:
+    clock = Clock()
+    health = PassiveHealth("127.0.0.1:1", 1, 10)
+    pending: list[Deferred[Any]] = []
+
+    def connect() -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        pending.append(d)
+        return d
+
+    config = UpstreamConfig(name="app", servers=(("127.0.0.1", 1),))
+    pool: ServerPool[Any] = ServerPool(
+        clock, "127.0.0.1:1", config, connect, make_event_log(io.StringIO()), health=health
+    )
+    waiter = _Waiter()
+    pool.acquire(waiter)
+    pending[-1].errback(ConnectionRefusedError())
+    assert waiter.failed and waiter.failed[0][1] == 502
+    assert not health.available(clock.seconds())
+    pool.acquire(waiter)
+
+    class Conn:
+        on_lost = None
+
+    pending[-1].callback(Conn())
+    assert health.available(clock.seconds()) and health.fails == 0
+
+
+# -- failover of an HTTP request --------------------------------------------------------------
+
+
+def test_a_get_whose_connect_fails_goes_to_the_next_server() -> None:
+    h = Harness(upstream=TWO)
+    h.origin.refuse_ports = {8081}
+    client, transport = h.client()
+    client.dataReceived(GET)
+    assert h.origin.ports == [8082]
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[0] == 200
+    assert h.events("upstream.next_server")[0]["server"] == "127.0.0.1:8081"
+    assert h.stats.upstream_errors == 0
+
+
+def test_the_dead_server_is_skipped_then_tried_again_after_fail_timeout() -> None:
+    h = Harness(upstream={**TWO, "fail_timeout": 10})
+    h.origin.refuse_ports = {8081}
+    client, transport = h.client()
+    for _ in range(6):
+        transport.clear()
+        client.dataReceived(GET)
+        h.origin.respond(OK_RESPONSE)
+        assert parse_response(transport.value())[0] == 200
+    assert len(h.events("upstream.next_server")) == 1, "down after one failure: skipped"
+    h.origin.refuse_ports = set()
+    h.clock.advance(10)
+    client, transport = h.client()
+    seen = set()
+    for _ in range(4):
+        transport.clear()
+        client.dataReceived(GET)
+        (busy,) = [i for i, c in enumerate(h.origin.connections) if c.state == "ACTIVE"]
+        seen.add(h.origin.ports[busy])
+        h.origin.respond(OK_RESPONSE, busy)
+        assert parse_response(transport.value())[0] == 200
+    assert 8081 in seen, "back in the rotation once fail_timeout passed"
+
+
+def test_a_post_whose_connect_fails_goes_to_the_next_server_with_its_body() -> None:
+    h = Harness(upstream=TWO)
+    h.origin.refuse_ports = {8081}
+    client, transport = h.client()
+    client.dataReceived(b"POST /p HTTP/1.1\r\nHost: example\r\nContent-Length: 4\r\n\r\nbody")
+    assert h.origin.ports == [8082]
+    assert h.origin.sent().endswith(b"\r\n\r\nbody")
+    h.origin.respond(OK_RESPONSE)
+    assert parse_response(transport.value())[0] == 200
+
+
+def test_every_server_refusing_is_502_after_one_try_each() -> None:
+    h = Harness(upstream=TWO)
+    h.origin.refuse_ports = {8081, 8082}
+    client, transport = h.client()
+    client.dataReceived(GET)
+    assert parse_response(transport.value())[0] == 502
+    assert len(h.events("upstream.next_server")) == 1
+    assert h.stats.upstream_errors == 1
+
+
+def test_retry_policy_tries_each_server_once() -> None:
+    assert RetryPolicy.may_try_next_server(1, 2)
+    assert not RetryPolicy.may_try_next_server(2, 2)
+    assert not RetryPolicy.may_try_next_server(1, 1)
