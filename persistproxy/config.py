@@ -23,6 +23,7 @@ from persistproxy.tls.server import parse_listener_tls
 from persistproxy.tls.trust import load_trust_root
 
 __all__ = [
+    "BALANCE_METHODS",
     "ConfigError",
     "ListenerConfig",
     "ProxyConfig",
@@ -62,6 +63,16 @@ class UpstreamConfig:
     #: seconds take a server out of the rotation for fail_timeout seconds; 0 = never.
     max_fails: int = 1
     fail_timeout: float = 10.0
+    #: How a server is chosen: one of L{BALANCE_METHODS}.
+    balance: str = "round_robin"
+    #: Each server's weight, in the order of C{servers}; empty means 1 each.
+    weights: tuple[int, ...] = ()
+    #: Whether each server is a backup (used only while no other is up); empty: none is.
+    backups: tuple[bool, ...] = ()
+
+
+#: The values of an upstream's C{balance}.
+BALANCE_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
 
 
 @dataclass(frozen=True)
@@ -213,6 +224,41 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _servers(
+    s: _Section,
+) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...], tuple[bool, ...]]:
+    """
+    An upstream's C{servers}: each a C{"host:port"} string or a table
+    C{{ address = "host:port", weight = 1, backup = false }}; returns the addresses, the
+    weights and the backup flags, in order.
+    """
+    value = s._get("servers", (list,), "a list of servers", None)
+    if value is None:
+        raise s.fail("servers", "required key is missing")
+    if not value:
+        raise s.fail("servers", "expected a non-empty list of servers")
+    addresses = []
+    weights = []
+    backups = []
+    for i, entry in enumerate(value):
+        key = f"servers[{i}]"
+        if isinstance(entry, str):
+            addresses.append(_parse_hostport(s, "servers", entry))
+            weights.append(1)
+            backups.append(False)
+            continue
+        if not isinstance(entry, dict):
+            raise s.fail(key, f'expected "host:port" or a table with address, got {entry!r}')
+        t = _Section(s._source, f"{s._path}.{key}", entry)
+        addresses.append(_parse_hostport(t, "address", t.string("address")))
+        weights.append(t.integer("weight", 1, 1))
+        backups.append(t.boolean("backup", False))
+        t.reject_unknown()
+    if all(backups):
+        raise s.fail("servers", "every server is a backup: at least one must not be")
+    return tuple(addresses), tuple(weights), tuple(backups)
+
+
 def _check_endpoint(section: _Section, key: str, description: str) -> None:
     """
     Check a Twisted server endpoint string without binding it, so a typo is a config error
@@ -233,10 +279,16 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
     name = s.string("name")
     s = _Section(source, f"upstream.{name}", table)
     s.string("name")
-    servers = tuple(_parse_hostport(s, "servers", t) for t in s.string_list("servers"))
+    servers, weights, backups = _servers(s)
+    balance = s.string("balance", "round_robin")
+    if balance not in BALANCE_METHODS:
+        raise s.fail("balance", f"expected one of {', '.join(BALANCE_METHODS)}, got {balance!r}")
     result = UpstreamConfig(
         name=name,
         servers=servers,
+        balance=balance,
+        weights=weights if any(w != 1 for w in weights) else (),
+        backups=backups if any(backups) else (),
         pool_size=s.integer("pool_size", 256),
         idle_timeout=s.seconds("idle_timeout", 60.0),
         max_requests=s.integer("max_requests", 1000),

@@ -42,6 +42,10 @@ class ExchangeOwner(Protocol):
     def transport(self) -> Any:
         """What the exchange registers itself with as a producer, when the client is slow."""
 
+    @property
+    def peer(self) -> str:
+        """The client's address (host), which some balancing methods choose a server by."""
+
     def write(self, data: bytes) -> None: ...
 
     def backlogged(self) -> bool: ...
@@ -219,7 +223,7 @@ class Exchange:
             self.bytes_out = len(self.error)
             self._client.exchange_finished(self)
             return
-        self._pool = self._ctx.group.pick()
+        self._pool = self._ctx.group.pick(self._client.peer)
         self._pool.acquire(self, replayable=self._ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
@@ -316,7 +320,7 @@ class Exchange:
                     path=ctx.log_path(self.target),
                     reason=reason,
                 )
-                pool = self._pool = group.pick(avoid=failed)
+                pool = self._pool = group.pick(self._client.peer, failed)
                 pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
                 return
         self._ctx.stats.upstream_errors += 1
@@ -459,7 +463,7 @@ class Exchange:
                 stale_connection=self.reused,
             )
             if not self.reused:
-                pool = self._pool = ctx.group.pick()
+                pool = self._pool = ctx.group.pick(self._client.peer)
             pool.acquire(self, fresh=True)
             return
         ctx.stats.upstream_errors += 1
