@@ -75,3 +75,73 @@ def test_a_dead_server_is_ejected_while_requests_succeed_and_comes_back(
     served = revived.stats()["requests"] - before
     print("of 10 requests after recovery, the revived server served", served)
     assert served == 5
+
+
+def _get_from(port: int, source: str) -> int:
+    """One GET on a fresh connection from the loopback address C{source}; its status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_weighted_round_robin_distribution(
+    origin_factory: Callable[..., Origin], proxy_factory: ProxyFactory
+) -> None:
+    origins = [origin_factory() for _ in range(3)]
+    proxy = proxy_factory(
+        servers=[
+            {"address": f"127.0.0.1:{origins[0].port}", "weight": 3},  # type: ignore[list-item]
+            f"127.0.0.1:{origins[1].port}",
+            {"address": f"127.0.0.1:{origins[2].port}", "weight": 2},  # type: ignore[list-item]
+        ],
+    )
+    for _ in range(60):
+        assert get(proxy.port).status == 200
+    served = [o.stats()["requests"] for o in origins]
+    print("weights 3:1:2, 60 requests served:", served)
+    assert served == [30, 10, 20]
+
+
+def test_backup_serves_only_while_the_others_are_down(
+    origin_factory: Callable[..., Origin], proxy_factory: ProxyFactory, dead_port: int
+) -> None:
+    backup = origin_factory()
+    main = origin_factory()
+    proxy = proxy_factory(
+        servers=[
+            f"127.0.0.1:{main.port}",
+            {"address": f"127.0.0.1:{backup.port}", "backup": True},  # type: ignore[list-item]
+        ],
+    )
+    for _ in range(10):
+        assert get(proxy.port).status == 200
+    assert (main.stats()["requests"], backup.stats()["requests"]) == (10, 0)
+    main.terminate(5)
+    for _ in range(10):
+        assert get(proxy.port).status == 200
+    assert backup.stats()["requests"] == 10
+
+
+def test_ip_hash_keeps_each_client_on_one_server(
+    origin_factory: Callable[..., Origin], proxy_factory: ProxyFactory
+) -> None:
+    origins = [origin_factory() for _ in range(3)]
+    proxy = proxy_factory(
+        servers=[f"127.0.0.1:{o.port}" for o in origins], upstream={"balance": "ip_hash"}
+    )
+    placement: dict[str, int] = {}
+    for n in range(2, 32):
+        source = f"127.0.0.{n}"
+        before = [o.stats()["requests"] for o in origins]
+        for _ in range(3):
+            assert _get_from(proxy.port, source) == 200
+        after = [o.stats()["requests"] for o in origins]
+        grew = [i for i in range(3) if after[i] != before[i]]
+        assert len(grew) == 1 and after[grew[0]] - before[grew[0]] == 3, (source, before, after)
+        placement[source] = grew[0]
+    spread = [list(placement.values()).count(i) for i in range(3)]
+    print("ip_hash: 30 client addresses (3 requests each) per server:", spread)
+    assert all(spread), "every server gets some clients"
