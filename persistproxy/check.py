@@ -217,6 +217,13 @@ def _upstream_lines(up: UpstreamConfig) -> Iterator[str]:
         if f.name in ("weights", "backups"):
             continue  # part of servers
         value = getattr(up, f.name)
+        if f.name == "health_check":
+            if value is not None:
+                items = ", ".join(
+                    f"{k.name} = {_value(getattr(value, k.name))}" for k in fields(value)
+                )
+                yield f"health_check = {{ {items} }}"
+            continue
         if f.name == "servers":
             addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in value]
             if up.weights or up.backups:

@@ -25,12 +25,30 @@ from persistproxy.tls.trust import load_trust_root
 __all__ = [
     "BALANCE_METHODS",
     "ConfigError",
+    "HealthCheckConfig",
     "ListenerConfig",
     "ProxyConfig",
     "UpstreamConfig",
     "load_config",
     "parse_config",
 ]
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """
+    An upstream's C{health_check} table: a probe every C{interval} seconds, failed if not
+    done within C{timeout}; C{rise} successes in a row bring a server that is down back,
+    C{fall} failures in a row take one that is up out. HTTP probes C{GET path} and want the
+    status C{expect}; a C{tcp} upstream's probe is a connect.
+    """
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    expect: int = 200
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class UpstreamConfig:
     weights: tuple[int, ...] = ()
     #: Whether each server is a backup (used only while no other is up); empty: none is.
     backups: tuple[bool, ...] = ()
+    #: Active health checks; none unless the table is given.
+    health_check: HealthCheckConfig | None = None
 
 
 #: The values of an upstream's C{balance}.
@@ -224,6 +244,30 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _health_check(s: _Section) -> HealthCheckConfig | None:
+    table = s.table("health_check")
+    if table is None:
+        return None
+    t = _Section(s._source, f"{s._path}.health_check", table)
+    result = HealthCheckConfig(
+        path=t.string("path", "/healthz"),
+        interval=t.seconds("interval", 5.0),
+        timeout=t.seconds("timeout", 2.0),
+        rise=t.integer("rise", 2, 1),
+        fall=t.integer("fall", 3, 1),
+        expect=t.integer("expect", 200, 100),
+    )
+    t.reject_unknown()
+    if not result.path.startswith("/") or any(c in result.path for c in " \r\n"):
+        raise t.fail("path", f"expected an absolute path without spaces, got {result.path!r}")
+    if result.interval <= 0 or result.timeout <= 0:
+        key = "interval" if result.interval <= 0 else "timeout"
+        raise t.fail(key, "must be > 0")
+    if result.expect > 599:
+        raise t.fail("expect", f"expected an HTTP status (100-599), got {result.expect}")
+    return result
+
+
 def _servers(
     s: _Section,
 ) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...], tuple[bool, ...]]:
@@ -309,6 +353,7 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         tls_server_name=s.string("tls_server_name", ""),
         max_fails=s.integer("max_fails", 1),
         fail_timeout=s.seconds("fail_timeout", 10.0),
+        health_check=_health_check(s),
     )
     s.reject_unknown()
     if result.idle_timeout <= 0:

@@ -26,7 +26,7 @@ from persistproxy.config import UpstreamConfig
 from persistproxy.descriptors import DescriptorBudget
 from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
-from persistproxy.upstream.health import PassiveHealth
+from persistproxy.upstream.health import ActiveCheck, PassiveHealth
 from persistproxy.upstream.pool import Connector, ServerPool
 
 __all__ = [
@@ -299,8 +299,11 @@ class Router:
         wrap: Callable[[UpstreamConfig], EndpointWrapper | None] = lambda config: None,
         budget: DescriptorBudget | None = None,
         previous: Router | None = None,
+        check_kind: Callable[[str], str] = lambda name: "http",
     ) -> None:
         """
+        @param check_kind: what an upstream's active health check is, by its name:
+            C{"http"} (a GET) when HTTP listeners use it, C{"tcp"} (a connect) otherwise.
         @param wrap: gives the endpoint wrapper of an upstream (its TLS), if any.
         @param budget: the process's descriptor budget, shared by every pool.
         @param previous: the router this one replaces on a reload: its groups whose
@@ -314,10 +317,15 @@ class Router:
         self._groups: dict[tuple[str, UpstreamConnector[Any]], UpstreamGroup[Any]] = {}
         #: The names whose groups were taken over from C{previous}.
         self.kept: set[str] = set()
+        #: The active health checks of each upstream that has them, one per server; they
+        #: run from L{start_checks} until the router is closed or replaced.
+        self.checks: dict[str, list[ActiveCheck]] = {}
         for name, config in self._configs.items():
             if previous is not None and previous._configs.get(name) == config:
                 self.kept.add(name)
                 self.servers[name] = previous.servers[name]
+                if name in previous.checks:
+                    self.checks[name] = previous.checks[name]
                 continue
             wrapper = wrap(config)
             servers = []
@@ -338,6 +346,20 @@ class Router:
                     )
                 )
             self.servers[name] = servers
+            check = config.health_check
+            if check is not None:
+                self.checks[name] = [
+                    ActiveCheck(
+                        reactor,
+                        server.health,
+                        server.endpoint.connect,
+                        check,
+                        check_kind(name),
+                        server.address,
+                        log,
+                    )
+                    for server in servers
+                ]
         if previous is not None:
             for key, group in previous._groups.items():
                 if key[0] in self.kept:
@@ -371,7 +393,16 @@ class Router:
     def groups(self) -> list[UpstreamGroup[Any]]:
         return list(self._groups.values())
 
+    def start_checks(self) -> None:
+        """Start the active health checks (those already running, taken over, go on)."""
+        for checks in self.checks.values():
+            for check in checks:
+                check.start()
+
     def close(self) -> None:
+        for checks in self.checks.values():
+            for check in checks:
+                check.stop()
         for group in self.groups:
             group.close()
 
@@ -381,6 +412,10 @@ class Router:
         returns their names.
         """
         retired = set()
+        for name, checks in self.checks.items():
+            if name not in successor.kept:
+                for check in checks:
+                    check.stop()
         for (name, _), group in self._groups.items():
             if name not in successor.kept:
                 group.retire()

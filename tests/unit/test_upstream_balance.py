@@ -226,3 +226,32 @@ def test_plain_servers_keep_defaults(tmp_path: Path) -> None:
 )
 def test_bad_servers_and_balance(tmp_path: Path, text: str, problem: str) -> None:
     assert problem in _error(tmp_path, text + "\n")
+
+
+def test_health_check_table_defaults_and_errors(tmp_path: Path) -> None:
+    up = _load(tmp_path, 'servers = ["a:1"]\nhealth_check = {}\n').upstreams["app"]
+    check = up.health_check
+    assert (check.path, check.interval, check.timeout, check.rise, check.fall, check.expect) == (
+        "/healthz",
+        5,
+        2,
+        2,
+        3,
+        200,
+    )
+    assert _load(tmp_path, 'servers = ["a:1"]\n').upstreams["app"].health_check is None
+    for text, problem in [
+        ("{ rise = 0 }", "upstream.app.health_check.rise: must be >= 1, got 0"),
+        ("{ interval = 0 }", "upstream.app.health_check.interval: must be > 0"),
+        ('{ path = "healthz" }', "upstream.app.health_check.path: expected an absolute path"),
+        ("{ expect = 700 }", "upstream.app.health_check.expect: expected an HTTP status"),
+        ("{ tries = 1 }", "upstream.app.health_check.tries: unknown key"),
+        ("true", "upstream.app.health_check: expected a table"),
+    ]:
+        assert problem in _error(tmp_path, f'servers = ["a:1"]\nhealth_check = {text}\n')
+    config = _load(
+        tmp_path, 'servers = ["a:1"]\nhealth_check = { path = "/up", interval = 1, expect = 204 }\n'
+    )
+    path = tmp_path / "effective.toml"
+    path.write_text(effective_toml(config))
+    assert load_config(path, VALIDATORS).upstreams["app"] == config.upstreams["app"]

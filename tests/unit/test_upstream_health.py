@@ -13,12 +13,13 @@ from typing import Any
 from fakes import OK_RESPONSE, Harness, parse_response
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
-from persistproxy.config import UpstreamConfig
+from persistproxy.config import HealthCheckConfig, UpstreamConfig
 from persistproxy.logs import make_event_log
 from persistproxy.policy import RetryPolicy
 from persistproxy.upstream.group import Server, UpstreamGroup
-from persistproxy.upstream.health import PassiveHealth
+from persistproxy.upstream.health import ActiveCheck, PassiveHealth
 from persistproxy.upstream.pool import ServerPool
 
 GET = b"GET /a HTTP/1.1\r\nHost: example\r\n\r\n"
@@ -233,3 +234,113 @@ def test_retry_policy_tries_each_server_once() -> None:
     assert RetryPolicy.may_try_next_server(1, 2)
     assert not RetryPolicy.may_try_next_server(2, 2)
     assert not RetryPolicy.may_try_next_server(1, 1)
+
+
+# -- active health checks ---------------------------------------------------------------------
+
+
+class _Dialer:
+    """A server's endpoint in memory: each connect waits until the test answers it."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Any, Deferred[Any]]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.attempts.append((factory, d))
+        return d
+
+    def accept(self) -> tuple[Any, StringTransport]:
+        factory, d = self.attempts[-1]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        d.callback(protocol)
+        return protocol, transport
+
+    def refuse(self) -> None:
+        self.attempts[-1][1].errback(ConnectionRefusedError())
+
+
+def _check(kind: str = "http", **kw: Any) -> tuple[Clock, PassiveHealth, _Dialer, ActiveCheck]:
+    clock = Clock()
+    health = PassiveHealth("10.0.0.1:80", 1, 10)
+    dialer = _Dialer()
+    config = HealthCheckConfig(**{"interval": 5, "timeout": 2, "rise": 2, "fall": 3, **kw})
+    check = ActiveCheck(
+        clock, health, dialer.connect, config, kind, "10.0.0.1:80", make_event_log(io.StringIO())
+    )
+    return clock, health, dialer, check
+
+
+def _answer(dialer: _Dialer, status: bytes) -> StringTransport:
+    protocol, transport = dialer.accept()
+    protocol.dataReceived(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+    return transport
+
+
+def test_http_check_sends_a_get_on_a_fresh_connection_and_reads_the_status() -> None:
+    clock, health, dialer, check = _check(path="/healthz")
+    check.start()
+    transport = _answer(dialer, b"200")
+    assert transport.value().startswith(b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.1:80\r\n")
+    assert transport.disconnecting, "the probe's connection is closed, never pooled"
+    assert health.checked_up
+    [call] = clock.getDelayedCalls()  # the next probe; the timeout was cancelled
+    assert call.getTime() == 5
+
+
+def test_fall_failures_in_a_row_take_the_server_down_and_rise_bring_it_back() -> None:
+    clock, health, dialer, check = _check()
+    check.start()
+    for _ in range(2):
+        _answer(dialer, b"500")
+        clock.advance(5)
+    assert health.checked_up, "two failures of fall = 3"
+    dialer.refuse()
+    assert not health.checked_up and not health.available(clock.seconds())
+    clock.advance(5)
+    _answer(dialer, b"200")
+    assert not health.checked_up, "one success of rise = 2"
+    clock.advance(5)
+    _answer(dialer, b"200")
+    assert health.checked_up and health.available(clock.seconds())
+
+
+def test_a_probe_that_gets_no_answer_fails_at_timeout() -> None:
+    clock, health, dialer, check = _check(fall=1)
+    check.start()
+    _, transport = dialer.accept()
+    clock.advance(2)
+    assert not health.checked_up
+    assert transport.disconnecting  # aborted
+    clock.advance(5)
+    assert len(dialer.attempts) == 2, "the next probe after interval"
+
+
+def test_a_connect_that_hangs_is_cancelled_at_timeout() -> None:
+    clock, health, dialer, check = _check(fall=1)
+    check.start()
+    clock.advance(2)
+    assert dialer.attempts[0][1].called  # cancelled
+    assert not health.checked_up
+
+
+def test_tcp_check_is_a_connect() -> None:
+    clock, health, dialer, check = _check("tcp", fall=1, rise=1)
+    check.start()
+    dialer.refuse()
+    assert not health.checked_up
+    clock.advance(5)
+    _, transport = dialer.accept()
+    assert transport.value() == b"" and transport.disconnecting
+    assert health.checked_up
+
+
+def test_stop_leaves_no_timer_and_aborts_the_probe() -> None:
+    clock, _, dialer, check = _check()
+    check.start()
+    _, transport = dialer.accept()
+    check.stop()
+    assert clock.getDelayedCalls() == []
+    assert transport.disconnecting
