@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import ProxyFactory
-from e2ehelpers import Origin, get, wait_until
+from e2ehelpers import Origin, get, make_config, wait_metric, wait_until, with_metrics
 
 
 @pytest.fixture
@@ -145,3 +145,59 @@ def test_ip_hash_keeps_each_client_on_one_server(
     spread = [list(placement.values()).count(i) for i in range(3)]
     print("ip_hash: 30 client addresses (3 requests each) per server:", spread)
     assert all(spread), "every server gets some clients"
+
+
+def test_active_check_ejects_a_server_that_stopped_and_brings_it_back(
+    origin_factory: Callable[..., Origin],
+    proxy_factory: ProxyFactory,
+    late_origins: list[Origin],
+) -> None:
+    steady = origin_factory()
+    flaky = Origin()
+    late_origins.append(flaky)
+    port = flaky.port
+    servers = [f"127.0.0.1:{steady.port}", f"127.0.0.1:{port}"]
+    check = {"path": "/status/200", "interval": 0.2, "timeout": 1, "rise": 2, "fall": 2}
+    proxy = proxy_factory(
+        config_text=with_metrics(
+            make_config(servers, upstream={"health_check": check, "max_fails": 0})
+        )
+    )
+    up = f'persistproxy_upstream_up{{server="127.0.0.1:{port}",upstream="app"}}'
+    wait_metric(proxy, up, 1)
+    flaky.terminate(5)
+    # No request is needed to notice: the checker's probes fail.
+    event = proxy.wait_event("upstream.check_down", 10)
+    assert event is not None and event["server"] == f"127.0.0.1:{port}"
+    wait_metric(proxy, up, 0)
+    before = steady.stats()["requests"]
+    statuses = [get(proxy.port).status for _ in range(10)]
+    assert statuses == [200] * 10
+    assert steady.stats()["requests"] - before >= 10
+    assert proxy.events("upstream.next_server") == [], "no request was sent to it"
+
+    revived = Origin(port=port)
+    late_origins.append(revived)
+    assert proxy.wait_event("upstream.check_up", 10) is not None
+    wait_metric(proxy, up, 1)
+    for _ in range(10):
+        assert get(proxy.port).status == 200
+    probes = revived.stats()["paths"].get("/status/200", 0)
+    served = revived.stats()["requests"] - probes
+    print("after check_up, of 10 requests the revived server served", served)
+    assert served == 5
+
+
+def test_active_check_wants_the_expected_status_and_all_down_are_tried_anyway(
+    origin_factory: Callable[..., Origin], proxy_factory: ProxyFactory
+) -> None:
+    origins = [origin_factory(), origin_factory()]
+    servers = [f"127.0.0.1:{o.port}" for o in origins]
+    check = {"path": "/status/200", "interval": 0.2, "fall": 1, "expect": 204}
+    proxy = proxy_factory(
+        config_text=with_metrics(make_config(servers, upstream={"health_check": check}))
+    )
+    for server in servers:
+        wait_metric(proxy, f'persistproxy_upstream_up{{server="{server}",upstream="app"}}', 0)
+    # Every server is down by its check: they are tried anyway, in turn, as nginx does.
+    assert [get(proxy.port).status for _ in range(4)] == [200] * 4
