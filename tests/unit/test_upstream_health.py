@@ -344,3 +344,35 @@ def test_stop_leaves_no_timer_and_aborts_the_probe() -> None:
     check.stop()
     assert clock.getDelayedCalls() == []
     assert transport.disconnecting
+
+
+def test_the_router_runs_checks_until_closed_and_hands_them_over_on_reload() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from persistproxy.upstream.group import Router
+
+    reactor = MemoryReactorClock()
+    check = HealthCheckConfig(interval=5, timeout=2)
+    configs = {
+        "app": UpstreamConfig(name="app", servers=(("127.0.0.1", 1),), health_check=check),
+        "api": UpstreamConfig(name="api", servers=(("127.0.0.1", 2),), health_check=check),
+    }
+    log = make_event_log(io.StringIO())
+    router = Router(reactor, configs, log)
+    assert reactor.tcpClients == [], "nothing probes before start_checks"
+    router.start_checks()
+    assert sorted(c[1] for c in reactor.tcpClients) == [1, 2]
+    changed = {**configs, "api": UpstreamConfig(name="api", servers=(("127.0.0.1", 3),))}
+    successor = Router(reactor, changed, log, previous=router)
+    assert successor.checks["app"] is router.checks["app"], "unchanged: the same checks go on"
+    assert "api" not in successor.checks
+    router.retire_replaced(successor)
+    successor.start_checks()
+    assert len(reactor.tcpClients) == 2, "the running check is not started twice"
+    reactor.advance(2)  # the probes time out (the memory reactor never connects)
+    reactor.advance(5)
+    assert sorted(c[1] for c in reactor.tcpClients[2:]) == [1], "api's check was stopped"
+    successor.close()
+    reactor.advance(60)
+    assert len(reactor.tcpClients) == 3
+    assert [c for c in reactor.getDelayedCalls() if c.active()] == []
