@@ -163,17 +163,25 @@ class UpstreamGroup(Generic[C]):
         @param client: the client's address (host), which C{ip_hash} uses; without one it
             balances round-robin.
         """
+        pools = self.pools
+        if len(pools) == 1:
+            return pools[0]
         servers = self.servers
         now = self._clock.seconds()
-        pools = self.pools
-        allowed = [i for i in range(len(pools)) if pools[i] not in avoid]
-        if not allowed:
-            # Every pool was avoided: choose as if none had been.
-            allowed = list(range(len(pools)))
-        up = [i for i in allowed if servers[i].health.available(now)]
-        candidates = [i for i in up if not servers[i].backup]
+        # One pass over the servers (a handful): this runs for every request.
+        candidates: list[int] = []
+        backups: list[int] = []
+        allowed: list[int] = []
+        for i, server in enumerate(servers):
+            if avoid and pools[i] in avoid:
+                continue
+            allowed.append(i)
+            health = server.health
+            if health.checked_up and now >= health.down_until:
+                (backups if server.backup else candidates).append(i)
         if not candidates:
-            candidates = up or allowed
+            # No other server is up: a backup that is, else any (every pool avoided: any).
+            candidates = backups or allowed or list(range(len(pools)))
         if len(candidates) == 1:
             return pools[candidates[0]]
         method = self.config.balance
