@@ -2,14 +2,17 @@
 Upgrade on an HTTP listener end to end: a `websockets` client through a real
 `twistd -n persistproxy` to a real WebSocket origin (tests/e2e/ws_origin.py, `websockets`' own
 server): echo of text and binary, a tunnel idle for longer than the listener's keep-alive
-timeout, the tunnel idle timeout and its access line, an origin refusing the upgrade, and
-(raw sockets) nothing pipelined behind an Upgrade request read as HTTP.
+timeout, the tunnel idle timeout and its access line, an origin refusing the upgrade,
+(raw sockets) nothing pipelined behind an Upgrade request read as HTTP, wss:// through a TLS
+listener, and a tunnel cut at drain_timeout.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from typing import Any
 
 import pytest
 from e2ehelpers import ManagedProc, Proxy
+from pki import make_pki
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -51,6 +55,7 @@ def origin() -> Iterator[WSOrigin]:
 @pytest.fixture(scope="module")
 def proxy(origin: WSOrigin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     d = tmp_path_factory.mktemp("ws-proxy")
+    cert, key = make_pki(d).site
     path = d / "persistproxy.toml"
     path.write_text(f"""
 [[listener]]
@@ -65,11 +70,18 @@ bind = "tcp:0:interface=127.0.0.1"
 upstream = "ws"
 tunnel_idle_timeout = 1
 
+[[listener]]
+name = "tls"
+bind = "tcp:0:interface=127.0.0.1"
+upstream = "ws"
+[listener.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+
 [[upstream]]
 name = "ws"
 servers = ["127.0.0.1:{origin.port}"]
 """)
-    p = Proxy(str(path), cwd=str(d), listener="idle")
+    p = Proxy(str(path), cwd=str(d), listener="tls")
     yield p
     p.terminate(10)
     p.kill()
@@ -175,3 +187,55 @@ def test_nothing_pipelined_after_an_upgrade_is_read_as_http(proxy: Proxy) -> Non
     assert line["listener"] == "web"
     assert not [e for e in proxy.events("access") if e.get("path") == "/plain"
                 and e.get("listener") == "web" and "smuggled" in json.dumps(e)]
+
+
+def test_wss_through_a_tls_listener(proxy: Proxy) -> None:
+    ca = Path(proxy.config_path).parent / "ca.pem"
+    context = ssl.create_default_context(cafile=str(ca))
+    port = _port(proxy, "tls")
+    with connect(f"wss://127.0.0.1:{port}/echo", ssl=context, server_hostname="site.test",
+                 open_timeout=10) as ws:
+        for message in ("over TLS", b"\x00\xff" * 50000):
+            ws.send(message)
+            assert ws.recv(timeout=10) == message
+    line = _access(proxy, lambda e: e.get("listener") == "tls" and e.get("status") == 101)
+    assert line["bytes_down"] > 100000 and line["tls_version"].startswith("TLSv1.")
+
+
+def test_the_drain_cuts_a_tunnel_at_drain_timeout(origin: WSOrigin, tmp_path: Path) -> None:
+    path = tmp_path / "persistproxy.toml"
+    path.write_text(f"""
+drain_timeout = 2
+
+[[listener]]
+name = "web"
+bind = "tcp:0:interface=127.0.0.1"
+upstream = "ws"
+
+[[upstream]]
+name = "ws"
+servers = ["127.0.0.1:{origin.port}"]
+""")
+    proxy = Proxy(str(path), cwd=str(tmp_path))
+    try:
+        with connect(f"ws://127.0.0.1:{proxy.port}/echo", open_timeout=10,
+                     ping_interval=None) as ws:
+            ws.send("busy")
+            assert ws.recv(timeout=10) == "busy"
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.wait_event("drain.started", 5) is not None
+            ws.send("still open while the drain waits")
+            assert ws.recv(timeout=10) == "still open while the drain waits"
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)  # cut at drain_timeout
+            cut_after = time.monotonic() - started
+        assert proxy.proc.wait(10) == 0
+        [timeout] = proxy.events("drain.timeout")
+        assert timeout["open_connections"] == 1
+        [line] = [e for e in proxy.events("access") if e.get("status") == 101]
+        assert line["reason"] == "drain" and line["path"] == "/echo"
+        print(f"\ntunnel cut {cut_after:.1f} s after SIGTERM (drain_timeout = 2)")
+    finally:
+        proxy.terminate(5)
+        proxy.kill()
