@@ -169,3 +169,35 @@ def test_a_101_without_upgrade_header_or_after_a_plain_request_is_502() -> None:
     client.dataReceived(UPGRADE)
     h.origin.respond(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n")
     assert parse_response(transport.value())[0] == 502
+
+
+def test_a_client_fin_while_the_upgrade_waits_is_passed_on_once_the_tunnel_starts() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(UPGRADE + b"last words")
+    client.readConnectionLost()
+    upstream = h.origin.connections[-1]
+    half_closed = []
+    upstream.transport.loseWriteConnection = lambda: half_closed.append(True)  # as TCP's
+    assert not upstream.transport.disconnecting, "the Upgrade is still answered"
+    h.origin.respond(SWITCH + b"reply")
+    assert h.origin.sent().endswith(b"\r\n\r\nlast words")
+    assert half_closed == [True], "the client's FIN, passed on as a half-close"
+    assert transport.value().endswith(b"\r\n\r\nreply")
+    h.origin.close()
+    client.connectionLost(DONE)
+    [line] = h.events("access")
+    assert (line["status"], line["reason"], line["bytes_up"]) == (101, "client_fin", 10)
+
+
+def test_the_client_gone_while_the_upgrade_waits_is_a_499_and_the_upstream_is_dropped() -> None:
+    h = Harness()
+    client, _transport = h.client()
+    client.dataReceived(UPGRADE)
+    upstream = h.origin.connections[-1]
+    client.connectionLost(DONE)
+    assert upstream.transport.disconnecting
+    [line] = h.events("access")
+    assert (line["status"], line["aborted"]) == (499, "client")
+    h.origin.respond(SWITCH)  # too late: nobody asked any more
+    assert h.pool.active == 0
