@@ -109,7 +109,10 @@ class PooledConnection(Protocol):
     def usable(self, now: float, margin: float) -> bool:
         """
         Whether it may be lent now: open, between requests, and not within C{margin} seconds
-        of a keep-alive limit the server announced or was learned.
+        of a keep-alive limit the server announced. The margin counts for at most half of
+        that limit, so C{margin=math.inf} asks whether the connection is in the first half of
+        it (what the pool asks for a request that must not be replayed). A limit the pool
+        learned from the server's closes is the pool's to apply.
         """
 
     def close(self) -> None:
@@ -153,8 +156,14 @@ class Pool(Protocol[C]):
 
     address: str
 
-    def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
-        """Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one."""
+    def acquire(
+        self, waiter: ConnectionWaiter[C], fresh: bool = False, replayable: bool = True
+    ) -> None:
+        """
+        Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one. Say
+        C{replayable=False} for work that must not be sent twice (an HTTP POST): it is lent
+        only a connection that cannot be in the keep-alive race with its server's idle close.
+        """
 
     def release(self, connection: C, reusable: bool) -> None:
         """Give a lent connection back once its work is complete (closed unless reusable)."""

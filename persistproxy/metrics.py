@@ -109,6 +109,9 @@ class ListenerStats:
     upstream_errors: int = 0
     tls_handshakes: int = 0
     tls_resumed: int = 0
+    #: Of requests_total and connections_total, those that spoke HTTP/2.
+    h2_requests: int = 0
+    h2_connections: int = 0
     #: Completed handshakes by (protocol version, ALPN protocol or "", resumed).
     tls_kinds: dict[tuple[str, str, bool], int] = field(default_factory=dict)
     #: Exchanges that ended without a complete response, by what ended them ("client",
@@ -169,6 +172,8 @@ class PoolState:
     connects: int = 0
     connect_failures: int = 0
     idle_ages: tuple[float, ...] = ()
+    #: The idle limit learned from the server's closes (None while nothing is learned).
+    learned_idle: float | None = None
 
 
 PoolGauges = Callable[[], Iterable[PoolState]]
@@ -268,10 +273,19 @@ class StatsCollector(Collector):
         for name, ls in listeners.items():
             for by in sorted({*ABORTED_BY, *ls.aborted}):
                 aborted.add_metric([name, by], ls.aborted.get(by, 0))
+        by_version = CounterMetricFamily(
+            "persistproxy_requests_by_version",
+            "Requests received, by HTTP version of the client's hop (1.x or 2)",
+            labels=["listener", "version"],
+        )
+        for name, ls in listeners.items():
+            by_version.add_metric([name, "1.x"], ls.requests_total - ls.h2_requests)
+            by_version.add_metric([name, "2"], ls.h2_requests)
         yield open_conns
         yield idle_conns
         yield responses
         yield aborted
+        yield by_version
         durations = HistogramMetricFamily(
             "persistproxy_request_duration_seconds",
             "Time from a request's head to the end of its response, per listener",
@@ -315,6 +329,12 @@ class StatsCollector(Collector):
             "Upstream connections opened (connected)",
             labels=labels,
         )
+        learned = GaugeMetricFamily(
+            "persistproxy_upstream_learned_idle_seconds",
+            "How long the server is believed to keep an idle connection, learned from its"
+            " closes of idle pooled connections (absent while nothing is learned)",
+            labels=labels,
+        )
         failures = CounterMetricFamily(
             "persistproxy_upstream_connect_failures",
             "Upstream connection attempts that failed (refused, timed out, no descriptor)",
@@ -322,8 +342,13 @@ class StatsCollector(Collector):
         )
         # Pools are per server and protocol: a server's line sums its pools.
         sums: dict[tuple[str, str], list[int]] = {}
+        limits: dict[tuple[str, str], float] = {}
         for state in self._pools():
-            row = sums.setdefault((state.upstream, state.server), [0, 0, 0, 0, 0])
+            key = (state.upstream, state.server)
+            if state.learned_idle is not None:
+                # The tightest any protocol's pool learned is what the server does.
+                limits[key] = min(limits.get(key, state.learned_idle), state.learned_idle)
+            row = sums.setdefault(key, [0, 0, 0, 0, 0])
             for i, value in enumerate(
                 (state.active, state.idle, state.waiting, state.connects, state.connect_failures)
             ):
@@ -334,7 +359,9 @@ class StatsCollector(Collector):
             waiting.add_metric(list(key), n_waiting)
             connects.add_metric(list(key), n_connects)
             failures.add_metric(list(key), n_failures)
-        yield from (active, idle, waiting, connects, failures)
+        for key, limit in limits.items():
+            learned.add_metric(list(key), limit)
+        yield from (active, idle, waiting, connects, failures, learned)
         per_server: dict[tuple[str, str], UpstreamStats] = {key: UpstreamStats() for key in sums}
         for ls in self._stats.listeners.values():
             for key, us in ls.upstreams.items():

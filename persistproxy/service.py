@@ -167,6 +167,7 @@ class ProxyService(MultiService):
                 pool.connects,
                 pool.connect_failures,
                 tuple(pool.idle_ages()) if with_ages else (),
+                pool.learned_idle,
             )
             for group in self.router.groups
             for pool in group.pools

@@ -88,6 +88,8 @@ class ServerRow:
     reused: int
     durations: Histogram
     idle_ages: list[int]
+    #: The idle limit learned from the server's closes, if any (see upstream/idle_estimate).
+    learned_idle: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,10 @@ def status_view(proxy: Any, started: float, now: float) -> StatusView:
                 reused=us.reused,
                 durations=us.durations,
                 idle_ages=age_histogram(age for s in states for age in s.idle_ages),
+                learned_idle=min(
+                    (s.learned_idle for s in states if s.learned_idle is not None),
+                    default=None,
+                ),
             )
         )
     return StatusView(
@@ -308,7 +314,7 @@ def _servers_table(rows: Sequence[ServerRow]) -> str:
         "<tr><th class=name>upstream</th><th class=name>server</th><th>open</th><th>lent</th>"
         "<th>idle</th><th>queued</th><th>connects</th><th>failed</th><th>requests</th>"
         "<th>reused</th><th>req/conn</th><th>avg ms</th><th>p99 ms</th>"
-        "<th class=name>idle ages (&lt;1s &hellip; &ge;5m)</th></tr>"
+        "<th>learned idle</th><th class=name>idle ages (&lt;1s &hellip; &ge;5m)</th></tr>"
     )
     body = []
     for r in rows:
@@ -322,11 +328,12 @@ def _servers_table(rows: Sequence[ServerRow]) -> str:
             f"<td>{r.requests}</td><td>{_ratio(r.reused, r.requests)}</td>"
             f"<td>{_per(r.requests, r.connects)}</td>"
             f"<td>{_avg_ms(r.durations)}</td><td>{_quantile_ms(r.durations, 0.99)}</td>"
+            f"<td>{'-' if r.learned_idle is None else f'{r.learned_idle:.1f} s'}</td>"
             f"<td class=name>{_bars(r.idle_ages)}</td>"
             "</tr>"
         )
     if not body:
-        body.append('<tr><td class="name muted" colspan=14>no upstream server</td></tr>')
+        body.append('<tr><td class="name muted" colspan=15>no upstream server</td></tr>')
     return f"<table id=servers>{head}{''.join(body)}</table>"
 
 

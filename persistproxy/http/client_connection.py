@@ -40,6 +40,7 @@ from persistproxy.http.request_body import (
     PAUSE_CLOSING,
     PAUSE_UPGRADE,
     PAUSE_UPSTREAM,
+    BodyTooSlow,
 )
 from persistproxy.http.request_head import (
     OTHER_VERSION,
@@ -117,6 +118,7 @@ class ClientConnection(ClientClosing, Protocol):
         # a connection-owned deadline only for the rare timers (lingering, lifetime).
         self._waiting: TimeoutQueue[TimedConnection] | None = None
         self._timer: Deadline | None = None
+        self._send_meter = None
         self._peer = b""
         self._peer_str = getattr(peer, "host", None) or ""
         self._valid_host = None
@@ -205,6 +207,10 @@ class ClientConnection(ClientClosing, Protocol):
                 self._flush_body(current)
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data, e)
+        except BodyTooSlow:
+            line = self._request_line()  # the access line says which request it was
+            if not self._end_current("timeout"):
+                self._answer_last(408, "request body too slow", *line)
         except BadRequest as e:
             self._reject(e.status, str(e), e.request_line)
         except httptools.HttpParserCallbackError as e:
@@ -302,8 +308,7 @@ class ClientConnection(ClientClosing, Protocol):
         self._wait(None)
         if self._timer is not None:
             self._timer.stop()
-        if self._ctx.send_queue is not None:
-            self._ctx.send_queue.discard(self)
+        self._forget_sends()
         limits = self._ctx.limits
         if limits is not None and limits.idle_per_client:
             limits.went_busy(self._peer_str, self)
@@ -360,7 +365,7 @@ class ClientConnection(ClientClosing, Protocol):
         self._current = exchange
         if has_body:
             self._phase = "body"
-            self._wait(ctx.body_queue)
+            self._wait(ctx.body_queue if not self._pause else None)  # see _pause_reading
         else:
             self._phase = "busy"
             self._wait(None)
@@ -525,8 +530,7 @@ class ClientConnection(ClientClosing, Protocol):
         self._wait(None)
         if self._timer is not None:
             self._timer.cancel()
-        if ctx.send_queue is not None:
-            ctx.send_queue.discard(self)
+        self._forget_sends()  # send_timeout and min_send_rate are HTTP's, not a tunnel's
         self._send_out()  # the 101 head goes before any relayed byte
         self._pause = 0  # the relay drives reading from now on (start resumes it)
         client = RelaySide(self.transport, "client")
@@ -675,6 +679,8 @@ class ClientConnection(ClientClosing, Protocol):
     def _pause_reading(self, reason: int) -> None:
         if not self._pause and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if self._phase == "body":
+                self._body_held()  # a body we do not read is not timed
         self._pause |= reason
 
     def _resume_reading(self, reason: int) -> None:
@@ -682,6 +688,8 @@ class ClientConnection(ClientClosing, Protocol):
             self._pause &= ~reason
             if not self._pause and self.transport is not None and self._phase != "closed":
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
+                if self._phase == "body":
+                    self._body_released()
 
     def _drop_from(self, exchange: Exchange) -> None:
         """Forget C{exchange} and everything pipelined after it (never answered)."""

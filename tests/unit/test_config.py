@@ -55,6 +55,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert up.servers == (("127.0.0.1", 8081), ("::1", 8082))
     assert (up.pool_size, up.idle_timeout, up.max_requests) == (256, 60, 1000)
     assert (up.connect_timeout, up.response_timeout) == (5, 60)
+    assert (up.keepalive_margin, up.idle_learn_window, up.assumed_idle_limit) == (1, 60, 1)
 
 
 def test_every_documented_key_in_the_sample_file_is_accepted() -> None:
@@ -80,6 +81,16 @@ def test_wrong_type(tmp_path: Path) -> None:
     assert "listener.web.max_requests: expected an integer" in _error(tmp_path, text)
     text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nheader_timeout = -1\n', 1)
     assert "listener.web.header_timeout: must be >= 0" in _error(tmp_path, text)
+
+
+def test_idle_limit_keys_are_validated(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD + "idle_learn_window = -1\n")
+    assert "upstream.app.idle_learn_window: must be >= 0, got -1" in message
+    message = _error(tmp_path, GOOD + 'assumed_idle_limit = "1s"\n')
+    assert "upstream.app.assumed_idle_limit: expected a number of seconds" in message
+    config = _load(tmp_path, GOOD + "idle_learn_window = 0\nassumed_idle_limit = 2.5\n")
+    up = config.upstreams["app"]  # type: ignore[attr-defined]
+    assert (up.idle_learn_window, up.assumed_idle_limit) == (0, 2.5)
 
 
 def test_undefined_upstream_and_bad_servers(tmp_path: Path) -> None:
@@ -244,3 +255,40 @@ def test_systemd_endpoints_are_checked_by_hand_without_their_sockets(
             f"{tmp_path / 'p.toml'}: listener.web.bind: bad endpoint {bind!r}: "
         )
         assert problem in message, (bind, message)
+
+
+def test_stall_timeouts_and_minimum_rates(tmp_path: Path) -> None:
+    config: Any = _load(tmp_path, GOOD)
+    up = config.upstreams["app"]
+    assert (up.read_timeout, up.write_timeout) == (60, 60)
+    listener = config.listeners[0]
+    assert (listener.min_body_rate, listener.min_body_rate_window) == (0, 10)
+    assert (listener.min_send_rate, listener.min_send_rate_window) == (0, 10)
+
+    def listener_error(line: str) -> str:
+        text = GOOD.replace('upstream = "app"\n', f'upstream = "app"\n{line}\n', 1)
+        return _error(tmp_path, text)
+
+    assert "listener.web.min_body_rate: must be >= 0, got -1" in listener_error(
+        "min_body_rate = -1"
+    )
+    assert "listener.web.min_send_rate: expected an integer, got 1.5" in listener_error(
+        "min_send_rate = 1.5"
+    )
+    assert "listener.web.min_body_rate_window: must be > 0, got 0" in listener_error(
+        "min_body_rate_window = 0"
+    )
+    assert "listener.web.min_send_rate_window: must be >= 0, got -2" in listener_error(
+        "min_send_rate_window = -2"
+    )
+    assert "upstream.app.read_timeout: must be >= 0, got -1" in _error(
+        tmp_path, GOOD + "read_timeout = -1\n"
+    )
+    assert "upstream.app.write_timeout: expected a number of seconds" in _error(
+        tmp_path, GOOD + 'write_timeout = "60"\n'
+    )
+    text = GOOD.replace(
+        'upstream = "app"\n', 'upstream = "app"\nmin_body_rate = 1024\nmin_send_rate = 4096\n', 1
+    )
+    listener = _load(tmp_path, text).listeners[0]  # type: ignore[attr-defined]
+    assert (listener.min_body_rate, listener.min_send_rate) == (1024, 4096)

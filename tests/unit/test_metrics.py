@@ -66,8 +66,8 @@ def test_counters_and_gauges_of_every_listener_and_pool() -> None:
     web.tls_handshakes, web.tls_resumed = 8, 3
     web.tls_kinds = {("TLSv1.3", "http/1.1", False): 5, ("TLSv1.3", "http/1.1", True): 3}
     stats.listener("api").requests_total = 7
-    pools = [
-        PoolState("app", "127.0.0.1:8081", 2, 5, 1, 9),
+    pools: Pools = [
+        PoolState("app", "127.0.0.1:8081", 2, 5, 1, 9, learned_idle=1.25),
         PoolState("app", "[::1]:8082", 0, 0, 0, 1),
     ]
     got = _scrape(stats, pools)
@@ -101,6 +101,9 @@ def test_counters_and_gauges_of_every_listener_and_pool() -> None:
     assert value("persistproxy_upstream_waiting", **first) == 1
     assert value("persistproxy_upstream_connects_total", **first) == 9
     assert value("persistproxy_upstream_connects_total", upstream="app", server="[::1]:8082") == 1
+    assert value("persistproxy_upstream_learned_idle_seconds", **first) == 1.25
+    second = (("server", "[::1]:8082"), ("upstream", "app"))
+    assert ("persistproxy_upstream_learned_idle_seconds", second) not in got, "nothing learned"
 
 
 def test_numbers_are_read_at_scrape_time() -> None:

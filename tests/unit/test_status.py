@@ -132,3 +132,16 @@ def test_healthz_readyz_and_status_follow_the_service() -> None:
     assert b"draining" in _get(root, b"status")[1]
     assert drained == [None]
     assert service.when_drained().called, "after the drain, at once"
+
+
+def test_a_servers_learned_idle_limit_is_on_its_row() -> None:
+    """The keep-alive race's learned limit (the tightest of the server's pools) is shown."""
+    from persistproxy.status import ServerRow, _servers_table
+
+    def row(limit: float | None) -> ServerRow:
+        return ServerRow(
+            "app", "127.0.0.1:1", 0, 1, 0, 1, 0, 3, 2, Histogram(), [0] * 8, learned_idle=limit
+        )
+
+    assert "<td>1.2 s</td>" in _servers_table([row(1.25)])
+    assert "<td>-</td>" in _servers_table([row(None)])
