@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from persistproxy.http.context import ListenerContext
     from persistproxy.http.h2_connection import H2Connection
     from persistproxy.http.headers import Header
+    from persistproxy.http.upstream_connection import UpstreamConnection
 
 __all__ = ["H2Exchange", "H2Stream"]
 
@@ -350,6 +351,10 @@ class H2Stream:
 
     def send_flowing(self) -> None:
         """See L{send_stalled}."""
+
+    def exchange_upgraded(self, exchange: Exchange, connection: UpstreamConnection) -> None:
+        """Never called: an HTTP/2 request cannot ask for an Upgrade (RFC 9113 8.2.2)."""
+        raise RuntimeError("a protocol switch on an HTTP/2 stream")
 
     # -- the consumer of the exchange's response (its transport, for flow control) ----------
 
