@@ -64,4 +64,4 @@ bench: $(VENV)/.installed
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) $(OLDEST) .venv-sslyze build *.egg-info
+	rm -rf $(VENV) $(OLDEST) .venv-sslyze build *.egg-info examples/redis/build examples/redis/*.egg-info
