@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 OLDEST ?= .venv-oldest
 SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
 # The Redis plugin example, its own distribution, installed into the test venv beside the proxy.
-EXAMPLES := $(shell find examples/redis -name '*.py' -not -path '*/tests/*' 2>/dev/null) \
+EXAMPLES := $(shell find examples/redis -name '*.py' -not -path '*/tests/*' -not -path '*/build/*' 2>/dev/null) \
 	examples/redis/pyproject.toml
 
 .PHONY: run test test-oldest venv lint typecheck unit e2e bench system-deps clean

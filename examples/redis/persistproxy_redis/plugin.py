@@ -73,7 +73,10 @@ def settings(listener: ListenerConfig) -> Settings:
     extra = dict(listener.extra)
     base = Settings()
     idle = _number(
-        "idle_timeout", extra.pop("idle_timeout", base.idle_timeout), "a number of seconds", 0
+        "client_idle_timeout",
+        extra.pop("client_idle_timeout", base.client_idle_timeout),
+        "a number of seconds",
+        0,
     )
     size = _integer(
         "max_command_size",
@@ -89,7 +92,7 @@ def settings(listener: ListenerConfig) -> Settings:
     )
     for key in extra:
         raise ConfigError(f"{key}: unknown key")
-    return Settings(idle_timeout=idle, max_command_size=size, max_pipeline=pipeline)
+    return Settings(client_idle_timeout=idle, max_command_size=size, max_pipeline=pipeline)
 
 
 @implementer(IPlugin, IProtocolPlugin)
@@ -125,7 +128,7 @@ class RedisProtocolPlugin:
                 context=context,
                 access_log=listener.access_log,
                 settings=config,
-                idle=idle_queue(context.clock, config.idle_timeout),
+                idle=idle_queue(context.clock, config.client_idle_timeout),
             )
         )
 

@@ -88,7 +88,7 @@ class Settings:
 
     #: Seconds a client with nothing in flight may stay silent; 0: for ever (Redis' own
     #: C{timeout 0}). Not applied to subscribers nor to clients in a blocking command.
-    idle_timeout: float = 0.0
+    client_idle_timeout: float = 0.0
     #: Bytes of one command; a longer one is a protocol error and the client is closed.
     max_command_size: int = 64 * 1024 * 1024
     #: Commands of one client read and not yet answered before its reading pauses.
@@ -543,7 +543,7 @@ class RedisSession(TwistedProtocol):
             idle.add(self)
 
     def idle_expired(self) -> None:
-        """The listener's idle timeout (L{Settings.idle_timeout}) fired for this client."""
+        """The listener's idle timeout (L{Settings.client_idle_timeout}) fired for this client."""
         if not self.closed and self._idle() and not self.pubsub:
             self._close(IDLE_TIMEOUT)
 

@@ -194,13 +194,13 @@ servers = ["127.0.0.1:6379"]
 
 
 def test_its_keys_are_validated_with_the_file_and_key_named() -> None:
-    config = _parse('upstream = "redis"\nidle_timeout = 30\nmax_pipeline = 64')
-    assert dict(config.listeners[0].extra) == {"idle_timeout": 30, "max_pipeline": 64}
+    config = _parse('upstream = "redis"\nclient_idle_timeout = 30\nmax_pipeline = 64')
+    assert dict(config.listeners[0].extra) == {"client_idle_timeout": 30, "max_pipeline": 64}
     for text, message in [
         ("", r"t.toml: listener.cache.upstream: required key is missing"),
         ('upstream = "redis"\ncolour = 1', r"listener.cache.colour: unknown key"),
-        ('upstream = "redis"\nidle_timeout = "1"', r"listener.cache.idle_timeout: expected"),
-        ('upstream = "redis"\nidle_timeout = -1', r"listener.cache.idle_timeout: must be at"),
+        ('upstream = "redis"\nclient_idle_timeout = "1"', r"cache.client_idle_timeout: expected"),
+        ('upstream = "redis"\nclient_idle_timeout = -1', r"cache.client_idle_timeout: must be"),
         ('upstream = "redis"\nmax_command_size = 10', r"max_command_size: must be at least 1024"),
         ('upstream = "redis"\nmax_pipeline = true', r"max_pipeline: expected a number of"),
         ('upstream = "redis"\nmax_pipeline = 0', r"max_pipeline: must be at least 1"),
@@ -723,7 +723,7 @@ def test_a_client_gone_before_its_connection_was_made() -> None:
 
 
 def test_idle_timeout_closes_a_client_with_nothing_in_flight_but_not_a_subscriber() -> None:
-    h = Harness(idle_timeout=10)
+    h = Harness(client_idle_timeout=10)
     a, a_t = h.client()
     b, b_t = h.client()
     b.dataReceived(cmd("SUBSCRIBE", "c"))
