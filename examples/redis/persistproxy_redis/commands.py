@@ -22,13 +22,19 @@ __all__ = [
     "EXEC",
     "LOCAL",
     "MULTI",
+    "NOPROTO",
     "NOT_SUPPORTED",
     "PLAIN",
     "PUBSUB",
+    "QUIT",
+    "RESOLVE",
     "STICKY",
+    "TABLE",
+    "UNSUPPORTED",
     "UNWATCH",
     "WATCH",
     "classify",
+    "resolve",
 ]
 
 #: No connection state: any pooled connection will do.
@@ -64,12 +70,14 @@ NOPROTO: Final = 18
 #: The error an unsupported command gets.
 NOT_SUPPORTED = b"-ERR persistproxy: command not supported by this proxy\r\n"
 
-# Codes resolved by looking at the arguments.
+#: Codes at or above this are resolved by looking at the arguments (L{resolve}).
+RESOLVE: Final = 32
 _CLIENT = 32
 _HELLO = 33
 _XREAD = 34
 
-_TABLE: dict[bytes, int] = {
+#: Effect codes by upper-case command name; a name not here is L{PLAIN}.
+TABLE: dict[bytes, int] = {
     # Blocking.
     b"BLPOP": BLOCKING,
     b"BRPOP": BLOCKING,
@@ -137,9 +145,12 @@ def classify(args: list[bytes]) -> int:
     """
     The effect code of the command C{args} (name first, as bytes, any case).
     """
-    code = _TABLE.get(args[0].upper(), PLAIN)
-    if code < _CLIENT:
-        return code
+    code = TABLE.get(args[0].upper(), PLAIN)
+    return resolve(code, args) if code >= RESOLVE else code
+
+
+def resolve(code: int, args: list[bytes]) -> int:
+    """The effect of a command whose L{TABLE} code says it depends on its arguments."""
     if code == _CLIENT:
         sub = args[1].upper() if len(args) > 1 and isinstance(args[1], bytes) else b""
         if sub in _CLIENT_STICKY:

@@ -121,16 +121,17 @@ class _Local:
 
 
 class _Batch:
-    """Commands to send upstream together, with their effect codes (L{None}: all plain)."""
+    """
+    Commands to send upstream together: their encoding, their count, and the commands that
+    are not plain (by position in the batch, with their effect code), if any.
+    """
 
-    __slots__ = ("count", "data", "effects", "names")
+    __slots__ = ("count", "data", "effects")
 
-    def __init__(self, data: bytes, count: int, effects: list[int] | None, names: Any) -> None:
+    def __init__(self, data: bytes, count: int, effects: list[tuple[int, int, Any]] | None) -> None:
         self.data = data
         self.count = count
         self.effects = effects
-        #: The commands' names where effects are given (for the access line's C{pinned}).
-        self.names = names
 
 
 def _error(text: str) -> bytes:
@@ -344,13 +345,12 @@ class RedisSession(TwistedProtocol):
         listener = self._listener
         listener.context.stats(listener.name).requests_total += len(found)
         self.commands += len(found)
-        classify = C.classify
+        table = C.TABLE
+        resolve = C.resolve
         pack = hiredis.pack_command
         consumed = 0
         parts: list[bytes] = []
-        codes: list[int] = []
-        names: list[Any] = []
-        special = False
+        specials: list[tuple[int, int, Any]] | None = None
         for command in found:
             if type(command) is list:
                 if not command:
@@ -363,13 +363,15 @@ class RedisSession(TwistedProtocol):
                     code = -1
                 else:
                     consumed += len(packed)
-                    code = classify(command)
+                    code = table.get(command[0].upper(), 0)
+                    if code >= C.RESOLVE:
+                        code = resolve(code, command)
                     if code < C.LOCAL:
-                        parts.append(packed)
-                        codes.append(code)
-                        names.append(command)
                         if code:
-                            special = True
+                            if specials is None:
+                                specials = []
+                            specials.append((len(parts), code, command))
+                        parts.append(packed)
                         continue
             elif command is None:
                 consumed += 5  # *-1: ignored, as Redis does
@@ -379,8 +381,8 @@ class RedisSession(TwistedProtocol):
             else:
                 code = -1
             if parts:
-                self._queue_batch(parts, codes if special else None, names)
-                parts, codes, names, special = [], [], [], False
+                self._queue_batch(parts, specials)
+                parts, specials = [], None
             if code == -1:
                 self._protocol_error("Protocol error: expected an array of bulk strings")
                 return -1
@@ -398,12 +400,12 @@ class RedisSession(TwistedProtocol):
                 self._closing = True
                 return consumed
         if parts:
-            self._queue_batch(parts, codes if special else None, names)
+            self._queue_batch(parts, specials)
         return consumed
 
-    def _queue_batch(self, parts: list[bytes], codes: list[int] | None, names: list[Any]) -> None:
+    def _queue_batch(self, parts: list[bytes], specials: list[tuple[int, int, Any]] | None) -> None:
         data = b"".join(parts) if len(parts) > 1 else parts[0]
-        self.items.append(_Batch(data, len(parts), codes, names))
+        self.items.append(_Batch(data, len(parts), specials))
         self.queued += len(parts)
         self._queued_bytes += len(data)
 
@@ -451,9 +453,9 @@ class RedisSession(TwistedProtocol):
     def _send(self, conn: RedisUpstream, batch: _Batch) -> None:
         effects = batch.effects
         if effects is not None:
-            seq = conn.sent
-            for code, command in zip(effects, batch.names, strict=True):
-                seq += 1
+            base = conn.sent
+            for position, code, command in effects:
+                seq = base + position + 1
                 if code == C.BLOCKING:
                     if not self.in_multi:
                         conn.add_blocking(seq)
@@ -557,7 +559,7 @@ class RedisSession(TwistedProtocol):
 
     def connection_ready(self, connection: RedisUpstream, reused: bool) -> None:
         self._acquiring = False
-        if self.closed:
+        if self.closed or self._ended:
             self.pool.release(connection, True)  # type: ignore[union-attr]
             return
         self.conn = connection

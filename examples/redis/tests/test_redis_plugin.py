@@ -30,6 +30,7 @@ from persistproxy.interfaces import DrainAware, IProtocolPlugin, ProxyContext, T
 from persistproxy.logs import AccessLog, make_event_log
 from persistproxy.metrics import ListenerStats
 from persistproxy.upstream.group import Server, UpstreamGroup
+from persistproxy_redis import commands as C
 from persistproxy_redis.commands import NOT_SUPPORTED
 from persistproxy_redis.plugin import RedisProtocolPlugin
 from persistproxy_redis.session import RedisSession
@@ -209,6 +210,38 @@ def test_its_keys_are_validated_with_the_file_and_key_named() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             _parse(text)
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("GET k", C.PLAIN),
+        ("eval return 1 0", C.PLAIN),
+        ("select 1", C.STICKY),
+        ("Auth pw", C.STICKY),
+        ("CLIENT setname x", C.STICKY),
+        ("CLIENT ID", C.STICKY),
+        ("client list", C.PLAIN),
+        ("CLIENT KILL ID 1", C.UNSUPPORTED),
+        ("CLIENT REPLY OFF", C.UNSUPPORTED),
+        ("HELLO", C.STICKY),
+        ("HELLO 2 SETNAME x", C.STICKY),
+        ("hello 3", C.NOPROTO),
+        ("BLPOP q 0", C.BLOCKING),
+        ("xread COUNT 1 STREAMS s 0", C.PLAIN),
+        ("XREADGROUP GROUP g c block 0 STREAMS s >", C.BLOCKING),
+        ("MULTI", C.MULTI),
+        ("discard", C.EXEC),
+        ("psubscribe a*", C.PUBSUB),
+        ("UNSUBSCRIBE", C.PUBSUB),
+        ("RESET", C.CLIENT_RESET),
+        ("QUIT", C.QUIT),
+        ("MONITOR", C.UNSUPPORTED),
+        ("psync ? -1", C.UNSUPPORTED),
+    ],
+)
+def test_what_each_command_does_to_its_connection(command: str, code: int) -> None:
+    assert C.classify([word.encode() for word in command.split()]) == code
 
 
 # -- lending -----------------------------------------------------------------------------------
