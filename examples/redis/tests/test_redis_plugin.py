@@ -25,6 +25,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+import persistproxy_redis
 from persistproxy.config import ConfigError, ListenerConfig, UpstreamConfig, parse_config
 from persistproxy.interfaces import DrainAware, IProtocolPlugin, ProxyContext, TLSAware
 from persistproxy.logs import AccessLog, make_event_log
@@ -827,3 +828,8 @@ def test_a_client_that_half_closes_during_a_blocking_command_is_closed_at_once()
     assert not b_t.disconnecting, "GET is still answered"
     h.connections[1].dataReceived(b"$-1\r\n")
     assert b_t.disconnecting, "closed once the BLPOP behind the error is sent"
+
+
+def test_these_tests_run_against_the_source_tree() -> None:
+    assert persistproxy_redis.__file__ is not None
+    assert "site-packages" not in persistproxy_redis.__file__, persistproxy_redis.__file__
