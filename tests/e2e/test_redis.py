@@ -12,8 +12,11 @@ proxy's errors for what it does not support, without a hang.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -24,6 +27,7 @@ from typing import Any
 import hiredis
 import pytest
 from e2ehelpers import TWISTD, ManagedProc, Proxy, free_port
+from pki import make_pki
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -402,6 +406,62 @@ def test_each_client_connection_has_an_access_line(proxy: Proxy) -> None:
     assert line["pinned"] == "SELECT" and line["reason"] == "client_closed"
     assert line["bytes_up"] == sum(len(hiredis.pack_command(c)) for c in commands)
     assert line["listener"] == "cache" and line["client"] == "127.0.0.1"
+
+
+def test_tls_termination_and_the_drain(redis: RedisServer, tmp_path: Path) -> None:
+    """The listener's services, as for any plugin: TLS in front, a graceful drain at SIGTERM
+    (a subscriber and an idle client are closed at once, the proxy exits 0)."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    cert, key = pki.site
+    path = tmp_path / "persistproxy.toml"
+    path.write_text(
+        f"""
+[[listener]]
+name = "secure"
+bind = "tcp:0:interface=127.0.0.1"
+protocol = "redis"
+upstream = "redis"
+[listener.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+
+[[upstream]]
+name = "redis"
+servers = ["127.0.0.1:{redis.port}"]
+"""
+    )
+    p = Proxy(str(path), cwd=str(tmp_path), listener="secure")
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki.ca_pem))
+        raw = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="site.test") as s:
+            s.sendall(hiredis.pack_command(("SET", "e2e:tls", "secret")) + b"GET e2e:tls\r\n")
+            reader = hiredis.Reader(notEnoughData=MORE)
+            replies: list[Any] = []
+            while len(replies) < 2:
+                reader.feed(s.recv(4096))
+                while (reply := reader.gets()) is not MORE:
+                    replies.append(reply)
+            assert replies == [b"OK", b"secret"]
+        with Resp(p.port) as plain:
+            # The listener tells plain text by a first byte A-Z (an inline command here; a
+            # RESP array's "*" just fails the handshake).
+            plain.send_raw(b"PING\r\n")
+            error = plain.read()
+            assert isinstance(error, hiredis.ReplyError) and "expects TLS" in str(error)
+        with Resp(p.port) as sub, Resp(p.port) as idle:
+            for r in (sub, idle):
+                r.sock = ctx.wrap_socket(r.sock, server_hostname="site.test")
+            sub.send(("SUBSCRIBE", "e2e:drain"))
+            assert sub.read() == [b"subscribe", b"e2e:drain", 1]
+            assert idle.call("PING") == b"PONG"
+            os.kill(p.pid, signal.SIGTERM)
+            assert sub.closed() and idle.closed()
+        assert p.proc.wait(10) == 0
+        assert p.events("drain.finished")
+    finally:
+        p.terminate(5)
+        p.kill()
 
 
 def test_nothing_went_wrong_inside_the_proxy(proxy: Proxy) -> None:
