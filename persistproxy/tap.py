@@ -32,16 +32,8 @@ from persistproxy import __version__
 from persistproxy.config import ConfigError, ProxyConfig, load_config, parse_config
 from persistproxy.errors import StartupError
 from persistproxy.interfaces import IProtocolPlugin
-from persistproxy.logs import (
-    AccessLog,
-    EventLog,
-    FileSink,
-    LogOutput,
-    LogReopener,
-    make_event_log,
-    route_twisted_events,
-    stdout_output,
-)
+from persistproxy.log_output import FileSink, LogOutput, LogReopener, stdout_output
+from persistproxy.logs import AccessLog, EventLog, make_event_log, route_twisted_events
 from persistproxy.net.selfcheck import self_check
 
 __all__ = ["Options", "example_config", "makeService", "protocol_plugins"]

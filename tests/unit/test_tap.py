@@ -27,7 +27,8 @@ from twisted.internet.testing import MemoryReactorClock
 from persistproxy import __version__, tap
 from persistproxy.config import load_config
 from persistproxy.errors import StartupError
-from persistproxy.logs import FileSink, LogOutput, LogReopener, make_event_log
+from persistproxy.log_output import FileSink, LogOutput, LogReopener
+from persistproxy.logs import make_event_log
 from persistproxy.net.sockopts import with_default_backlog
 from persistproxy.notify import NotifyService
 from persistproxy.reload import ConfigReloader
