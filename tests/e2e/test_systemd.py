@@ -297,10 +297,13 @@ NOBODY = 65534
 
 
 def _hidden_homes_to_expose() -> list[str]:
-    """This Python's installation, if it lives where ProtectHome hides it (pyenv in /root)."""
+    """
+    This Python's installation and the checkout's virtualenv, if they live where the unit's
+    ProtectHome or PrivateTmp hides them (pyenv in /root; a clone in /tmp, as CI's may be).
+    """
     out = []
     for prefix in {sys.base_prefix, sys.prefix}:
-        if prefix.startswith(("/root/", "/home/", "/run/user/")):
+        if prefix.startswith(("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")):
             out.append(prefix)
     return out
 
