@@ -301,8 +301,9 @@ def _hidden_homes_to_expose() -> list[str]:
     This Python's installation and the checkout's virtualenv, if they live where the unit's
     ProtectHome or PrivateTmp hides them (pyenv in /root; a clone in /tmp, as CI's may be).
     """
+    checkout = str(Path(__file__).resolve().parents[2])  # the sandbox script runs from it too
     out = []
-    for prefix in {sys.base_prefix, sys.prefix}:
+    for prefix in {sys.base_prefix, sys.prefix, checkout}:
         if prefix.startswith(("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")):
             out.append(prefix)
     return out
