@@ -57,10 +57,7 @@ class ClientClosing(RequestBodyReader):
     def _send_out(self, flags: int = 0) -> None:
         raise NotImplementedError
 
-    def _end_current(self, by: str) -> bool:
-        raise NotImplementedError
-
-    def _answer_last(self, status: int, detail: str, target: bytes) -> None:
+    def _refuse_current(self, status: int, detail: str, by: str, target: bytes) -> None:
         raise NotImplementedError
 
     def reap_idle(self) -> None:
@@ -189,6 +186,6 @@ class ClientClosing(RequestBodyReader):
                 client=self._peer_str,
                 phase=phase,
             )
-            if self._end_current("timeout"):
-                return
-            self._answer_last(408, f"no complete request {phase} in time", self._url or b"-")
+            self._refuse_current(
+                408, f"no complete request {phase} in time", "timeout", self._url or b"-"
+            )

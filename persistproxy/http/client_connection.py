@@ -429,7 +429,7 @@ class ClientConnection(ClientClosing, Protocol):
         queue = self._queue
         if queue and queue[0] is exchange:
             del queue[0]
-        self._account(exchange, exchange.status)
+        self._account(exchange, exchange.status, exchange.aborted)
         if self._phase == "closed":
             return
         if not exchange.keep_alive:
@@ -553,35 +553,40 @@ class ClientConnection(ClientClosing, Protocol):
             status=status,
             reason=detail,
         )
-        if self._end_current("bad_request"):
-            return
-        self._answer_last(status, detail, b"-")
+        self._refuse_current(status, detail, "bad_request", b"-")
 
-    def _end_current(self, by: str) -> bool:
+    def _refuse_current(self, status: int, detail: str, by: str, target: bytes) -> None:
         """
-        Give up the request whose body is being received, and everything pipelined after
-        it. L{True} if its response was already streaming: then the connection is cut
-        (C{by} says why in its access line) and nothing more can be answered.
+        Give up the request being read, and everything pipelined after it (never answered),
+        and answer C{status} in its place, after the responses owed before it; then close,
+        reading nothing more. C{by} (C{"bad_request"} or C{"timeout"}) is what cut it.
+
+        A request that had reached the upstream stage (its head, and part of its body, may be
+        at the origin) keeps its place and its name: its upstream connection is dropped, and
+        its access line has C{status} and C{"aborted": by}. If its response was already
+        streaming, the connection is cut instead (C{by} in that line): nothing more can be
+        answered. Any other refused request is answered by a placeholder with C{target}.
         """
         current = self._current
         self._current = None
-        if current is None:
-            return False
-        if current.response_started:
-            self.abort(by)  # cancels it, after its access line
-            return True
-        self._drop_from(current)
-        return False
-
-    def _answer_last(self, status: int, detail: str, target: bytes) -> None:
-        """
-        Answer C{status} in the place of the request being read, after the responses owed
-        before it (with its access line and count), then close; nothing more is read.
-        """
+        begun = None
+        if current is not None:
+            if current.response_started:
+                self.abort(by)  # cancels it, after its access line
+                return
+            queue = self._queue
+            if queue and queue[0] is current:
+                begun = current  # the last one parsed: nothing is pipelined after it
+            elif current in queue:
+                self._drop_from(current)
         self._phase = "closing"
         self._pause_reading(PAUSE_CLOSING)
         self._wait(None)
-        failed = Exchange.failed(self, self._ctx, error_response(status, detail), status, target)
+        response = error_response(status, detail)
+        if begun is not None:
+            begun.give_up(response, status, by)
+            return
+        failed = Exchange.failed(self, self._ctx, response, status, target)
         self._queue.append(failed)
         if len(self._queue) == 1:
             failed.start()
