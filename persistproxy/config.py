@@ -99,6 +99,9 @@ class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
     upstreams: Mapping[str, UpstreamConfig]
     log_level: str = "info"
+    #: Seconds an access line may wait in the buffer before it is written (0: at the end of
+    #: the event loop's turn).
+    access_log_flush: float = 0.5
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
@@ -381,6 +384,7 @@ def parse_config(
     log_level = log.string("level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
+    access_log_flush = log.seconds("access_flush", 0.5)
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
     metrics_bind = metrics.string("bind", "")
@@ -391,6 +395,7 @@ def parse_config(
         listeners=tuple(listeners),
         upstreams=upstreams,
         log_level=log_level,
+        access_log_flush=access_log_flush,
         metrics_bind=metrics_bind,
         drain_timeout=top.seconds("drain_timeout", 30.0),
         source=source,
