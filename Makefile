@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
 
-.PHONY: run test venv lint typecheck unit e2e bench system-deps clean
+.PHONY: run test fuzz venv lint typecheck unit e2e bench system-deps clean
 
 ## run: the proxy on 127.0.0.1:8080 in front of the built-in demo origin
 run: $(VENV)/.installed
@@ -19,6 +19,13 @@ test: $(VENV)/.installed-test system-deps
 	$(BIN)/ruff check persistproxy tests twisted bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
+
+## fuzz: the accounting fuzz at length (make test runs 200 fixed examples of it), random
+## examples through the real proxy; FUZZ_EXAMPLES=N to change how many
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(VENV)/.installed-test system-deps
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest -q -s tests/e2e/test_fuzz_accounting.py
 
 venv: $(VENV)/.installed-test
 
