@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
+OLDEST ?= .venv-oldest
+SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg setup.py pyproject.toml etc/persistproxy.toml
 
-.PHONY: run test fuzz venv lint typecheck unit e2e bench system-deps clean
+.PHONY: run test test-oldest fuzz venv lint typecheck unit e2e bench system-deps clean
 
 ## run: the proxy on 127.0.0.1:8080 in front of the built-in demo origin
 run: $(VENV)/.installed
@@ -14,11 +15,19 @@ run: $(VENV)/.installed
 	@echo
 	$(BIN)/twistd --nodaemon --pidfile= persistproxy --demo
 
-## test: lint, type-check, unit tests and end-to-end tests against real processes
+## test: lint, type-check, unit tests and end-to-end tests against real processes, then the
+## unit tests again against the oldest versions setup.cfg allows
 test: $(VENV)/.installed-test system-deps
 	$(BIN)/ruff check persistproxy tests twisted bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) --no-print-directory test-oldest
+
+## test-oldest: the unit tests against exactly the lower bounds of setup.cfg's install_requires
+## (ci/oldest-constraints.txt), on the installed package (pytest, not python -m pytest, so the
+## source tree does not shadow it)
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/pytest -q tests/unit
 
 ## fuzz: the accounting fuzz at length (make test runs 200 fixed examples of it), random
 ## examples through the real proxy; FUZZ_EXAMPLES=N to change how many
@@ -44,6 +53,13 @@ $(VENV)/.installed-test: $(SOURCES)
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@ $(VENV)/.installed
 
+$(OLDEST)/.installed: $(SOURCES) ci/oldest-constraints.txt
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest-constraints.txt '.[test]'
+	$(OLDEST)/bin/python -m pip check
+	touch $@
+
 system-deps:
 	bash scripts/system-deps.sh
 
@@ -51,4 +67,4 @@ bench: $(VENV)/.installed
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) .venv-sslyze build *.egg-info
+	rm -rf $(VENV) $(OLDEST) .venv-sslyze build *.egg-info

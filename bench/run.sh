@@ -4,11 +4,14 @@
 #   bash bench/run.sh            throughput: wrk → {direct, persistproxy, nginx, haproxy} → nginx origin
 #   bash bench/run.sh idle       memory per idle keep-alive client connection (bench/idle_memory.py)
 #   bash bench/run.sh tls        full vs resumed TLS handshakes/s, persistproxy vs nginx (bench/tls_bench.py)
+#   bash bench/run.sh tcp        raw TCP relay GiB/s and CPU/GiB vs nginx stream, haproxy (bench/tcp_bench.py)
+#   bash bench/run.sh race       keep-alive race errors per method, persistproxy vs nginx, haproxy (bench/race_soak.py)
 #
 # Installs nginx, haproxy, wrk (and openssl, taskset, prlimit) from apt when missing and builds the
 # proxy's venv with `make venv`. Every server it starts is stopped on exit, Ctrl-C or SIGTERM.
 # Knobs (environment): DURATION ROUNDS CONNECTIONS THREADS SCENARIOS WRK_CPUS PROXY_CPU ORIGIN_CPU
-# IDLE_CONNECTIONS TLS_TIME KEEP_WORKDIR.
+# IDLE_CONNECTIONS TLS_TIME TCP_BYTES TCP_PARALLEL TCP_TARGETS CLIENT_CPU RACE_SECONDS RACE_ROUNDS
+# RACE_IDLE_CLOSE RACE_CLIENTS RACE_TARGETS KEEP_WORKDIR.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,7 +19,7 @@ REPO="$(cd "$HERE/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
 usage() {
-  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 mode="throughput"
@@ -24,6 +27,8 @@ case "${1:-}" in
   "" | throughput | --throughput) ;;
   idle | --idle) mode="idle" ;;
   tls | --tls) mode="tls" ;;
+  tcp | --tcp) mode="tcp" ;;
+  race | --race) mode="race" ;;
   -h | --help | help) usage; exit 0 ;;
   *) echo "run.sh: unknown mode '$1'" >&2; usage >&2; exit 2 ;;
 esac
@@ -40,6 +45,9 @@ ensure_tools() {
   command -v taskset >/dev/null || need+=(util-linux)
   command -v prlimit >/dev/null || need+=(util-linux)
   command -v "$PYTHON" >/dev/null || need+=(python3)
+  # nginx's stream proxy, a dynamic module in Debian's nginx packages.
+  [ "$mode" != tcp ] || [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] \
+    || need+=(libnginx-mod-stream)
   [ ${#need[@]} -eq 0 ] && return 0
   if ! command -v apt-get >/dev/null; then
     echo "run.sh: missing ${need[*]} and no apt-get here; install them by hand" >&2
@@ -74,6 +82,8 @@ case "$mode" in
   throughput) script="$HERE/harness.py" ;;
   idle) script="$HERE/idle_memory.py" ;;
   tls) script="$HERE/tls_bench.py" ;;
+  tcp) script="$HERE/tcp_bench.py" ;;
+  race) script="$HERE/race_soak.py" ;;
 esac
 
 # Run the Python driver as a child so this shell can forward signals to it; the driver stops

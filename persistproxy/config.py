@@ -11,6 +11,7 @@ journal needs.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
     keepalive_margin: float = 1.0
+    idle_learn_window: float = 60.0
+    assumed_idle_limit: float = 1.0
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
@@ -87,6 +90,8 @@ class ListenerConfig:
     send_408_on_idle: bool = False
     tcp_keepalive: Mapping[str, int] | None = None
     tls: Mapping[str, Any] | None = None
+    #: A byte relay (a tcp listener; HTTP's tunnels later) idle both ways this long is closed.
+    tunnel_idle_timeout: float = 3600.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -99,12 +104,20 @@ class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
     upstreams: Mapping[str, UpstreamConfig]
     log_level: str = "info"
+    #: The file access lines are appended to; "" for standard output, with the other events.
+    access_log_file: str = ""
+    #: Bytes of lines each log output holds while its destination does not take them.
+    log_buffer_size: int = 1024 * 1024
+    #: "auto" (for a person on a terminal, JSON otherwise), "json" or "console".
+    log_format: str = "auto"
     #: Seconds an access line may wait in the buffer before it is written (0: at the end of
     #: the event loop's turn).
     access_log_flush: float = 0.5
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
+    #: The directory relative file names were resolved against: the file's own.
+    base: str = ""
 
 
 class _Section:
@@ -195,20 +208,18 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
 
 def _check_endpoint(section: _Section, key: str, description: str) -> None:
     """
-    Parse a Twisted server endpoint string without binding it, so a typo is a config error
+    Check a Twisted server endpoint string without binding it, so a typo is a config error
     and not a traceback after half of the listeners are already up.
     """
-    from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+    from persistproxy.net.endpoints import EndpointError, check_server_endpoint
 
     try:
-        kind, args, _ = _parseServer(description, None)
-    except (ValueError, TypeError, KeyError) as e:
+        check_server_endpoint(description)
+    except EndpointError as e:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
-    if kind in ("TCP", "SSL") and not 0 <= args[0] < 65536:
-        raise section.fail(key, f"bad endpoint {description!r}: port {args[0]} out of range")
 
 
-def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
+def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: upstream[{index}]: expected a table")
     s = _Section(source, f"upstream[{index}]", table)
@@ -225,13 +236,15 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         connect_timeout=s.seconds("connect_timeout", 5.0),
         response_timeout=s.seconds("response_timeout", 60.0),
         keepalive_margin=s.seconds("keepalive_margin", 1.0),
+        idle_learn_window=s.seconds("idle_learn_window", 60.0),
+        assumed_idle_limit=s.seconds("assumed_idle_limit", 1.0),
         max_connections=s.integer("max_connections", 0),
         queue_size=s.integer("queue_size", 1024),
         queue_timeout=s.seconds("queue_timeout", 10.0),
         max_header_count=s.integer("max_header_count", 100, 1),
         tls=s.boolean("tls", False),
         tls_verify=s.boolean("tls_verify", True),
-        tls_ca=_tls_ca(s),
+        tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
     )
     s.reject_unknown()
@@ -246,14 +259,15 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
     return result
 
 
-def _tls_ca(s: _Section) -> str:
+def _tls_ca(s: _Section, base: Path) -> str:
     """
-    The upstream CA file, checked now so that C{--check} catches it; made absolute.
+    The upstream CA file, checked now so that C{--check} catches it; made absolute (a
+    relative name is relative to C{base}, the configuration file's directory).
     """
     path = s.string("tls_ca", "")
     if not path:
         return ""
-    full = str(Path(path).absolute())
+    full = str(base / path)
     try:
         load_trust_root(full)
     except OSError as e:
@@ -266,16 +280,18 @@ def _tls_ca(s: _Section) -> str:
 _PluginValidator = Callable[[ListenerConfig], None]
 
 
-def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping[str, Any] | None:
+def _listener_tls(
+    s: _Section, source: str, name: str, protocol: str, base: Path
+) -> Mapping[str, Any] | None:
     """
     Check C{[listener.tls]} now, certificate files included (see L{persistproxy.tls.server}).
     """
     table = s.table("tls")
     if table is None:
         return None
-    # Relative file names are relative to the directory twistd starts in, as tls_ca's are.
+    # Relative file names are relative to the configuration file's directory, as tls_ca's.
     ts = _Section(source, f"listener.{name}.tls", table)
-    return parse_listener_tls(table, ts.fail, Path.cwd(), protocol)
+    return parse_listener_tls(table, ts.fail, base, protocol)
 
 
 def _listener(
@@ -284,6 +300,7 @@ def _listener(
     table: Any,
     upstreams: Mapping[str, UpstreamConfig],
     protocols: Mapping[str, _PluginValidator] | None,
+    base: Path,
 ) -> ListenerConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: listener[{index}]: expected a table")
@@ -329,7 +346,8 @@ def _listener(
         max_idle_per_client=s.integer("max_idle_per_client", 0),
         send_408_on_idle=s.boolean("send_408_on_idle", False),
         tcp_keepalive=tcp_keepalive,
-        tls=_listener_tls(s, source, name, protocol),
+        tls=_listener_tls(s, source, name, protocol, base),
+        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
         extra=s.unused(),
     )
     if protocols is not None:
@@ -345,6 +363,28 @@ def _listener(
     return listener
 
 
+def _access_log_file(s: _Section, base: Path) -> str:
+    """
+    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to the
+    configuration file's directory, as C{tls_ca}), whose directory must exist so that
+    C{--check} catches a typo; the file itself is opened (created) at start.
+    """
+    value = s.string("access_log", "stdout")
+    if value == "stdout":
+        return ""
+    if not value:
+        raise s.fail("access_log", 'expected "stdout" or a file name, got ""')
+    path = base / value
+    try:
+        if path.is_dir():
+            raise s.fail("access_log", f"{path} is a directory")
+        if not path.parent.is_dir():
+            raise s.fail("access_log", f"directory {path.parent} does not exist")
+    except OSError as e:
+        raise s.fail("access_log", f"{path}: {e.strerror}") from None
+    return str(path)
+
+
 _TOP_KEYS = {"listener", "upstream", "log", "metrics", "drain_timeout"}
 
 
@@ -352,6 +392,7 @@ def parse_config(
     document: Mapping[str, Any],
     source: str = "<built-in>",
     protocols: Mapping[str, _PluginValidator] | None = None,
+    base: str | Path | None = None,
 ) -> ProxyConfig:
     """
     Validate a decoded TOML document.
@@ -359,7 +400,12 @@ def parse_config(
     @param protocols: the validator of each known listener protocol, by name. A validator
         raises L{ConfigError} with C{"key: problem"} for a key of its own it dislikes and
         rejects keys it does not know. With L{None}, only the built-in keys are accepted.
+    @param base: the directory relative file names (certificates, C{tls_ca}, C{[log]
+        access_log}) are relative to: the file's own (L{load_config}); the working
+        directory if not given. Names are made absolute, without resolving links.
     """
+    # Lexically normalised (".." folded), not resolved: a link in the path stays a link.
+    root = Path(os.path.normpath(Path(base if base is not None else ".").absolute()))
     top = _Section(source, "", document)
     for key in document:
         if key not in _TOP_KEYS:
@@ -367,7 +413,7 @@ def parse_config(
     raw_upstreams = top._get("upstream", (list,), "an array of tables [[upstream]]", [])
     upstreams: dict[str, UpstreamConfig] = {}
     for i, table in enumerate(raw_upstreams):
-        up = _upstream(source, i, table)
+        up = _upstream(source, i, table, root)
         if up.name in upstreams:
             raise ConfigError(f"{source}: upstream[{i}].name: duplicate name {up.name!r}")
         upstreams[up.name] = up
@@ -376,7 +422,7 @@ def parse_config(
         raise top.fail("listener", "at least one [[listener]] is required")
     listeners: list[ListenerConfig] = []
     for i, table in enumerate(raw_listeners):
-        lc = _listener(source, i, table, upstreams, protocols)
+        lc = _listener(source, i, table, upstreams, protocols, root)
         if any(other.name == lc.name for other in listeners):
             raise ConfigError(f"{source}: listener[{i}].name: duplicate name {lc.name!r}")
         listeners.append(lc)
@@ -384,6 +430,11 @@ def parse_config(
     log_level = log.string("level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
+    access_log_file = _access_log_file(log, root)
+    log_buffer_size = log.integer("buffer_size", 1024 * 1024, 65536)
+    log_format = log.string("format", "auto")
+    if log_format not in ("auto", "json", "console"):
+        raise log.fail("format", f"expected auto, json or console, got {log_format!r}")
     access_log_flush = log.seconds("access_flush", 0.5)
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
@@ -395,10 +446,14 @@ def parse_config(
         listeners=tuple(listeners),
         upstreams=upstreams,
         log_level=log_level,
+        access_log_file=access_log_file,
+        log_buffer_size=log_buffer_size,
+        log_format=log_format,
         access_log_flush=access_log_flush,
         metrics_bind=metrics_bind,
         drain_timeout=top.seconds("drain_timeout", 30.0),
         source=source,
+        base=str(root),
     )
 
 
@@ -406,7 +461,8 @@ def load_config(
     path: str | Path, protocols: Mapping[str, _PluginValidator] | None = None
 ) -> ProxyConfig:
     """
-    Read and validate a TOML file; every failure is a one-line L{ConfigError}.
+    Read and validate a TOML file; every failure is a one-line L{ConfigError}. Relative
+    file names in it are relative to its directory, wherever twistd is started.
     """
     source = str(path)
     try:
@@ -416,4 +472,4 @@ def load_config(
         raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    return parse_config(document, source, protocols)
+    return parse_config(document, source, protocols, Path(path).absolute().parent)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.e2e.test_http_core -*-
+# -*- test-case-name: tests.unit.test_demo -*-
 """
 A small origin that runs inside the proxy process with C{--demo}, so that a newcomer sees
 the proxy work before writing a configuration.

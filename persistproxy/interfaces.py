@@ -109,7 +109,10 @@ class PooledConnection(Protocol):
     def usable(self, now: float, margin: float) -> bool:
         """
         Whether it may be lent now: open, between requests, and not within C{margin} seconds
-        of a keep-alive limit the server announced or was learned.
+        of a keep-alive limit the server announced. The margin counts for at most half of
+        that limit, so C{margin=math.inf} asks whether the connection is in the first half of
+        it (what the pool asks for a request that must not be replayed). A limit the pool
+        learned from the server's closes is the pool's to apply.
         """
 
     def close(self) -> None:
@@ -153,8 +156,14 @@ class Pool(Protocol[C]):
 
     address: str
 
-    def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
-        """Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one."""
+    def acquire(
+        self, waiter: ConnectionWaiter[C], fresh: bool = False, replayable: bool = True
+    ) -> None:
+        """
+        Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one. Say
+        C{replayable=False} for work that must not be sent twice (an HTTP POST): it is lent
+        only a connection that cannot be in the keep-alive race with its server's idle close.
+        """
 
     def release(self, connection: C, reusable: bool) -> None:
         """Give a lent connection back once its work is complete (closed unless reusable)."""
@@ -210,7 +219,10 @@ class IProxyContext(Interface):
     reactor = Attribute("The reactor (IReactorCore, IReactorTime, IReactorTCP) to use.")
     clock = Attribute("The same reactor, typed as IReactorTime, for timers.")
     log = Attribute("The event log (structlog): C{log.info(event, **fields)}.")
-    access_log = Attribute("Where access lines go: C{log(record)} (batched, never blocks).")
+    access_log = Attribute(
+        "Where access lines go (batched, never blocks): C{record(fields)} writes one line of"
+        " any protocol (a dict of JSON-encodable fields); HTTP's exchanges use C{log(...)}."
+    )
 
     def upstream(name: str, connector: UpstreamConnector[Any]) -> Upstream[Any]:
         """

@@ -12,15 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from persistproxy.config import ProxyConfig
+from persistproxy.descriptors import DescriptorBudget, Process
 from persistproxy.interfaces import IProtocolPlugin, ProxyContext
 from persistproxy.listener.admission import ConnectionRegistry
 from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.listener.service import ListenerService
 from persistproxy.logs import AccessLog, EventLog
-from persistproxy.metrics import ProxyStats
+from persistproxy.metrics import PoolState, ProxyStats
 from persistproxy.tls.upstream import endpoint_wrapper
 from persistproxy.upstream.group import EndpointWrapper, Router
 
@@ -40,10 +41,13 @@ class ProxyService(MultiService):
         log: EventLog,
         upstream_tls: EndpointWrapper | None = None,
         access_log: AccessLog | None = None,
+        process: Process | None = None,
     ) -> None:
         """
         @param upstream_tls: wraps every upstream's endpoints (tests); by default each
             upstream's own TLS settings decide.
+        @param process: the process whose descriptor limit is raised and budgeted at start
+            (L{persistproxy.descriptors.ProcessDescriptors}); without it, no budget.
         """
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
@@ -51,6 +55,9 @@ class ProxyService(MultiService):
         self.access_log = access_log or AccessLog(reactor, flush_interval=config.access_log_flush)
         self.config = config
         self.proxy_stats = ProxyStats()
+        self._process = process
+        #: Every listener admits, and every pool opens, within it.
+        self.budget = DescriptorBudget(log)
         self.router = Router(
             reactor,
             config.upstreams,
@@ -58,6 +65,7 @@ class ProxyService(MultiService):
             (lambda up: upstream_tls)
             if upstream_tls is not None
             else (lambda up: endpoint_wrapper(reactor, up, log)),
+            self.budget,
         )
         self.connections = ConnectionRegistry()
         self._limits = {
@@ -68,10 +76,13 @@ class ProxyService(MultiService):
                 lc.max_idle_per_client,
                 log,
                 self.proxy_stats.listener(lc.name),
+                self.budget,
             )
             for lc in config.listeners
         }
         self._draining = False
+        #: Waiting for the drain to finish (L{when_drained}); None once it has.
+        self._drain_waiters: list[Deferred[None]] | None = []
         #: What every plugin is lent (see L{persistproxy.interfaces.IProxyContext}).
         self.context = ProxyContext(
             reactor=reactor,
@@ -102,17 +113,71 @@ class ProxyService(MultiService):
     def draining(self) -> bool:
         return self._draining
 
+    def ready(self) -> bool:
+        """
+        Whether new clients are served: every listener is bound and no drain has begun
+        (C{/readyz}; a load balancer stops sending clients when it turns false).
+        """
+        return (
+            bool(self.running)
+            and not self._draining
+            and all(listener.port is not None for listener in self.listeners)
+        )
+
+    def when_drained(self) -> Deferred[None]:
+        """
+        Fires once a drain has finished (at once if one has), so that what watches the drain
+        (the metrics listener) stays up until then.
+        """
+        if self._drain_waiters is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def startService(self) -> None:
+        # The listeners are bound (privilegedStartService) and the reactor has not polled
+        # yet: the descriptors open now are the fixed ones, and no client is accepted before
+        # the budget is set.
+        if self._process is not None:
+            wanted = [lc.max_connections for lc in self.config.listeners]
+            self.budget.start(self._process, None if 0 in wanted else sum(wanted))
+        super().startService()  # type: ignore[no-untyped-call]
+
     # -- drain --------------------------------------------------------------------------------
 
     def open_connections(self) -> int:
         return len(self.connections)
 
-    def pool_gauges(self) -> list[tuple[str, str, int, int, int, int]]:
-        return [
-            (group.config.name, pool.address, pool.active, pool.idle, pool.waiting, pool.connects)
+    def pool_gauges(self, with_ages: bool = False) -> list[PoolState]:
+        """
+        Every pool's state, and a zero state for each configured server no protocol has a
+        pool for (yet): every server's series exists from the first scrape.
+
+        @param with_ages: also walk the idle stacks for each connection's idle age (the
+            status page).
+        """
+        states = [
+            PoolState(
+                group.config.name,
+                pool.address,
+                pool.active,
+                pool.idle,
+                pool.waiting,
+                pool.connects,
+                pool.connect_failures,
+                tuple(pool.idle_ages()) if with_ages else (),
+                pool.learned_idle,
+            )
             for group in self.router.groups
             for pool in group.pools
         ]
+        seen = {(state.upstream, state.server) for state in states}
+        for name, servers in self.router.servers.items():
+            for server in servers:
+                if (name, server.address) not in seen:
+                    states.append(PoolState(name, server.address))
+        return states
 
     async def _drain(self) -> None:
         self._draining = True
@@ -131,9 +196,15 @@ class ProxyService(MultiService):
         self.router.close()
         self.access_log.flush()
         self.log.info("drain.finished", open_connections=self.open_connections())
+        waiters, self._drain_waiters = self._drain_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(None)
         # twistd re-raises the signal that stopped the reactor once it has stopped, so the
         # process would end "killed by SIGTERM". A drain that ran is a clean, requested exit:
         # say so with status 0, as the systemd unit and the drain contract expect.
+        # _exitSignal is private (twistd reads it through _ISupportsExitSignalCapturing):
+        # without it this does nothing and the exit status is the signal's; the start-up
+        # self-check (persistproxy.net.selfcheck, "exit_signal") logs that once.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_governance -*-
+# -*- test-case-name: tests.unit.test_client_closing -*-
 """
 How a client connection ends and what it waits for: the timeout queues of its phases, the
 send timeout, the graceful close (half-close, then a short drain of the client's input, so a
@@ -57,7 +57,12 @@ class ClientClosing(RequestBodyReader):
     def _send_out(self, flags: int = 0) -> None:
         raise NotImplementedError
 
-    def _refuse_current(self, status: int, detail: str, by: str, target: bytes) -> None:
+    def _refuse_current(
+        self, status: int, detail: str, by: str, line: tuple[bytes, bytes, str]
+    ) -> None:
+        raise NotImplementedError
+
+    def _request_line(self) -> tuple[bytes, bytes, str]:
         raise NotImplementedError
 
     def reap_idle(self) -> None:
@@ -186,6 +191,6 @@ class ClientClosing(RequestBodyReader):
                 client=self._peer_str,
                 phase=phase,
             )
-            self._refuse_current(
-                408, f"no complete request {phase} in time", "timeout", self._url or b"-"
-            )
+            # Its access line says what was read of it (the request line, if complete).
+            line = self._request_line()
+            self._refuse_current(408, f"no complete request {phase} in time", "timeout", line)

@@ -36,7 +36,12 @@ from persistproxy.http.request_body import (
     PAUSE_CLOSING,
     PAUSE_UPSTREAM,
 )
-from persistproxy.http.request_head import OTHER_VERSION, UNKNOWN_METHOD, BadRequest
+from persistproxy.http.request_head import (
+    OTHER_VERSION,
+    UNKNOWN_METHOD,
+    BadRequest,
+    RequestLine,
+)
 from persistproxy.net.fastwrite import (
     backlogged,
     can_write_directly,
@@ -136,6 +141,7 @@ class ClientConnection(ClientClosing, Protocol):
         self.log_extra = facts
 
     def dataReceived(self, data: bytes) -> None:
+        self._ctx.stats.bytes_in += len(data)
         phase = self._phase
         if phase == "closing":
             # Nothing read now will be answered: stop reading until the last response is out.
@@ -175,32 +181,34 @@ class ClientConnection(ClientClosing, Protocol):
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data, e)
         except BadRequest as e:
-            self._reject(e.status, str(e))
+            self._reject(e.status, str(e), e.request_line)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, BadRequest):
-                self._reject(cause.status, str(cause))
+                self._reject(cause.status, str(cause), cause.request_line)
             else:
                 raise
         except httptools.HttpParserInvalidMethodError:
             # A well-formed request line with a method llhttp does not know is "not
             # implemented"; anything else in its place is simply malformed.
-            if UNKNOWN_METHOD.match(data):
-                self._reject(501, "method not implemented")
+            if unknown := UNKNOWN_METHOD.match(data):
+                line = (unknown.group(1), unknown.group(2), unknown.group(3).decode())
+                self._reject(501, "method not implemented", line)
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
             reason = str(e)
             if parser.get_method() == b"PRI" and parser.get_http_version() == "2.0":
                 # HTTP/2's connection preface (prior knowledge): llhttp stops at it.
-                self._reject(505, "HTTP/2 is not supported on this listener")
+                self._reject(505, "HTTP/2 is not supported on this listener", (b"PRI", b"*", "2.0"))
             elif ("version" in reason or "dot" in reason) and (
                 other := OTHER_VERSION.search(data)
             ):
                 # A version llhttp does not parse (HTTP/1.2, HTTP/1.10): not supported, as
                 # the 0.9 and 2.0 it does parse (judged in _upstream_request).
-                version = other.group(1).decode()
-                self._reject(505, f"HTTP/{version} is not supported")
+                version = other.group("version").decode()
+                line = (other.group("method"), other.group("target"), version)
+                self._reject(505, f"HTTP/{version} is not supported", line)
             else:
                 self._reject(400, reason or "malformed request")
         else:
@@ -291,7 +299,14 @@ class ClientConnection(ClientClosing, Protocol):
             return  # pipelined after a request that closes the connection: never answered
         parser = self._parser
         assert parser is not None
-        method, url, head, http11, keep_alive, has_body, chunked = self._upstream_request(parser)
+        try:
+            method, url, head, http11, keep_alive, has_body, chunked = self._upstream_request(
+                parser
+            )
+        except BadRequest as e:
+            # The request line is complete here: its access line says what it was.
+            e.request_line = (parser.get_method(), self._url, parser.get_http_version())
+            raise
         ctx = self._ctx
         self._served += 1
         exchange = Exchange(
@@ -460,11 +475,26 @@ class ClientConnection(ClientClosing, Protocol):
         self._account(exchange, exchange.status if exchange.response_started else 499, by)
 
     def _account(self, exchange: Exchange, status: int, aborted: str | None = None) -> None:
-        """An exchange's count in the metrics and its access line."""
+        """
+        An exchange's count in the metrics and its access line. Its duration goes into the
+        listener's histogram, and the server's if it went upstream: plain integer counts,
+        read at scrape time (L{persistproxy.metrics.Histogram}).
+        """
         ctx = self._ctx
-        ctx.stats.count_response(status)
+        stats = ctx.stats
+        stats.count_response(status)
         if aborted is not None:
-            ctx.stats.aborted[aborted] = ctx.stats.aborted.get(aborted, 0) + 1
+            stats.aborted[aborted] = stats.aborted.get(aborted, 0) + 1
+        duration = ctx.clock.seconds() - exchange.started
+        stats.durations.observe(duration)
+        stats.bytes_out += exchange.bytes_out
+        server = exchange.server
+        if server is not None:
+            upstream = stats.upstream(ctx.config.upstream, server)
+            upstream.requests += 1
+            if exchange.reused:
+                upstream.reused += 1
+            upstream.durations.observe(duration)
         access_log = ctx.access_log
         if access_log is not None:
             extra = self.log_extra
@@ -475,10 +505,10 @@ class ClientConnection(ClientClosing, Protocol):
                 self._peer_str,
                 exchange.method.decode("latin-1"),
                 ctx.log_path(exchange.target),
-                "1.1" if exchange.client_http11 else "1.0",
+                exchange.version or ("1.1" if exchange.client_http11 else "1.0"),
                 status,
                 exchange.bytes_out,
-                (ctx.clock.seconds() - exchange.started) * 1000,
+                duration * 1000,
                 exchange.server,
                 exchange.reused,
                 exchange.retries + exchange.stale,
@@ -539,11 +569,16 @@ class ClientConnection(ClientClosing, Protocol):
         if queue:
             queue.pop().cancel()
 
-    def _reject(self, status: int, detail: str) -> None:
+    def _reject(self, status: int, detail: str, line: RequestLine | None = None) -> None:
         """
         Answer a malformed request after the responses owed before it, then close. Nothing
         of it, nor anything pipelined after it, reaches the origin.
+
+        @param line: the refused request's method, target and version, when known; else
+            what the parser got of them (L{_request_line}).
         """
+        if line is None:
+            line = self._request_line()
         ctx = self._ctx
         ctx.stats.bad_requests += 1
         ctx.log.warning(
@@ -553,9 +588,29 @@ class ClientConnection(ClientClosing, Protocol):
             status=status,
             reason=detail,
         )
-        self._refuse_current(status, detail, "bad_request", b"-")
+        self._refuse_current(status, detail, "bad_request", line)
 
-    def _refuse_current(self, status: int, detail: str, by: str, target: bytes) -> None:
+    def _request_line(self) -> RequestLine:
+        """
+        What was parsed of the request being read, for the access line of its refusal: the
+        exchange's if its head was complete, else the method once llhttp reached the target,
+        and the version once llhttp parsed it. llhttp keeps the previous message's version
+        until the next one's is parsed, so it is taken only when it cannot be a previous
+        message's: a header line followed, or no earlier request shares this parser (one is
+        made per request unless requests are pipelined, and then they are queued).
+        """
+        current = self._current
+        if current is not None:
+            return current.method, current.target, "1.1" if current.client_http11 else "1.0"
+        parser = self._parser
+        if parser is None or not self._url:
+            return b"-", b"-", "-"
+        version = parser.get_http_version()
+        if version == "0.0" or (self._queue and self._head_size <= len(self._url)):
+            version = "-"
+        return parser.get_method(), self._url, version
+
+    def _refuse_current(self, status: int, detail: str, by: str, line: RequestLine) -> None:
         """
         Give up the request being read, and everything pipelined after it (never answered),
         and answer C{status} in its place, after the responses owed before it; then close,
@@ -565,7 +620,8 @@ class ClientConnection(ClientClosing, Protocol):
         at the origin) keeps its place and its name: its upstream connection is dropped, and
         its access line has C{status} and C{"aborted": by}. If its response was already
         streaming, the connection is cut instead (C{by} in that line): nothing more can be
-        answered. Any other refused request is answered by a placeholder with C{target}.
+        answered. Any other refused request is answered by a placeholder whose access line
+        has C{line}: what was parsed of its method, target and version.
         """
         current = self._current
         self._current = None
@@ -586,7 +642,8 @@ class ClientConnection(ClientClosing, Protocol):
         if begun is not None:
             begun.give_up(response, status, by)
             return
-        failed = Exchange.failed(self, self._ctx, response, status, target)
+        method, target, version = line
+        failed = Exchange.failed(self, self._ctx, response, status, target, method, version)
         self._queue.append(failed)
         if len(self._queue) == 1:
             failed.start()

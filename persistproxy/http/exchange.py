@@ -114,6 +114,7 @@ class Exchange:
         "status",
         "target",
         "upstream",
+        "version",
     )
 
     def __init__(
@@ -160,6 +161,9 @@ class Exchange:
         self.retries = 0
         self.stale = 0
         self.reused = False
+        #: The client's HTTP version for the access line when it is not 1.0 or 1.1 as
+        #: C{client_http11} says (a refused request's: "-" if never parsed).
+        self.version = ""
         self.started = self.chunk_window = ctx.clock.seconds()
 
     @classmethod
@@ -170,16 +174,20 @@ class Exchange:
         response: bytes,
         status: int,
         target: bytes = b"-",
+        method: bytes = b"-",
+        version: str = "-",
     ) -> Exchange:
         """
         A placeholder that answers with a ready-made error response and closes, keeping its
         place in the pipeline so that earlier requests are still answered first.
 
-        @param target: the request target for the access line, when it is known.
+        @param target: the request target for the access line, when it is known; so are
+            C{method} and C{version}, as far as they were parsed.
         """
-        exchange = cls(client, ctx, b"-", target, b"", False, False, False, False)
+        exchange = cls(client, ctx, method, target, b"", False, False, False, False)
         exchange.error = response
         exchange.status = status
+        exchange.version = version
         return exchange
 
     # -- driven by the client connection ----------------------------------------------------
@@ -195,7 +203,7 @@ class Exchange:
             self._client.exchange_finished(self)
             return
         self._pool = self._ctx.group.pick()
-        self._pool.acquire(self)
+        self._pool.acquire(self, replayable=self._ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
         """

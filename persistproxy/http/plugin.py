@@ -69,6 +69,10 @@ class HTTPProtocolPlugin:
             access_log=context.access_log if listener.access_log else None,
             limits=context.limits(listener.name),
         )
+        # Kept-alive connections waiting for their next request, read at scrape time (none
+        # are kept with keepalive_timeout = 0).
+        idle = ctx.idle_queue
+        ctx.stats.idle = idle.__len__ if idle is not None else (lambda: 0)
         return HTTPFactory(ctx)
 
     def refusal(self, reason: str) -> bytes:

@@ -35,18 +35,20 @@ __all__ = [
     "UNKNOWN_METHOD",
     "BadRequest",
     "RequestHeadReader",
+    "RequestLine",
     "UpstreamRequest",
     "origin_form",
 ]
 
 #: A well-formed request line whose method llhttp does not know: 501, not 400.
-UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
+UNKNOWN_METHOD = re.compile(rb"\A([A-Z][A-Z0-9_-]{0,31}) ([!-~]+) HTTP/(1\.[01])\r\n")
 
 #: A request line with a well-formed version that is neither 1.0 nor 1.1 (llhttp refuses
 #: HTTP/1.2 and cannot parse HTTP/1.10): 505, as for HTTP/2.0, not 400. Anchored to a line
 #: start, as the read may hold requests pipelined before it.
 OTHER_VERSION = re.compile(
-    rb"(?:\A|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/(?!1\.[01]\r\n)([0-9]{1,3}\.[0-9]{1,3})\r\n"
+    rb"(?:\A|\n)(?P<method>[A-Z][A-Z0-9_-]{0,31}) (?P<target>[!-~]+) "
+    rb"HTTP/(?!1\.[01]\r\n)(?P<version>[0-9]{1,3}\.[0-9]{1,3})\r\n"
 )
 
 #: RFC 9112 3.2 / RFC 3986 3.2.2: a reg-name or an IP literal, and an optional port.
@@ -57,12 +59,22 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0
 UpstreamRequest = tuple[bytes, bytes, bytes, bool, bool, bool, bool]
 
 
+#: What was parsed of a refused request's line, for its access line: method, target, version
+#: (C{b"-"}, C{b"-"}, C{"-"} for what was not reached).
+RequestLine = tuple[bytes, bytes, str]
+
+
 class BadRequest(Exception):
-    """A request refused for its head (or its body's size): C{status} goes to the client."""
+    """
+    A request refused for its head (or its body's size): C{status} goes to the client.
+
+    @ivar request_line: the request line, when the refusal came after it was complete.
+    """
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
+        self.request_line: RequestLine | None = None
 
 
 def origin_form(target: bytes) -> tuple[bytes, bytes]:

@@ -228,7 +228,8 @@ class UpstreamConnection(TwistedProtocol):
     def usable(self, now: float, margin: float) -> bool:
         """
         Whether the pool may hand this idle connection out without racing the origin's
-        own keep-alive timeout.
+        own keep-alive timeout (the margin counts for at most half of it: C{math.inf} asks
+        for the first half).
         """
         if self.state != "IDLE":
             return False

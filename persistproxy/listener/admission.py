@@ -98,7 +98,9 @@ class ListenerFactory:
         host = getattr(addr, "host", None) or ""
         verdict = self.limits.admit(host)
         if verdict is not None and verdict != HOLD:
-            return Rejection(self._clock, self._refusal(verdict))
+            return Rejection(
+                self._clock, self._refusal(verdict), on_close=self.limits.refusal_closed
+            )
         held = verdict == HOLD
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:

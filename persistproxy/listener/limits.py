@@ -6,26 +6,31 @@ address, and how many idle keep-alive connections a client may park.
 Every decision is made when a connection is accepted, goes idle, becomes busy or closes: each
 is O(1) on dicts keyed by the client's address, with no periodic scan. Per-client counts key
 on C{address.host} (Twisted's own C{LimitConnectionsByPeer} indexes the address like a tuple,
-which modern address objects do not support).
+which modern address objects do not support). Besides its own C{max_connections}, a listener
+admits only while the process's descriptor budget (L{persistproxy.descriptors}, shared by
+every listener) has room.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from zope.interface import implementer
 
+from persistproxy.descriptors import DescriptorBudget
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
 from persistproxy.policy import Deadline
 
 __all__ = ["HOLD", "ConnectionLimits", "Holdable", "Reapable", "Rejection"]
 
-#: L{ConnectionLimits.admit}'s answer for a connection accepted past C{max_connections}.
+#: L{ConnectionLimits.admit}'s answer for a connection accepted past C{max_connections} or
+#: past the descriptor budget.
 HOLD = "hold"
 
 
@@ -47,7 +52,8 @@ class ConnectionLimits:
     The connection limits of one listener.
 
     @ivar port: the listening port, set once it listens; reading from it stops while
-        C{max_connections} are open, so that further clients wait in the kernel's backlog.
+        C{max_connections} are open, or while the descriptor budget is full, so that further
+        clients wait in the kernel's backlog.
     """
 
     def __init__(
@@ -58,7 +64,12 @@ class ConnectionLimits:
         idle_per_client: int,
         log: EventLog,
         stats: ListenerStats,
+        budget: DescriptorBudget | None = None,
     ) -> None:
+        """
+        @param budget: the process's descriptor budget, shared by every listener; none (no
+            limit but C{max_connections}) if not given.
+        """
         self.listener = listener
         self.max_connections = max_connections
         self.per_client = per_client
@@ -71,6 +82,8 @@ class ConnectionLimits:
         self._idle: dict[str, dict[Reapable, None]] = {}
         self._held: deque[Holdable] = deque()
         self._accepting = True
+        self._budget = budget if budget is not None else DescriptorBudget()
+        self._budget.add_listener(self)
 
     def admit(self, host: str) -> str | None:
         """
@@ -78,13 +91,21 @@ class ConnectionLimits:
         """
         if self.per_client and self._clients.get(host, 0) >= self.per_client:
             self._refused(host, "per-client connection limit")
+            # Its socket lingers for the answer (see Rejection): a flood of refused
+            # connections must not take the descriptors of admitted ones.
+            self._budget.admitted()
             return "too many connections from your address"
-        if self.max_connections and self.total >= self.max_connections:
+        if not self._has_room():
             # Accepted in the same accept() burst as the connection that reached the limit,
             # before reading from the port stopped: it waits, unread, as if in the backlog.
             return HOLD
         self._count(host)
         return None
+
+    def _has_room(self) -> bool:
+        return (
+            not self.max_connections or self.total < self.max_connections
+        ) and self._budget.has_room()
 
     def hold(self, connection: Holdable) -> None:
         """
@@ -105,20 +126,36 @@ class ConnectionLimits:
                 self._clients[host] = left
             else:
                 self._clients.pop(host, None)
-        held = self._held
-        while held and self.total < self.max_connections:
-            connection = held.popleft()
-            self._count(connection.peer)
-            connection.unhold()
-        if not self._accepting and self.total < self.max_connections:
-            self._set_accepting(True)
+        self._budget.left(self)
+        self.budget_freed()
+
+    def refusal_closed(self) -> None:
+        """A refused connection (see L{admit}) closed."""
+        self._budget.left(self)
+        self.budget_freed()
 
     def _count(self, host: str) -> None:
         self.total += 1
         if self.per_client:
             self._clients[host] = self._clients.get(host, 0) + 1
-        if self.max_connections and self.total >= self.max_connections:
+        self._budget.admitted()
+        if self.max_connections and self.total >= self.max_connections and self._accepting:
             self._set_accepting(False)
+
+    # -- what the descriptor budget calls ------------------------------------------------------
+
+    def budget_full(self) -> None:
+        if self._accepting:
+            self._set_accepting(False)
+
+    def budget_freed(self) -> None:
+        held = self._held
+        while held and self._has_room():
+            connection = held.popleft()
+            self._count(connection.peer)
+            connection.unhold()
+        if not self._accepting and self._has_room():
+            self._set_accepting(True)
 
     def went_idle(self, host: str, connection: Reapable) -> None:
         """
@@ -161,8 +198,14 @@ class ConnectionLimits:
             self._log.info("listener.accepting", listener=self.listener, open=self.total)
         else:
             port.stopReading()
+            full = self.max_connections and self.total >= self.max_connections
             self._log.warning(
-                "listener.full", listener=self.listener, max_connections=self.max_connections
+                "listener.full",
+                listener=self.listener,
+                max_connections=self.max_connections,
+                open=self.total,
+                reason="max_connections" if full else "descriptors",
+                budget_fits=self._budget.fits or None,
             )
 
 
@@ -174,10 +217,20 @@ class Rejection(TwistedProtocol):
     moment, so the answer is read rather than destroyed by a reset.
     """
 
-    def __init__(self, clock: IReactorTime, response: bytes, linger: float = 1.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        response: bytes,
+        linger: float = 1.0,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """
+        @param on_close: called once the connection is closed (the listener uncounts it).
+        """
         self._response = response
         self._timer = Deadline(clock, self._give_up)
         self._linger = linger
+        self._on_close = on_close
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -201,6 +254,9 @@ class Rejection(TwistedProtocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._timer.stop()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def _give_up(self) -> None:
         if self.transport is not None:

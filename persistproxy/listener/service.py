@@ -9,7 +9,6 @@ without one of its listeners.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application.service import Service
@@ -18,12 +17,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 
 from persistproxy.config import ListenerConfig
+from persistproxy.errors import StartupError
 from persistproxy.interfaces import IProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
-from persistproxy.net.sockopts import configure_listening_socket
+from persistproxy.net.sockopts import configure_listening_socket, with_default_backlog
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS
 from persistproxy.tls.transport import TLSListenerFactory
 
@@ -74,7 +74,7 @@ class ListenerService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
         try:
-            endpoint = serverFromString(self._reactor, self.config.bind)
+            endpoint = serverFromString(self._reactor, with_default_backlog(self.config.bind))
             d = endpoint.listen(self._listening_factory)
             result: list[Any] = []
             d.addBoth(result.append)
@@ -84,17 +84,16 @@ class ListenerService(Service):
             if not IListeningPort.providedBy(outcome):
                 outcome.raiseException()
         except Exception as e:
-            # A port in use or a socket systemd did not pass: one line, not a traceback, and
-            # no half-started proxy.
+            # A port in use or a socket systemd did not pass: one line naming the key (the
+            # twistd plugin adds the file and prints it on stderr), not a traceback, and no
+            # half-started proxy.
             reason = str(e) or type(e).__name__
             if isinstance(e, KeyError):
                 reason = f"no inherited socket named {reason}"
-            print(
-                f"persistproxy: listener {self.config.name}: cannot listen on "
-                f"{self.config.bind!r}: {reason}",
-                file=sys.stderr,
-            )
-            sys.exit(1)
+            raise StartupError(
+                f"listener.{self.config.name}.bind: cannot listen on "
+                f"{self.config.bind!r}: {reason}"
+            ) from None
         self.port = outcome
         # Inherited by every accepted socket: no per-connection setsockopt.
         configure_listening_socket(getattr(outcome, "socket", None), self.config.tcp_keepalive)

@@ -11,6 +11,12 @@ so flow control and error handling stay Twisted's.
 
 These are plain functions rather than a closure per connection: an idle connection should
 cost as little memory as possible.
+
+They read and set Twisted's private buffer state (C{_tempDataLen}, C{dataBuffer},
+C{_writeDisconnecting}, C{_aborting}...). The start-up self-check
+(L{persistproxy.net.selfcheck}) probes that state on a throwaway transport; if it is not as
+expected, L{can_write_directly} says no for every connection and Twisted's own write path is
+used.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import socket
 from typing import Any
 
 from twisted.internet import tcp
+
+from persistproxy.net.selfcheck import usable
 
 __all__ = [
     "MSG_MORE",
@@ -36,9 +44,11 @@ MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
 
 def can_write_directly(transport: Any) -> bool:
     """
-    Whether C{transport} is a plain TCP connection whose socket we may write to.
+    Whether C{transport} is a plain TCP connection whose socket we may write to: a Twisted
+    TCP transport without TLS started on it, while the self-check found Twisted's buffer
+    state as these functions expect (asked once per connection; the probe is cached).
     """
-    return isinstance(transport, tcp.Connection) and hasattr(transport, "_tempDataLen")
+    return isinstance(transport, tcp.Connection) and usable("fastwrite") and not transport.TLS
 
 
 def write_directly(transport: Any, data: bytes, flags: int = 0) -> None:
@@ -54,6 +64,7 @@ def write_directly(transport: Any, data: bytes, flags: int = 0) -> None:
         or transport.dataBuffer
         or transport.disconnecting
         or transport._writeDisconnecting
+        or transport._aborting
         or not transport.connected
     ):
         transport.write(data)
@@ -91,6 +102,7 @@ def fin_can_follow(transport: Any) -> bool:
         transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnecting
+        and not transport._aborting
         and transport.producer is None
     )
 

@@ -19,6 +19,11 @@ event produced (a response head, its body) in one C{send}.
 
 twistd uses it when the persistproxy plugin is asked for and no other reactor was chosen
 (C{twistd --reactor=...} still wins), and it is available as C{twistd -r persistproxy}.
+
+C{doPoll} is a copy of Twisted's and reads the epoll reactor's private state; L{install}
+installs Twisted's own C{EPollReactor} instead when the self-check
+(L{persistproxy.net.selfcheck}) finds that state changed, and the listening methods use
+Twisted's port when it finds the accept path's internals changed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 
 from persistproxy.net.accept import ProxyPort
+from persistproxy.net.selfcheck import usable
 
 __all__ = ["ProxyReactor", "install"]
 
@@ -63,13 +69,15 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
 
     def listenTCP(
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
-    ) -> ProxyPort:
+    ) -> Any:
+        if not usable("accept"):
+            return super().listenTCP(port, factory, backlog, interface)  # type: ignore[no-untyped-call]
         listening = ProxyPort(port, factory, backlog, interface, self)
         listening.startListening()  # type: ignore[no-untyped-call]
         return listening
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> Any:
-        if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+        if addressFamily not in (socket.AF_INET, socket.AF_INET6) or not usable("accept"):
             return super().adoptStreamPort(  # type: ignore[no-untyped-call]
                 fileDescriptor, addressFamily, factory
             )
@@ -109,8 +117,10 @@ class ProxyReactor(EPollReactor):  # type: ignore[misc]
 
 def install() -> None:
     """
-    Install L{ProxyReactor} as the global reactor (must run before any reactor import).
+    Install L{ProxyReactor} as the global reactor (must run before any reactor import), or
+    Twisted's C{EPollReactor} if the self-check found the internals it relies on changed.
     """
     from twisted.internet.main import installReactor
 
-    installReactor(ProxyReactor())  # type: ignore[no-untyped-call]
+    reactor = ProxyReactor() if usable("reactor") else EPollReactor()
+    installReactor(reactor)  # type: ignore[no-untyped-call]

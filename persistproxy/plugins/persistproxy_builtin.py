@@ -3,5 +3,7 @@ The protocols that ship with persistproxy, registered like any third-party plugi
 """
 
 from persistproxy.http.plugin import HTTPProtocolPlugin
+from persistproxy.tcp.plugin import TCPProtocolPlugin
 
 http = HTTPProtocolPlugin()
+tcp = TCPProtocolPlugin()

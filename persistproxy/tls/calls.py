@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_transport -*-
 """
 The per-record OpenSSL calls of the TLS transport: feed received bytes in, take decrypted
 records out, encrypt, and take what is to be sent out.
@@ -10,14 +10,16 @@ about ten such calls. L{BindingCalls} makes the same C calls through pyOpenSSL's
 binding (the one its methods use) into one reusable buffer, and answers "nothing more" with
 a value. Errors still go through pyOpenSSL, so exceptions, including those raised inside
 OpenSSL callbacks such as ALPN selection, are exactly pyOpenSSL's. L{PublicCalls} is the
-same through pyOpenSSL's public methods, used if the binding ever lacks a function.
+same through pyOpenSSL's public methods, used when the start-up self-check
+(L{persistproxy.net.selfcheck}) finds that the binding or the private attributes used here
+changed: it makes a handshake and carries a record each way through both.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from OpenSSL import SSL
+
+from persistproxy.net.selfcheck import usable
 
 __all__ = ["BindingCalls", "PublicCalls", "make_calls"]
 
@@ -133,12 +135,8 @@ class BindingCalls(PublicCalls):
 
 
 def make_calls() -> PublicCalls:
-    """L{BindingCalls} when pyOpenSSL's binding has every function needed, else L{PublicCalls}."""
-    connection: Any = SSL.Connection
-    if (
-        _lib is not None
-        and all(hasattr(_lib, name) for name in _NEEDED)
-        and hasattr(connection, "_raise_ssl_error")
-    ):
-        return BindingCalls()
-    return PublicCalls()  # pragma: no cover - the binding has had these for years
+    """
+    L{BindingCalls} when the self-check found pyOpenSSL's binding and attributes as they use
+    them, else L{PublicCalls} (asked once per listener).
+    """
+    return BindingCalls() if usable("tls.calls") else PublicCalls()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_reload -*-
 """
 Certificate reload on SIGHUP, all or nothing: the certificate contexts of every TLS listener
 are rebuilt from their files; the session contexts (cache, ticket keys) and established

@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
+from persistproxy.net.selfcheck import usable
+
 __all__ = [
     "ListenerTLSSettings",
     "ServerTLS",
@@ -459,10 +461,13 @@ def ssl_error_text(error: SSL.Error) -> str:
 def session_reused(connection: SSL.Connection) -> bool:
     """
     Whether the handshake resumed a session (C{SSL_session_reused}; pyOpenSSL has no method
-    for it, so its cffi binding is called directly).
+    for it, so its cffi binding is called directly). Always false if the self-check found
+    the binding or C{Connection._ssl} changed (L{persistproxy.net.selfcheck}).
     """
-    if _lib is None:  # pragma: no cover
-        return False
+    return usable("tls.binding") and _session_reused(connection)
+
+
+def _session_reused(connection: SSL.Connection) -> bool:
     return bool(_lib.SSL_session_reused(connection._ssl))
 
 

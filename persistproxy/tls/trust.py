@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_upstream -*-
 """
 The CA file an upstream's certificates are verified against (C{tls_ca}): read by the config
 check, so C{--check} catches a bad file, and by the upstream TLS policy.
@@ -6,10 +6,14 @@ check, so C{--check} catches a bad file, and by the upstream TLS policy.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cryptography import x509
 from OpenSSL import crypto
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+if TYPE_CHECKING:  # Twisted exports the interface from no public module
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = ["load_trust_root"]
 

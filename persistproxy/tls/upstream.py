@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tls -*-
+# -*- test-case-name: tests.unit.test_tls_upstream -*-
 """
 TLS to upstream servers: verified with service-identity, resumed across connections.
 
@@ -14,20 +14,28 @@ from Twisted's C{wrapClientTLS}:
  - New connections resume the last session of the same server (C{Connection.set_session}):
    Twisted's client creates every connection without one, so each pays a full handshake.
    Connections of one server share one creator and so one C{SSL.Context}.
+
+Learning that the handshake ended, and why it failed, takes a subclass of Twisted's
+C{TLSMemoryBIOProtocol} that hooks its private C{_checkHandshakeStatus}. If the start-up
+self-check (L{persistproxy.net.selfcheck}) finds those internals changed, connections are
+made with Twisted's protocol as it is and a protocol wrapper that hears the same through
+public interfaces (C{IHandshakeListener}, C{connectionLost}) instead, at the cost of one
+more call per read and write.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from service_identity import VerificationError
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionClosed, ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
@@ -39,12 +47,14 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
     platformTrust,
 )
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.config import UpstreamConfig
 from persistproxy.logs import EventLog
+from persistproxy.net.selfcheck import usable
 from persistproxy.tls.server import OP_IGNORE_UNEXPECTED_EOF, session_reused, ssl_error_text
 from persistproxy.tls.trust import load_trust_root
 
@@ -54,11 +64,15 @@ try:  # the verification result has no pyOpenSSL accessor; its cffi binding has 
 except ImportError:  # pragma: no cover
     _ffi = _lib = None
 
+if TYPE_CHECKING:  # Twisted exports the interface from no public module
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
 __all__ = [
     "TLSClientEndpoint",
     "UpstreamTLS",
     "UpstreamTLSError",
     "endpoint_wrapper",
+    "verify_error",
 ]
 
 _DONE = Failure(ConnectionDone())
@@ -190,7 +204,7 @@ class _ClientTLSProtocol(TLSMemoryBIOProtocol):
         super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
         if self._handshakeDone and not self._reported and not self._aborted:
             self._reported = True
-            self.factory.attempt.handshake_completed(self)
+            self.factory.attempt.handshake_completed(self, self.wrappedProtocol)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)  # type: ignore[no-untyped-call]
@@ -211,6 +225,61 @@ class _ClientTLSFactory(TLSMemoryBIOFactory):
     def __init__(self, attempt: _Attempt, wrapped: IProtocolFactory) -> None:
         super().__init__(attempt.creator, True, wrapped, attempt.clock)
         self.attempt = attempt
+
+
+@implementer(IHandshakeListener)
+class _HandshakeWatcher(ProtocolWrapper):
+    """
+    The public way to what L{_ClientTLSProtocol} reports (used when the self-check finds
+    Twisted's TLS internals changed): Twisted's TLS protocol wraps this, which wraps the
+    upstream connection. It hears the end of the handshake through C{IHandshakeListener},
+    and a failure's reason in C{connectionLost}, to which Twisted's TLS protocol passes the
+    reason the handshake failed.
+    """
+
+    factory: _WatchingFactory
+    _reported = False
+    _reads = 0
+
+    def handshakeCompleted(self) -> None:
+        tls: Any = self.transport
+        # A host name that failed verification aborts the connection during the handshake:
+        # connectionLost reports that, with the reason.
+        if not self._reported and not tls.disconnecting:
+            self._reported = True
+            self.factory.attempt.handshake_completed(tls, self.wrappedProtocol)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        if self._reported and self._reads < 2 and self.transport is not None:
+            self._reads += 1
+            connection = self.transport.getHandle()  # type: ignore[attr-defined]
+            if connection is not None:
+                self.factory.attempt.creator.remember(connection)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if not self._reported:
+            self._reported = True
+            self.factory.attempt.handshake_failed(self.transport, reason)  # type: ignore[arg-type]
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class _WatchingFactory(WrappingFactory):
+    protocol = _HandshakeWatcher
+    noisy = False
+
+    def __init__(self, attempt: _Attempt, wrapped: IProtocolFactory) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
+        self.attempt = attempt
+
+
+def _tls_factory(attempt: _Attempt, wrapped: IProtocolFactory) -> TLSMemoryBIOFactory:
+    """The TLS side of one attempt: L{_ClientTLSProtocol}, or the public way if need be."""
+    if usable("tls.upstream"):
+        return _ClientTLSFactory(attempt, wrapped)
+    return TLSMemoryBIOFactory(
+        attempt.creator, True, _WatchingFactory(attempt, wrapped), attempt.clock
+    )
 
 
 @implementer(IStreamClientEndpoint)
@@ -252,15 +321,15 @@ class _Attempt:
         self.creator = endpoint.creator
         self.clock = endpoint.clock
         self.result: Deferred[IProtocol] = Deferred(self._cancel)
-        self._protocol: _ClientTLSProtocol | None = None
+        self._protocol: TLSMemoryBIOProtocol | None = None
         self._timer: IDelayedCall | None = None
         self._timed_out = False
         self._tcp: Deferred[Any] | None = None
-        tcp = endpoint.wrapped.connect(_ClientTLSFactory(self, factory))
+        tcp = endpoint.wrapped.connect(_tls_factory(self, factory))
         self._tcp = tcp
         tcp.addCallbacks(self._connected, self._tcp_failed)
 
-    def _connected(self, protocol: _ClientTLSProtocol) -> None:
+    def _connected(self, protocol: TLSMemoryBIOProtocol) -> None:
         self._tcp = None
         if self.result.called:
             return
@@ -292,7 +361,7 @@ class _Attempt:
         elif self._protocol is not None:
             self._protocol.abortConnection()  # type: ignore[no-untyped-call]
 
-    def handshake_completed(self, protocol: _ClientTLSProtocol) -> None:
+    def handshake_completed(self, protocol: TLSMemoryBIOProtocol, wrapped: IProtocol) -> None:
         self._stop_timer()
         connection: SSL.Connection = protocol.getHandle()  # type: ignore[no-untyped-call]
         self.creator.remember(connection)
@@ -304,21 +373,21 @@ class _Attempt:
             tls_resumed=session_reused(connection),
         )
         if not self.result.called:
-            self.result.callback(protocol.wrappedProtocol)
+            self.result.callback(wrapped)
 
-    def handshake_failed(self, protocol: _ClientTLSProtocol, reason: Failure) -> None:
+    def handshake_failed(self, protocol: TLSMemoryBIOProtocol, reason: Failure) -> None:
         self._stop_timer()
         if self.result.called:
             return
         why = self._why(protocol, reason)
         self.result.errback(UpstreamTLSError(f"TLS handshake with {self.endpoint.name}: {why}"))
 
-    def _why(self, protocol: _ClientTLSProtocol, reason: Failure) -> str:
+    def _why(self, protocol: TLSMemoryBIOProtocol, reason: Failure) -> str:
         endpoint = self.endpoint
         if self._timed_out:
             return f"not complete within {endpoint.timeout:g}s"
         value = reason.value
-        if type(value).__name__ == "VerificationError":  # service_identity's
+        if isinstance(value, VerificationError):
             return f"the certificate is not valid for the name {endpoint.name!r} ({value})"
         if isinstance(value, SSL.Error):
             text = ssl_error_text(value)
@@ -333,11 +402,20 @@ class _Attempt:
         return reason.getErrorMessage() or type(value).__name__
 
 
-def _verify_result(protocol: _ClientTLSProtocol) -> str:
-    """OpenSSL's reason for rejecting the chain, e.g. 'unable to get local issuer certificate'."""
+def _verify_result(protocol: TLSMemoryBIOProtocol) -> str:
+    """
+    OpenSSL's reason for rejecting the chain, e.g. 'unable to get local issuer certificate';
+    empty if the self-check found the binding changed (the caller then says what pyOpenSSL
+    said).
+    """
     connection = protocol.getHandle()  # type: ignore[no-untyped-call]
-    if _lib is None or connection is None:  # pragma: no cover
+    if connection is None or not usable("tls.binding"):
         return ""
+    return verify_error(connection)
+
+
+def verify_error(connection: SSL.Connection) -> str:
+    """C{SSL_get_verify_result} as text (pyOpenSSL has no method for it); empty if none."""
     code = _lib.SSL_get_verify_result(connection._ssl)
     if not code:
         return ""

@@ -20,6 +20,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import IReactorCore, IStreamClientEndpoint
 
 from persistproxy.config import UpstreamConfig
+from persistproxy.descriptors import DescriptorBudget
 from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
 from persistproxy.upstream.pool import Connector, ServerPool
@@ -93,15 +94,18 @@ class UpstreamGroup(Generic[C]):
         servers: list[Server],
         log: EventLog,
         connect: Callable[[Server], Connector[C]],
+        budget: DescriptorBudget | None = None,
     ) -> None:
         """
         @param connect: makes the function that opens a connection to a server; the
             connector's factory over the server's endpoint, or an in-memory one in tests.
+        @param budget: the process's descriptor budget, which every pool reports to.
         """
         self.config = config
         self.servers = servers
         self.pools: list[ServerPool[C]] = [
-            ServerPool(clock, server.address, config, connect(server), log) for server in servers
+            ServerPool(clock, server.address, config, connect(server), log, budget)
+            for server in servers
         ]
         self._next = 0
 
@@ -128,13 +132,16 @@ class Router:
         configs: Mapping[str, UpstreamConfig],
         log: EventLog,
         wrap: Callable[[UpstreamConfig], EndpointWrapper | None] = lambda config: None,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         """
         @param wrap: gives the endpoint wrapper of an upstream (its TLS), if any.
+        @param budget: the process's descriptor budget, shared by every pool.
         """
         self._reactor = reactor
         self._configs = dict(configs)
         self._log = log
+        self._budget = budget
         self.servers: dict[str, list[Server]] = {}
         for name, config in self._configs.items():
             wrapper = wrap(config)
@@ -163,6 +170,7 @@ class Router:
             self.servers[name],
             self._log,
             lambda server: dial(server.endpoint, connector.factory_for(server, config)),
+            self._budget,
         )
         self._groups[key] = group
         return group

@@ -11,11 +11,31 @@ all expired connections: no periodic scan, O(1) per event.
 Nothing caps idle connections below C{pool_size}, so the pool holds as many as recent
 concurrency needed; a small fixed idle cap makes a proxy close and reopen upstream
 connections under load (nginx's default of 32 loses a quarter of its throughput at 50
-concurrent clients on this kind of machine).
+concurrent clients on this kind of machine). Instead, idle connections count against the
+process's descriptor budget (L{persistproxy.descriptors.DescriptorBudget}): when a client or
+another connect needs a descriptor, the oldest idle connection of all pools is closed first.
+
+The keep-alive race (a connection lent just as its server closes it) is avoided rather than
+recovered from, because a request that must not be replayed can only get a 502 from it:
+
+ - Every server's idle limit is known or learned: its C{Keep-Alive: timeout} (the connection's
+   C{usable}), our C{idle_timeout}, and the age at which it closes idle pooled connections
+   (L{persistproxy.upstream.idle_estimate}). A connection within C{keepalive_margin} of the
+   limit (at most half of it) is not lent.
+ - A request that must not be replayed takes only the most recently used connection, and
+   only if it has been idle for at most L{SAFE_SHARE} of the limit; otherwise a new one.
+   Until the server has closed an idle connection (so nothing is learned), its limit for such
+   a request is what it has shown it tolerates: the longest the pool has seen it keep an idle
+   connection open, or C{assumed_idle_limit} if that is more. So even the first time a server
+   closes idle connections, a POST cannot be on one of them.
+ - Connections too old under the learned limit are left in the pool, not closed: the server
+   closes them, which is how the pool keeps learning (and corrects an estimate that relaxed
+   too far); the reaper takes those it never closes at C{idle_timeout}.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -25,11 +45,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from persistproxy.config import UpstreamConfig
+from persistproxy.descriptors import DescriptorBudget, out_of_descriptors
 from persistproxy.interfaces import C, ConnectionWaiter
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
+from persistproxy.upstream.idle_estimate import IdleEstimate
 
-__all__ = ["Connector", "ServerPool"]
+__all__ = ["SAFE_SHARE", "Connector", "ServerPool"]
+
+#: The share of a server's known or learned idle limit that a request which must not be
+#: replayed may find a pooled connection idle for. The learned limit is the lowest age at
+#: which the server was seen to close: half of it keeps a margin for a server whose timer
+#: varies, for the time the proxy takes to notice a close, and for one relaxation step of
+#: the estimate (see L{persistproxy.upstream.idle_estimate}).
+SAFE_SHARE = 0.5
 
 T = TypeVar("T")
 #: Opens one connection to the pool's server.
@@ -40,6 +69,8 @@ class ServerPool(Generic[C]):
     whatever L{persistproxy.interfaces.PooledConnection} its connector makes.
 
     @ivar active: connections lent out or being opened; bounded by C{max_connections}.
+    @ivar connects: connections opened (the connect succeeded); C{connect_failures}, the
+        attempts that failed.
     """
 
     def __init__(
@@ -49,35 +80,69 @@ class ServerPool(Generic[C]):
         config: UpstreamConfig,
         connector: Connector[C],
         log: EventLog,
+        budget: DescriptorBudget | None = None,
     ) -> None:
+        """
+        @param budget: the process's descriptor budget, which counts this pool's sockets and
+            may ask it to close its oldest idle connection; none if not given.
+        """
         self.address = address
         self.active = 0
         self.connects = 0
+        self.connect_failures = 0
         self._clock = clock
         self._config = config
         self._connect = connector
         self._log = log
         self._idle: deque[C] = deque()
         self._idle_count = 0
-        self._waiters: deque[tuple[ConnectionWaiter[C], Deadline | None]] = deque()
+        self._waiters: deque[tuple[ConnectionWaiter[C], Deadline | None, bool]] = deque()
         self._reaper = Deadline(clock, self._reap)
         self._closed = False
+        self._budget = budget if budget is not None else DescriptorBudget()
+        self._budget.add_pool(self)
+        self._estimate = IdleEstimate(clock, config.idle_learn_window, config.idle_timeout)
+        #: The longest the server has been seen to keep an idle pooled connection open.
+        self._tolerated = 0.0
 
     @property
     def idle(self) -> int:
         return self._idle_count
 
     @property
+    def learned_idle(self) -> float | None:
+        """
+        Seconds this server is believed to keep an idle connection open, learned from its
+        closes of idle pooled connections; C{None} when nothing is learned (yet, or any more).
+        """
+        return self._estimate.limit()
+
+    @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
+    def idle_ages(self) -> list[float]:
+        """
+        How long each idle connection has been idle, in seconds: for the status page, at
+        request time (a walk of at most C{pool_size} entries, never on the hot path).
+        """
+        now = self._clock.seconds()
+        return [now - c.idle_since for c in self._idle if c.in_pool]
+
+    def acquire(
+        self, waiter: ConnectionWaiter[C], fresh: bool = False, replayable: bool = True
+    ) -> None:
         """
         Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one, else a
         place in the wait queue when C{max_connections} are already out.
+
+        @param replayable: whether the request may be sent again if the connection turns out
+            to be closed (the protocol's retry rules say); one that may not is lent only the
+            most recently used connection, idle for at most L{SAFE_SHARE} of the server's
+            limit, or else a new one.
         """
         if not fresh:
-            connection = self._pop_idle()
+            connection = self._pop_idle(replayable)
             if connection is not None:
                 self.active += 1
                 waiter.connection_ready(connection, True)
@@ -91,7 +156,7 @@ class ServerPool(Generic[C]):
             if self._config.queue_timeout:
                 deadline = Deadline(self._clock, lambda: self._queue_timeout(waiter))
                 deadline.arm(self._config.queue_timeout)
-            self._waiters.append((waiter, deadline))
+            self._waiters.append((waiter, deadline, replayable))
             return
         self._open(waiter)
 
@@ -101,21 +166,35 @@ class ServerPool(Generic[C]):
         """
         self.active -= 1
         now = self._clock.seconds()
-        if not reusable or self._closed or not connection.usable(now, 0.0):
+        if (
+            not reusable
+            or self._closed
+            or not connection.usable(now, 0.0)
+            or self._budget.pressed()
+        ):
             connection.close()
             self._wake_waiter()
             return
         while self._waiters:
-            waiter, deadline = self._waiters.popleft()
+            waiter, deadline, _ = self._waiters.popleft()
             if deadline is not None:
                 deadline.stop()
             if not waiter.cancelled:
+                # Idle for no time at all: safe for any request.
                 self.active += 1
                 waiter.connection_ready(connection, True)
                 return
         if self._idle_count >= self._config.pool_size:
-            connection.close()
-            return
+            oldest = self._bottom()
+            if oldest is None:  # pool_size = 0
+                connection.close()
+                return
+            # Keep the young one: the oldest would be lent last, and if it is past the learned
+            # limit, never (it waits for the server's close).
+            self._idle.popleft()
+            oldest.in_pool = False
+            self._idle_count -= 1
+            oldest.close()
         connection.idle_since = now
         connection.in_pool = True
         self._idle.append(connection)
@@ -142,30 +221,86 @@ class ServerPool(Generic[C]):
             connection.close()
         self._idle_count = 0
         while self._waiters:
-            waiter, deadline = self._waiters.popleft()
+            waiter, deadline, _ = self._waiters.popleft()
             if deadline is not None:
                 deadline.stop()
             if not waiter.cancelled:
                 waiter.connection_failed("shutting down", 503)
 
+    # -- what the descriptor budget calls ------------------------------------------------------
+
+    def oldest_idle_since(self) -> float | None:
+        oldest = self._bottom()
+        return oldest.idle_since if oldest is not None else None
+
+    def shed_oldest_idle(self) -> None:
+        connection = self._idle.popleft()
+        connection.in_pool = False
+        self._idle_count -= 1
+        connection.close()
+
     # -- internals ----------------------------------------------------------------------------
 
-    def _pop_idle(self) -> C | None:
+    def _pop_idle(self, replayable: bool) -> C | None:
         now = self._clock.seconds()
         margin = self._config.keepalive_margin
         timeout = self._config.idle_timeout
         # The margin never eats more than half of a short timeout, or nothing would be reused.
         horizon = now - timeout + min(margin, timeout / 2)
-        while self._idle:
-            connection = self._idle.pop()
+        learned = self._estimate.limit()
+        # Idle since before these, a connection is left in the pool for another request (or
+        # for the server to close, which it learns from); the stack is ordered by idle_since,
+        # so the top one is the youngest and, when it is too old, so are all the others.
+        keep_after = -math.inf
+        if learned is not None:
+            keep_after = now - learned + min(margin, learned / 2)
+        if not replayable:
+            limit = learned
+            if limit is None:
+                limit = max(self._config.assumed_idle_limit, self._tolerated_now(now))
+            keep_after = max(keep_after, now - min(timeout, limit) * SAFE_SHARE)
+        idle = self._idle
+        while idle:
+            connection = idle[-1]
             if not connection.in_pool:
+                idle.pop()
                 continue  # closed while idle; already uncounted
+            if connection.idle_since <= horizon or not connection.usable(now, margin):
+                # Too old for any request, and soon reaped anyway (or the server announced
+                # its close): close it now.
+                idle.pop()
+                connection.in_pool = False
+                self._idle_count -= 1
+                connection.close()
+                continue
+            if connection.idle_since <= keep_after or (
+                # Within the safe share of the limit the server announced, if any.
+                not replayable and not connection.usable(now, math.inf)
+            ):
+                return None
+            idle.pop()
             connection.in_pool = False
             self._idle_count -= 1
-            if connection.usable(now, margin) and connection.idle_since > horizon:
-                return connection
-            connection.close()
+            return connection
         return None
+
+    def _tolerated_now(self, now: float) -> float:
+        """
+        The longest the server has kept an idle pooled connection open, counting the oldest
+        one open now. (A close it sent that the reactor has not read yet can make that a few
+        milliseconds too long; the safe share absorbs it.)
+        """
+        oldest = self._bottom()
+        if oldest is not None and now - oldest.idle_since > self._tolerated:
+            self._tolerated = now - oldest.idle_since
+        return self._tolerated
+
+    def _bottom(self) -> C | None:
+        """The oldest idle connection still open, if any."""
+        idle = self._idle
+        while idle and not idle[0].in_pool:
+            idle.popleft()  # closed while idle; already uncounted
+        return idle[0] if idle else None
 
     def _reap(self) -> None:
         now = self._clock.seconds()
@@ -182,21 +317,38 @@ class ServerPool(Generic[C]):
             idle.popleft()
             oldest.in_pool = False
             self._idle_count -= 1
+            self._tolerated = max(self._tolerated, now - oldest.idle_since)
             oldest.close()
 
     def _on_lost(self, connection: C) -> None:
+        self._budget.upstream_closed()
         # An idle connection that the origin closed stays in the deque, marked CLOSED, and is
         # skipped later: removing it from the middle would be a linear search.
         if connection.in_pool:
             connection.in_pool = False
             self._idle_count -= 1
+            if not self._closed:
+                self._learn(self._clock.seconds() - connection.idle_since)
+
+    def _learn(self, age: float) -> None:
+        """The server closed a connection idle for C{age} seconds: its limit is no more."""
+        before = self._estimate.observe(age)
+        after = self._estimate.limit()
+        if after is not None and (before is None or after < before * 0.9):
+            self._log.info(
+                "upstream.idle_limit_learned",
+                server=self.address,
+                seconds=round(after, 3),
+                before=None if before is None else round(before, 3),
+            )
 
     def _open(self, waiter: ConnectionWaiter[C]) -> None:
         self.active += 1
-        self.connects += 1
+        self._budget.upstream_opening()
         d = self._connect()
 
         def connected(connection: C) -> None:
+            self.connects += 1
             connection.on_lost = self._on_lost
             if waiter.cancelled:
                 self.release(connection, True)
@@ -205,10 +357,24 @@ class ServerPool(Generic[C]):
 
         def failed(failure: Failure) -> None:
             self.active -= 1
+            self.connect_failures += 1
+            self._budget.upstream_closed()
             reason = failure.getErrorMessage() or repr(failure.value)
-            self._log.warning("upstream.connect_failed", server=self.address, reason=reason)
+            # Out of descriptors is our state, not the origin's: 503 with Retry-After (the
+            # client may try again once others leave), and an idle connection is given back.
+            exhausted = failure.value is not None and out_of_descriptors(failure.value)
+            self._log.warning(
+                "upstream.connect_failed",
+                server=self.address,
+                reason=reason,
+                out_of_descriptors=exhausted,
+            )
+            if exhausted:
+                self._budget.shed_idle()
             if not waiter.cancelled:
-                waiter.connection_failed(f"cannot connect to {self.address}: {reason}", 502)
+                waiter.connection_failed(
+                    f"cannot connect to {self.address}: {reason}", 503 if exhausted else 502
+                )
             self._wake_waiter()
 
         d.addCallbacks(connected, failed)
@@ -216,15 +382,15 @@ class ServerPool(Generic[C]):
     def _wake_waiter(self) -> None:
         limit = self._config.max_connections
         while self._waiters and (not limit or self.active < limit):
-            waiter, deadline = self._waiters.popleft()
+            waiter, deadline, replayable = self._waiters.popleft()
             if deadline is not None:
                 deadline.stop()
             if not waiter.cancelled:
-                self.acquire(waiter)
+                self.acquire(waiter, replayable=replayable)
                 return
 
     def _queue_timeout(self, waiter: ConnectionWaiter[C]) -> None:
-        for i, (queued, _) in enumerate(self._waiters):
+        for i, (queued, _, _) in enumerate(self._waiters):
             if queued is waiter:
                 del self._waiters[i]
                 break

@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2ehelpers import ALL_PROCS, TWISTD, Origin, Proxy, make_config
+from scriptorigin import Script, ScriptOrigin
 
 
 @pytest.hookimpl(wrapper=True)
@@ -77,6 +78,22 @@ def origin() -> Iterator[Origin]:
 @pytest.fixture
 def fresh_origin(origin_factory: Callable[..., Origin]) -> Origin:
     return origin_factory()
+
+
+@pytest.fixture
+def script_origin() -> Iterator[Callable[[Script], ScriptOrigin]]:
+    """script_origin(script) -> a raw-socket origin running script per connection, closed at
+    teardown (tests/e2e/scriptorigin.py)."""
+    made: list[ScriptOrigin] = []
+
+    def factory(script: Script) -> ScriptOrigin:
+        o = ScriptOrigin(script)
+        made.append(o)
+        return o
+
+    yield factory
+    for o in made:
+        o.close()
 
 
 # -- proxy -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
@@ -48,6 +49,69 @@ def free_port() -> int:
     port: int = s.getsockname()[1]
     s.close()
     return port
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Whether pred() became true within timeout (checked every step seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+
+
+# --------------------------------------------------------------------------------------------
+# The proxy's Prometheus endpoint, to wait on its state (a queued request, a closed connection)
+# --------------------------------------------------------------------------------------------
+
+METRICS_TABLE = '[metrics]\nbind = "tcp:0:interface=127.0.0.1"\n\n'
+
+
+def with_metrics(config_text: str) -> str:
+    """A config with the metrics endpoint on an ephemeral loopback port (before any table)."""
+    return METRICS_TABLE + config_text
+
+
+def scrape(proxy: Proxy) -> str:
+    """The proxy's /metrics text (its config came through with_metrics)."""
+    ev = proxy.wait_event("metrics.started", 10)
+    assert ev is not None, "no metrics endpoint: build the config with with_metrics()"
+    with urllib.request.urlopen(f"http://127.0.0.1:{ev['port']}/metrics", timeout=5) as resp:
+        body: bytes = resp.read()
+    return body.decode()
+
+
+def metric(text: str, name: str) -> float | None:
+    """The value of one sample (name with its labels, as printed), or None if absent."""
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name:
+            return float(value)
+    return None
+
+
+def wait_metric(proxy: Proxy, name: str, value: float, timeout: float = 5.0) -> None:
+    """Wait until the sample `name` reads `value` (fails after timeout with the last one)."""
+    last: list[float | None] = [None]
+
+    def reached() -> bool:
+        last[0] = metric(scrape(proxy), name)
+        return last[0] == value
+
+    assert wait_until(reached, timeout), f"{name} is {last[0]}, not {value}, after {timeout}s"
+
+
+def upstream_waiting(origin_port: int, upstream: str = "app") -> str:
+    """The sample name of the requests queued for a connection to 127.0.0.1:origin_port."""
+    labels = f'server="127.0.0.1:{origin_port}",upstream="{upstream}"'
+    return f"persistproxy_upstream_waiting{{{labels}}}"
+
+
+def assert_no_traceback(p: ManagedProc) -> None:
+    bad = [ln for ln in p.all_output() if "Traceback" in ln or "Unhandled" in ln]
+    assert not bad, bad
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ to tests/e2e/origin.py in its recording mode; the client then half-closes and re
 proxy closes, or resets the connection at once, or stalls until the proxy's timeouts close it.
 
 After each stream, the check is differential. Every request the origin parsed (its target
-carries the stream's token, C{/echo/fuzz/<example>/<n>}) must have an access line; no path
-may have more access lines than requests in the stream could have produced; no origin
-parse may go beyond what the line's retries explain; no record may say the origin's parser
-refused something; the proxy may log no traceback; and a control GET on a fresh connection
-gets 200, and its access line (which comes after the stream's) marks the point up to which
-the access lines are complete.
+carries the stream's token, C{/echo/fuzz/<example>/<n>}) must have an access line that names
+the upstream server (not a refused request's placeholder line), and no more parses than that
+line's retries explain; no path may have more access lines than requests in the stream could
+have produced; no record may say the origin's parser refused something; the proxy may log no
+traceback; and a control GET on a fresh connection gets 200, and its access line (which comes
+after the stream's) marks the point up to which the access lines are complete.
 
 C{make test} runs a bounded, derandomized profile (C{ci}: fixed examples, reproducible);
 C{make fuzz} runs the C{fuzz} profile (C{HYPOTHESIS_PROFILE=fuzz}, C{FUZZ_EXAMPLES} examples,
@@ -539,8 +539,13 @@ class Fuzz:
             )
 
     def tries(self, path: str) -> int:
-        """How many times the access lines of C{path} say it was sent to an origin, at most."""
-        return sum(1 + line["retries"] for line in self.log.by_path.get(path, []))
+        """
+        How many times the access lines of C{path} say it was sent to an origin, at most:
+        only the lines of exchanges that went upstream count (they name the server), not
+        the placeholder line of a request refused in the proxy.
+        """
+        lines = self.log.by_path.get(path, [])
+        return sum(1 + line["retries"] for line in lines if line["upstream"] is not None)
 
     def absorb_records(self) -> list[dict[str, Any]]:
         """Take the origin's new records in; returns those its parser refused."""

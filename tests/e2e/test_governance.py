@@ -32,15 +32,22 @@ from e2ehelpers import (
     Proxy,
     RawConn,
     Response,
+    assert_no_traceback,
     build_request,
     toml_value,
+    upstream_waiting,
+    wait_metric,
+    wait_until,
 )
 
 ProxyFactory = Callable[..., Proxy]
 
+#: governance_config(top=METRICS): the Prometheus endpoint, to wait on the proxy's state.
+METRICS: dict[str, Any] = {"metrics": {"bind": "tcp:0:interface=127.0.0.1"}}
+
 
 # ==============================================================================================
-# Helpers (local to this file: conftest.py and e2ehelpers.py belong to someone else)
+# Helpers of this file (shared ones: e2ehelpers.py; fixtures: conftest.py)
 # ==============================================================================================
 
 def _toml(v: Any) -> str:
@@ -133,14 +140,10 @@ def require_tool(name: str) -> None:
         raise AssertionError(f"{name} is not installed (scripts/system-deps.sh installs it)")
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
+def origin_has(origin: Origin, req_id: str, timeout: float = 5) -> None:
+    """Wait until the request with this X-Req-Id reached the origin (it is in flight there)."""
+    assert wait_until(lambda: req_id in origin.stats()["ids"], timeout), \
+        f"request {req_id!r} did not reach the origin within {timeout}s"
 
 
 def wait_events(p: Proxy, name: str, n: int = 1, timeout: float = 3,
@@ -360,10 +363,10 @@ def test_listener_max_connections_burst_waits_in_backlog(origin: Origin,
                                                          proxy_factory: ProxyFactory) -> None:
     """Three clients connecting at the same moment (the proxy finds them together in its
     accept queue): the third must wait like a late one, not be refused."""
-    p = start_proxy(proxy_factory, origin, listener={"max_connections": 2})
+    p = start_proxy(proxy_factory, origin, listener={"max_connections": 2}, top=METRICS)
     warm = open_keepalive(p.port)  # let Twisted's accept loop grow past 1 accept per wakeup
     warm.close()
-    time.sleep(0.2)
+    wait_metric(p, 'persistproxy_connections_open{listener="web"}', 0)
     os.kill(p.pid, signal.SIGSTOP)
     try:
         cs = [RawConn(p.port) for _ in range(3)]
@@ -385,15 +388,15 @@ def test_listener_max_connections_burst_waits_in_backlog(origin: Origin,
 
 def test_upstream_max_connections_serializes_and_queue_full_503(
         fresh_origin: Origin, proxy_factory: ProxyFactory) -> None:
-    p = start_proxy(proxy_factory, fresh_origin,
+    p = start_proxy(proxy_factory, fresh_origin, top=METRICS,
                     upstream={"max_connections": 1, "queue_size": 1, "queue_timeout": 2})
     c1, c2, c3 = RawConn(p.port), RawConn(p.port), RawConn(p.port)
     with conns(c1, c2, c3):
         t0 = time.monotonic()
-        c1.request("GET", "/slow/1.5")
-        time.sleep(0.2)
+        c1.request("GET", "/slow/1.5", [("X-Req-Id", "first")])
+        origin_has(fresh_origin, "first")  # c1 holds the only connection
         c2.request("GET", "/slow/1.5")
-        time.sleep(0.2)
+        wait_metric(p, upstream_waiting(fresh_origin.port), 1)  # c2 fills the queue
         c3.request("GET", "/echo", [("X-Req-Id", "over-queue")])
         r3 = c3.read_response(timeout=3)
         t3 = time.monotonic() - t0
@@ -416,8 +419,8 @@ def test_upstream_queue_timeout_503(fresh_origin: Origin, proxy_factory: ProxyFa
                     upstream={"max_connections": 1, "queue_size": 1, "queue_timeout": 2})
     c1, c2 = RawConn(p.port), RawConn(p.port)
     with conns(c1, c2):
-        c1.request("GET", "/slow/3")
-        time.sleep(0.2)
+        c1.request("GET", "/slow/3", [("X-Req-Id", "holder")])
+        origin_has(fresh_origin, "holder")
         t0 = time.monotonic()
         c2.request("GET", "/echo", [("X-Req-Id", "queued-too-long")])
         r2 = c2.read_response(timeout=4)
@@ -429,6 +432,50 @@ def test_upstream_queue_timeout_503(fresh_origin: Origin, proxy_factory: ProxyFa
         r = c1.roundtrip("GET", "/echo")  # the pool is usable again
         assert r.status == 200, r
     assert "queued-too-long" not in fresh_origin.stats()["ids"]
+
+
+def test_upstream_queue_full_then_cancelled_waiters_free_their_places(
+        fresh_origin: Origin, proxy_factory: ProxyFactory) -> None:
+    p = start_proxy(proxy_factory, fresh_origin, top=METRICS,
+                    upstream={"max_connections": 2, "queue_size": 3, "queue_timeout": 5})
+    busy = [RawConn(p.port) for _ in range(2)]
+    queued = [RawConn(p.port) for _ in range(3)]
+    try:
+        for i, c in enumerate(busy):
+            c.request("GET", "/slow/0.8", [("X-Req-Id", f"busy-{i}")])
+        for i in range(2):
+            origin_has(fresh_origin, f"busy-{i}")
+        for c in queued:
+            c.request("GET", "/echo")
+        wait_metric(p, upstream_waiting(fresh_origin.port), 3)
+        with RawConn(p.port) as extra:
+            r = extra.roundtrip("GET", "/echo")
+            assert r.status == 503 and r.get("retry-after"), r
+        for c in queued:
+            c.close()  # these clients give up while queued
+        for c in busy:
+            assert c.read_response(timeout=3).status == 200
+    finally:
+        for c in busy + queued:
+            c.close()
+    # A client's FIN alone is a half-close: the queued requests of those that only shut
+    # down writing may still be answered. Wait until nothing is queued or lent, so that the
+    # four below find the two connections and three places free.
+    wait_metric(p, upstream_waiting(fresh_origin.port), 0)
+    wait_metric(p, upstream_waiting(fresh_origin.port).replace("waiting", "active"), 0)
+    results: list[int] = []
+
+    def one() -> None:
+        with RawConn(p.port) as c:
+            results.append(c.roundtrip("GET", "/slow/0.2").status)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 4
+    assert_no_traceback(p)
 
 
 # ==============================================================================================
@@ -543,8 +590,16 @@ def test_tcp_keepalive_set_on_accepted_sockets(origin: Origin,
         assert ss_timer(client_port["web"], ports["web"]) is None
         plain = ss_timer(ports["plain"], client_port["plain"])
         assert plain is None, f"keep-alive on a listener without tcp_keepalive: {plain}"
-        time.sleep(1.6)  # > idle = 1: one probe went out and was answered
-        fast = ss_timer(ports["fast"], client_port["fast"])
+        # idle = 1: until the first probe the timer counts down from 1 s; once a probe went
+        # out and was answered it runs on the 5 s interval.
+        timers: list[tuple[str, float] | None] = []
+
+        def probed() -> bool:
+            timers.append(ss_timer(ports["fast"], client_port["fast"]))
+            return timers[-1] is not None and timers[-1][1] > 1.0
+
+        assert wait_until(probed, 5), f"no keep-alive probe within 5 s, idle = 1: {timers[-3:]}"
+        fast = timers[-1]
         assert fast is not None and fast[0] == "keepalive", fast
         assert 2.5 <= fast[1] <= 5.0, f"keep-alive timer {fast[1]}s after a probe, interval = 5"
 
@@ -559,8 +614,8 @@ def test_sigterm_drains_gracefully(origin: Origin, proxy_factory: ProxyFactory) 
     busy = RawConn(p.port)
     with conns(idle, busy):
         t_req = time.monotonic()
-        busy.request("GET", "/slow/2")
-        time.sleep(0.4)
+        busy.request("GET", "/slow/2", [("X-Req-Id", "in-flight")])
+        origin_has(origin, "in-flight")
         t_term = time.monotonic()
         p.proc.send_signal(signal.SIGTERM)
         # The idle connection is closed at once, quietly.
@@ -593,8 +648,8 @@ def test_sigterm_drain_timeout_cuts_in_flight(origin: Origin,
                                               proxy_factory: ProxyFactory) -> None:
     p = start_proxy(proxy_factory, origin, top={"drain_timeout": 1})
     with RawConn(p.port) as busy:
-        busy.request("GET", "/slow/5")
-        time.sleep(0.3)
+        busy.request("GET", "/slow/5", [("X-Req-Id", "cut-by-drain")])
+        origin_has(origin, "cut-by-drain")
         t_term = time.monotonic()
         p.proc.send_signal(signal.SIGTERM)
         try:
@@ -697,7 +752,7 @@ def test_slowloris_and_slow_body_normal_clients_still_served(
     p = start_proxy(proxy_factory, origin, listener={"header_timeout": 3, "body_timeout": 3})
     procs: dict[str, subprocess.Popen[str]] = {}
     with NormalClient(p.port) as client:
-        time.sleep(0.3)
+        assert wait_until(lambda: len(client.latencies) >= 5, 5), client.failures[:5]
         try:
             procs["H"] = _slowhttptest("-H", p.port, tmp_path / "slowloris", 2)
             procs["B"] = _slowhttptest("-B", p.port, tmp_path / "slowbody", 5)
@@ -707,7 +762,8 @@ def test_slowloris_and_slow_body_normal_clients_still_served(
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
-        time.sleep(0.3)
+        served = len(client.latencies)
+        assert wait_until(lambda: len(client.latencies) >= served + 5, 5), client.failures[:5]
     lat = sorted(client.latencies)
     assert not client.failures, f"normal requests failed under attack: {client.failures[:10]}"
     assert len(lat) >= 100, f"only {len(lat)} normal requests completed"

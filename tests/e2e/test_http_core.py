@@ -1,6 +1,8 @@
 """End-to-end behaviour of the HTTP/1.1 reverse proxy: the real proxy under twistd, a real origin
-process (tests/e2e/origin.py), raw sockets and curl as clients. Written from the specification,
-not from the implementation."""
+process (tests/e2e/origin.py) or a scripted raw-socket one (tests/e2e/scriptorigin.py), raw
+sockets and curl as clients. Written from the specification, not from the implementation; the
+probes of an independent review (request smuggling through Connection, response desync,
+unsolicited 101, retries, request validation) are with the behaviour they check."""
 
 from __future__ import annotations
 
@@ -8,10 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import signal
 import socket
-import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 from e2ehelpers import (
-    TWISTD,
+    Closed,
     Origin,
     Proxy,
     RawConn,
     Response,
+    assert_no_traceback,
     build_request,
     curl,
     free_port,
@@ -34,9 +35,15 @@ from e2ehelpers import (
     pattern,
     pattern_sha256,
     proc_status_kib,
+    upstream_waiting,
+    wait_metric,
+    wait_until,
+    with_metrics,
 )
+from scriptorigin import Script, ScriptOrigin, ok_response, serve_each
 
 OriginFactory = Callable[..., Origin]
+ProxyFactory = Callable[..., Proxy]
 
 
 def ka_params(r: Response) -> dict[str, str]:
@@ -58,6 +65,10 @@ def echo_headers(r: Response) -> dict[str, list[str]]:
     return out
 
 
+def echo_host(r: Any) -> list[str]:
+    return [v for k, v in r.json()["headers"] if k.lower() == "host"]
+
+
 def url(p: Proxy, path: str) -> str:
     return f"http://127.0.0.1:{p.port}{path}"
 
@@ -74,84 +85,6 @@ def curl_fetch(tmp_path: Path, *args: str, timeout: float = 30) -> tuple[int, by
 
 def rid() -> str:
     return uuid.uuid4().hex
-
-
-# ==============================================================================================
-# Plugin and configuration
-# ==============================================================================================
-
-def test_twistd_help_lists_plugin() -> None:
-    cp = subprocess.run([TWISTD, "--help"], check=False, capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, cp.stderr
-    assert re.search(r"^\s+persistproxy\s", cp.stdout, re.MULTILINE), cp.stdout
-
-
-def run_check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TWISTD, "-n", "persistproxy", "--check", "--config", str(path)],
-                          check=False, capture_output=True, text=True, timeout=60, cwd=path.parent)
-
-
-def test_check_valid_config(tmp_path: Path) -> None:
-    path = tmp_path / "ok.toml"
-    path.write_text(make_config(["127.0.0.1:8000", "127.0.0.1:8001"]))
-    cp = run_check(path)
-    assert cp.returncode == 0, (cp.stdout, cp.stderr)
-
-
-def test_check_does_not_bind(tmp_path: Path) -> None:
-    """--check only validates: it succeeds even when the configured port is taken."""
-    held = socket.socket()
-    held.bind(("127.0.0.1", 0))
-    held.listen(1)
-    try:
-        port = held.getsockname()[1]
-        path = tmp_path / "ok.toml"
-        path.write_text(make_config(["127.0.0.1:8000"],
-                                    listener={"bind": f"tcp:{port}:interface=127.0.0.1"}))
-        cp = run_check(path)
-        assert cp.returncode == 0, (cp.stdout, cp.stderr)
-    finally:
-        held.close()
-
-
-BAD_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    # id: (listener overrides, upstream overrides, key that must be named)
-    "unknown-listener-key": ({"keepalive_timout": 5}, {}, "keepalive_timout"),
-    "unknown-upstream-key": ({}, {"pool_sise": 3}, "pool_sise"),
-    "wrong-type": ({"keepalive_timeout": "abc"}, {}, "keepalive_timeout"),
-    "wrong-type-servers": ({}, {"servers": "127.0.0.1:80"}, "servers"),
-    "undefined-upstream": ({"upstream": "nope"}, {}, "upstream"),
-    "bad-endpoint": ({"bind": "tcp:notaport"}, {}, "bind"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_CONFIGS))
-def test_check_bad_config_one_line(tmp_path: Path, case: str) -> None:
-    listener, upstream, key = BAD_CONFIGS[case]
-    path = tmp_path / "bad.toml"
-    path.write_text(make_config(["127.0.0.1:8000"], listener, upstream))
-    cp = run_check(path)
-    assert cp.returncode != 0
-    lines = [ln for ln in (cp.stdout + cp.stderr).splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected exactly one line, got {lines!r}"
-    assert str(path) in lines[0], lines[0]
-    assert key in lines[0], lines[0]
-    assert "listener.started" not in lines[0]
-
-
-@pytest.mark.parametrize("case", ["undefined-upstream", "bad-endpoint"])
-def test_bad_config_run_refuses_to_start(tmp_path: Path, case: str) -> None:
-    """Without --check a bad config stops twistd before anything is bound."""
-    listener, upstream, key = BAD_CONFIGS[case]
-    path = tmp_path / "bad.toml"
-    path.write_text(make_config(["127.0.0.1:8000"], listener, upstream))
-    cp = subprocess.run([TWISTD, "--nodaemon", "--pidfile=", "persistproxy", "--config",
-                         str(path)], check=False, capture_output=True, text=True, timeout=30,
-                        cwd=tmp_path)
-    out = cp.stdout + cp.stderr
-    assert cp.returncode != 0, out
-    assert key in out and str(path) in out, out
-    assert "listener.started" not in out, out
 
 
 # ==============================================================================================
@@ -195,6 +128,30 @@ def test_http10_keepalive(proxy: Proxy) -> None:
             assert "keep-alive" in r.tokens("Connection"), r
             assert r.framing == "length", r  # an HTTP/1.0 client cannot read chunked
         assert not c.closed_within(0.3)
+
+
+def test_http10_keepalive_and_close_tokens_close(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        r = c.roundtrip("GET", "/echo", [("Connection", "keep-alive, close")],
+                        version="HTTP/1.0")
+        assert r.status == 200
+        assert "close" in r.tokens("connection"), r
+        assert c.closed_within(2)
+
+
+@pytest.mark.parametrize("value", ["CLOSE", "foo, Close", " , close , ", "keep-alive, close"])
+def test_connection_close_token_spellings(proxy: Proxy, value: str) -> None:
+    with RawConn(proxy.port) as c:
+        r = c.roundtrip("GET", "/echo", [("Connection", value)])
+        assert r.status == 200 and r.tokens("connection") == {"close"}, r
+        assert c.closed_within(2)
+
+
+def test_connection_closed_lookalike_token_keeps_alive(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        r = c.roundtrip("GET", "/echo", [("Connection", "closed")])
+        assert r.status == 200 and not r.has("connection")
+        assert c.roundtrip("GET", "/echo").status == 200
 
 
 def test_client_connection_close_keeps_upstream(fresh_origin: Origin,
@@ -269,6 +226,42 @@ def test_pipelining_in_order(proxy: Proxy) -> None:
         assert not c.closed_within(0.2)
 
 
+def test_hundred_pipelined_gets_in_one_write(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        c.send(b"".join(build_request("GET", f"/echo?i={i}") for i in range(100)))
+        for i in range(100):
+            r = c.read_response()
+            assert r.status == 200 and r.json()["path"] == f"/echo?i={i}", r
+
+
+def test_mixed_head_get_post_pipelined(proxy: Proxy) -> None:
+    plan = [(["GET", "HEAD", "POST"][i % 3], i) for i in range(45)]
+    with RawConn(proxy.port) as c:
+        c.send(b"".join(
+            build_request(m, f"/echo?i={i}", body=b"x" * (i * 100))
+            if m == "POST" else build_request(m, f"/bytes/{i}") for m, i in plan))
+        for m, i in plan:
+            r = c.read_response(m)
+            if m == "POST":
+                assert r.json()["body_len"] == i * 100 and r.json()["path"] == f"/echo?i={i}"
+            elif m == "HEAD":
+                assert r.body == b"" and r.get("content-length") == str(i), r
+            else:
+                assert len(r.body) == i, r
+
+
+def test_pipelined_after_connection_close_not_forwarded(proxy: Proxy, origin: Origin) -> None:
+    marker = uuid.uuid4().hex
+    with RawConn(proxy.port) as c:
+        c.send(build_request("GET", "/echo", [("Connection", "close")])
+               + build_request("GET", "/echo", [("X-Req-Id", marker)])
+               + build_request("POST", "/echo", [("X-Req-Id", marker)], body=b"zz"))
+        r = c.read_response()
+        assert r.status == 200 and r.tokens("connection") == {"close"}
+        assert c.closed_within(3)
+    assert marker not in origin.stats()["ids"]
+
+
 # ==============================================================================================
 # Hop-by-hop headers and forwarding headers
 # ==============================================================================================
@@ -306,6 +299,57 @@ def test_response_hop_by_hop_stripped(proxy: Proxy) -> None:
     assert "x-hop-secret" not in r.tokens("Connection"), r
     assert all("30" not in v for v in r.get_all("Keep-Alive")), \
         f"origin's Keep-Alive leaked: {r.get_all('Keep-Alive')}"
+
+
+def test_two_connection_headers_close_and_nominate(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        r = c.roundtrip("GET", "/echo", [("Connection", "x-a"), ("Connection", "close"),
+                                         ("X-A", "secret"), ("X-B", "kept")])
+        names = {k.lower() for k, _ in r.json()["headers"]}
+        assert "x-a" not in names and "x-b" in names and "connection" not in names
+        assert c.closed_within(2)
+
+
+def test_connection_naming_content_length_does_not_smuggle(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    def script(o: ScriptOrigin, conn: socket.socket, n: int) -> None:
+        buf = bytearray()
+        while (head := o.read_request(conn, buf)) is not None:
+            conn.sendall(ok_response(head.split(b"\r\n", 1)[0]))
+
+    o = script_origin(script)
+    p = proxy_factory(servers=[o.server])
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    with RawConn(p.port) as c:
+        c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+        with contextlib.suppress(Closed, TimeoutError):
+            c.read_response(timeout=2)
+            # A barrier: responses come back in request order, so once the next request is
+            # answered, a request smuggled before it has been answered by the origin too.
+            c.roundtrip("GET", "/barrier", timeout=5)
+    lines = o.request_lines()
+    assert not any(b"/smuggled" in ln for ln in lines), lines
+
+
+def test_connection_naming_host_keeps_host(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        r = c.roundtrip("GET", "/echo", [("Connection", "host")])
+    assert r.status == 400 or echo_host(r) == ["e2e.test"], r
+
+
+def test_response_connection_naming_content_length_keeps_framing(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(
+        b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello",
+        lambda k: b"HTTP/1.1 200 OK\r\nConnection: content-length\r\n"
+                  b"Content-Length: 5\r\n\r\nhello"))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        c.request("GET", "/a")
+        r = c.read_head()
+        framed = r.has("content-length") or "chunked" in r.tokens("transfer-encoding")
+        assert framed or "close" in r.tokens("connection"), r
 
 
 # ==============================================================================================
@@ -490,6 +534,134 @@ def test_origin_http10_keeps_client(proxy: Proxy) -> None:
 
 
 # ==============================================================================================
+# What an origin sends: interim responses, bytes that answer nothing, responses not to relay
+# ==============================================================================================
+
+def test_origin_extra_bytes_not_served_to_pipelined_request(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(ok_response(b"first") + ok_response(b"EVIL")))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        c.send(build_request("GET", "/1") + build_request("GET", "/2"))
+        r1 = c.read_response()
+        assert r1.body == b"first"
+        try:
+            r2 = c.read_response(timeout=2)
+        except (Closed, TimeoutError):
+            return  # cutting the connection would be acceptable
+        assert r2.body != b"EVIL", r2
+
+
+def test_origin_extra_bytes_not_served_to_another_client(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    """Alice's response is held by the origin until Bob waits for the only connection; the
+    bytes after it must not answer Bob."""
+    hold = threading.Event()
+    o = script_origin(serve_each(ok_response(b"alice") + ok_response(b"EVIL-FOR-BOB"),
+                                 lambda k: ok_response(b"bob"), hold_first=hold))
+    p = proxy_factory(config_text=with_metrics(make_config([o.server],
+                                                           upstream={"max_connections": 1})))
+    bodies: dict[str, bytes | None] = {}
+
+    def client(name: str) -> None:
+        with RawConn(p.port) as c:
+            try:
+                bodies[name] = c.roundtrip("GET", f"/{name}", timeout=10).body
+            except (Closed, TimeoutError):
+                bodies[name] = None
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in ("alice", "bob")]
+    try:
+        threads[0].start()
+        assert wait_until(lambda: b"GET /alice HTTP/1.1" in o.request_lines(), 5)
+        threads[1].start()
+        wait_metric(p, upstream_waiting(o.port), 1)
+    finally:
+        hold.set()
+        for t in threads:
+            if t.ident is not None:
+                t.join(15)
+    assert bodies["alice"] == b"alice"
+    assert bodies["bob"] != b"EVIL-FOR-BOB", bodies
+
+
+def test_unsolicited_101_from_origin_is_502(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\n\r\nraw-bytes"))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        c.request("GET", "/plain")
+        r = c.read_head()
+    assert r.status == 502, r
+
+
+def test_103_early_hints_keeps_headers(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                                 + ok_response()))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        c.request("GET", "/page")
+        r = c.read_response(interim=True)
+        assert r.status == 103
+        assert r.get("link") == "</s.css>; rel=preload", r
+        assert c.read_response().body == b"ok"
+
+
+def test_invalid_response_not_replayed(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        r = c.roundtrip("GET", "/once")
+    assert r.status == 502
+    assert p.wait_event("access", 5, lambda e: e.get("path") == "/once") is not None
+    assert o.request_lines().count(b"GET /once HTTP/1.1") == 1, o.request_lines()
+
+
+def test_response_transfer_coding_other_than_chunked_not_dropped(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                 b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n"))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        r = c.roundtrip("GET", "/gz")
+    assert r.status == 502 or "gzip" in (r.get("transfer-encoding") or "") + (
+        r.get("content-encoding") or ""), r
+
+
+def test_oversized_response_head_is_502(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2_000_000
+                                 + b"\r\nContent-Length: 2\r\n\r\nok"))
+    p = proxy_factory(servers=[o.server])
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+        s.sendall(build_request("GET", "/big"))
+        first = b""
+        while b"\r\n" not in first:
+            data = s.recv(4096)
+            if not data:
+                break
+            first += data
+    assert first.startswith(b"HTTP/1.1 502"), first[:60]
+
+
+def test_origin_content_length_with_transfer_encoding_is_502_not_relayed(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory) -> None:
+    o = script_origin(serve_each(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\nabcd\r\n0\r\n\r\n" + ok_response(b"EVIL")))
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        r = c.roundtrip("GET", "/x")
+        assert r.status == 502, r
+        assert b"EVIL" not in r.body
+        assert c.roundtrip("GET", "/y").status == 502
+    assert_no_traceback(p)
+
+
+# ==============================================================================================
 # The keep-alive race: the origin closes an idle pooled connection
 # ==============================================================================================
 
@@ -500,7 +672,8 @@ def test_stale_pooled_connection_after_origin_idle_close(
     with RawConn(p.port) as c:
         assert c.roundtrip("GET", "/echo").status == 200
         for i in range(3):
-            time.sleep(0.6)
+            # The origin closes the idle pooled connection (idle_close = 0.5 s).
+            assert wait_until(lambda: o.stats()["open"] == 0, 5), o.stats()
             r = c.roundtrip("GET", f"/echo?after-idle={i}")
             assert r.status == 200, f"round {i}: {r}"
 
@@ -534,7 +707,7 @@ def test_post_after_origin_idle_close_sent_once(
     p = proxy_factory(o, upstream={"idle_timeout": 30})
     with RawConn(p.port) as c:
         assert c.roundtrip("GET", "/echo").status == 200
-        time.sleep(0.6)
+        assert wait_until(lambda: o.stats()["open"] == 0, 5), "the origin's idle close"
         req_id = rid()
         r = c.roundtrip("POST", "/echo", [("X-Req-Id", req_id)], b"only once")
     assert r.status in (200, 502), r
@@ -572,6 +745,23 @@ def test_post_not_replayed_when_reused_connection_dropped(
     assert r.status in (200, 502), r
     if r.status == 200:
         assert r.json()["req"] == 1, r
+
+
+@pytest.mark.parametrize(("method", "body", "replayed"), [
+    ("HEAD", b"", True), ("PUT", b"", True), ("DELETE", b"", True), ("OPTIONS", b"", True),
+    ("PUT", b"data", False), ("DELETE", b"data", False), ("PATCH", b"", False),
+])
+def test_retry_rules_on_dropped_pooled_connection(
+        proxy: Proxy, origin: Origin, method: str, body: bytes, replayed: bool) -> None:
+    with RawConn(proxy.port) as c:
+        assert c.roundtrip("GET", "/echo").status == 200  # a pooled connection exists
+        origin.arm_drop_reused()
+        marker = uuid.uuid4().hex
+        r = c.roundtrip(method, f"/echo/{marker}", [("X-Req-Id", marker)], body=body)
+    assert r.status == (200 if replayed else 502), r
+    # Written when the exchange ends, after any retry.
+    assert proxy.wait_event("access", 5, lambda e: marker in str(e.get("path"))) is not None
+    assert origin.stats()["ids"].get(marker) == (2 if replayed else 1)
 
 
 def test_upstream_max_requests(fresh_origin: Origin,
@@ -658,6 +848,30 @@ def test_upstream_reset_post_502_not_retried(proxy: Proxy, origin: Origin) -> No
 def test_upstream_reset_get_502(proxy: Proxy) -> None:
     r = get(proxy.port, "/reset")
     assert r.status == 502, r
+
+
+@pytest.mark.parametrize("first", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+])
+def test_origin_closing_mid_body_cuts_the_client(
+        script_origin: Callable[[Script], ScriptOrigin], proxy_factory: ProxyFactory,
+        first: bytes) -> None:
+    def script(o: ScriptOrigin, conn: socket.socket, n: int) -> None:
+        if o.read_request(conn, bytearray()) is not None:
+            conn.sendall(first)
+            time.sleep(0.1)
+
+    o = script_origin(script)
+    p = proxy_factory(servers=[o.server])
+    with RawConn(p.port) as c:
+        c.request("GET", "/cut")
+        t0 = time.monotonic()
+        with pytest.raises(Closed):
+            c.read_response(timeout=3)
+        assert time.monotonic() - t0 < 2
+    assert p.wait_event("upstream.error", 3, lambda e: e.get("path") == "/cut") is not None
+    assert_no_traceback(p)
 
 
 # ==============================================================================================
@@ -785,9 +999,95 @@ def test_pipelined_valid_malformed_valid(proxy: Proxy, origin: Origin) -> None:
         r2 = c.read_response()
         assert r2.status == 400, r2
         assert c.closed_within(2)
+    # Absence of a forward, so no event to wait for: the third request would have been
+    # forwarded before the proxy closed; this leaves the origin a moment to count it.
     time.sleep(0.1)
     s1 = origin.stats()
     assert s1["requests"] - s0["requests"] == 1, f"origin saw {s1['paths']}"
+
+
+def test_chunked_request_body_over_max_body_size_is_413(
+        origin: Origin, proxy_factory: ProxyFactory) -> None:
+    p = proxy_factory(origin, listener={"max_body_size": 1000})
+    body = b"".join(b"1f4\r\n" + b"y" * 500 + b"\r\n" for _ in range(10)) + b"0\r\n\r\n"
+    with RawConn(p.port) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        r = c.read_response()
+    assert r.status == 413, r
+
+
+@pytest.mark.parametrize("host", ["a b", "evil.example/x"])
+def test_invalid_host_value_is_400(proxy: Proxy, origin: Origin, host: str) -> None:
+    with RawConn(proxy.port) as c:
+        c.send(f"GET /echo HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        r = c.read_response()
+    assert r.status == 400, r
+
+
+def test_absolute_form_target_and_host_agree(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        c.send(b"GET http://other.example:81/echo HTTP/1.1\r\nHost: e2e.test\r\n\r\n")
+        r = c.read_response()
+    # Either refuse it, or rewrite to origin-form with Host taken from the target (RFC 9112 3.2.2).
+    assert r.status == 400 or (r.status == 200 and r.json()["path"] == "/echo"
+                               and echo_host(r) == ["other.example:81"]), r
+
+
+BAD_REQUESTS: dict[str, tuple[bytes, int]] = {
+    "cl-te": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nG", 400),
+    "te-twice": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "te-space-colon": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n"
+                       b"0\r\n\r\n", 400),
+    "te-xchunked": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n"
+                    b"0\r\n\r\n", 501),
+    "te-identity-chunked": (b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+                            b"Transfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n", 501),
+    "te-vtab": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n"
+                b"0\r\n\r\n", 400),
+    "te-http10": (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "huge-chunk": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"FFFFFFFFFFFFFFFFF1\r\nabc\r\n0\r\n\r\n", 400),
+    "lf-only": (b"GET /echo HTTP/1.1\nHost: x\n\n", 400),
+    "lf-mixed": (b"GET /echo HTTP/1.1\r\nHost: x\nX-A: y\r\n\r\n", 400),
+    "nul-in-value": (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
+    "cr-in-value": (b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", 400),
+    "cl-list": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc", 400),
+    "cl-plus": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc", 400),
+    "cl-same-twice": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                      b"Content-Length: 3\r\n\r\nabc", 400),
+    "cl-overflow": (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999"
+                    b"\r\n\r\nabc", 400),
+    # 505 as README says for other versions (hardening issue; it was 400 as llhttp said).
+    "http-1.2": (b"GET /echo HTTP/1.2\r\nHost: x\r\n\r\n", 505),
+    "http-1.10": (b"GET /echo HTTP/1.10\r\nHost: x\r\n\r\n", 505),
+    "http-x.y": (b"GET /echo HTTP/x.y\r\nHost: x\r\n\r\n", 400),
+    "http-2.0": (b"GET /echo HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    "lowercase-method": (b"get /echo HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "ctl-in-target": (b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "connect": (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 501),
+    "upgrade-with-body": (b"POST /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: upgrade\r\nContent-Length: 3\r\n\r\nabc", 501),
+    "long-target": (b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
+    "many-small-headers": (b"GET /echo HTTP/1.1\r\nHost: x\r\n"
+                           + b"".join(b"X%d: y\r\n" % i for i in range(2000)) + b"\r\n", 431),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_rejected_closed_and_nothing_reaches_origin(
+        proxy: Proxy, origin: Origin, case: str) -> None:
+    data, status = BAD_REQUESTS[case]
+    marker = uuid.uuid4().hex
+    after = build_request("GET", "/echo", [("X-Req-Id", marker)])
+    with RawConn(proxy.port) as c:
+        c.send(data + after)
+        r = c.read_response()
+        assert r.status == status, r
+        assert "close" in r.tokens("connection")
+        assert c.closed_within(3)
+    assert marker not in origin.stats()["ids"]
 
 
 # ==============================================================================================
@@ -813,6 +1113,19 @@ def test_access_log_disabled(origin: Origin, proxy_factory: Callable[..., Proxy]
     assert p.events("access") == []
 
 
+def test_access_log_lines_are_json_with_documented_fields(proxy: Proxy) -> None:
+    with RawConn(proxy.port) as c:
+        c.roundtrip("GET", "/echo?secret=1", [("X-Req-Id", "log")])
+        c.roundtrip("HEAD", "/bytes/3")
+    ev = proxy.wait_event("access", 3, lambda e: e.get("method") == "HEAD")
+    assert ev is not None
+    fields = {"listener", "client", "method", "path", "version", "status", "bytes",
+              "duration_ms", "upstream", "upstream_reused", "retries", "level", "ts"}
+    for e in proxy.events("access"):
+        assert fields <= e.keys(), e
+        assert "?" not in e["path"]
+    assert_no_traceback(proxy)
+
 
 # ==============================================================================================
 # Process behaviour
@@ -823,18 +1136,10 @@ def test_sigterm_exits_cleanly(origin: Origin, proxy_factory: Callable[..., Prox
     assert get(p.port, "/echo").status == 200
     t0 = time.monotonic()
     rc = p.terminate(5)
-    # twistd re-raises the signal that stopped it once shutdown is complete, so a clean stop
-    # shows as "killed by SIGTERM" (which systemd counts as success); None means it hung.
-    assert rc in (0, -signal.SIGTERM), f"exit status {rc}"
+    # The drain ends the process with status 0 (twistd would re-raise SIGTERM after its
+    # shutdown: "killed by SIGTERM", 143 in a shell); None means it hung.
+    assert rc == 0, f"exit status {rc}"
     assert time.monotonic() - t0 < 5
-
-
-def test_shipped_example_config_is_valid() -> None:
-    example = Path(__file__).resolve().parents[2] / "etc" / "persistproxy.toml"
-    if not example.exists():
-        pytest.skip(f"{example} not written yet")
-    cp = run_check(example)
-    assert cp.returncode == 0, (cp.stdout, cp.stderr)
 
 
 def test_large_response_is_streamed_with_backpressure(proxy: Proxy) -> None:

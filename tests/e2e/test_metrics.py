@@ -9,9 +9,10 @@ import socket
 import struct
 import time
 import urllib.request
+import uuid
 
 from conftest import ProxyFactory
-from e2ehelpers import Origin, get, make_config
+from e2ehelpers import Origin, get, make_config, wait_until
 
 
 def _scrape(port: int) -> str:
@@ -45,9 +46,12 @@ def test_metrics_count_requests_responses_and_pools(
     assert _value(after, 'persistproxy_responses_total{code="4xx",listener="web"}') >= 1
     # A client that gives up on its (slow) response with a reset: a 499 and an aborted count.
     # (A FIN alone is a half-close, which is still answered.)
+    req_id = uuid.uuid4().hex
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /slow/2 HTTP/1.1\r\nHost: example\r\n\r\n")
-        time.sleep(0.3)
+        sock.sendall(b"GET /slow/2 HTTP/1.1\r\nHost: example\r\nX-Req-Id: %s\r\n\r\n"
+                     % req_id.encode())
+        # In flight: the origin has it and answers in 2 s.
+        assert wait_until(lambda: req_id in origin.stats()["ids"], 5), origin.stats()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     deadline = time.monotonic() + 5
     metric = 'persistproxy_requests_aborted_total{by="client",listener="web"}'
@@ -71,6 +75,8 @@ def test_twistd_runs_the_proxy_reactor_unless_told_otherwise(
     proxy = proxy_factory(origin)
     wanted = "reactor class: persistproxy.net.reactor.ProxyReactor"
     assert any(wanted in line for line in proxy.lines())
+    # The start-up self-check found every internal the fast paths use: no fallback line.
+    assert not [line for line in proxy.all_output() if "internals.fallback" in line]
 
 
 def test_a_client_that_half_closes_gets_its_answer_and_its_connection_ends_at_once(

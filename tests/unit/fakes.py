@@ -17,7 +17,10 @@ from twisted.internet.testing import StringTransport
 from persistproxy.config import ListenerConfig, UpstreamConfig
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.http.context import ListenerContext
+from persistproxy.http.plugin import HTTPFactory, HTTPProtocolPlugin
 from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
+from persistproxy.listener.limits import ConnectionLimits
 from persistproxy.logs import AccessLog, make_event_log
 from persistproxy.metrics import ListenerStats
 from persistproxy.upstream.group import Server, UpstreamGroup
@@ -145,6 +148,49 @@ class Harness:
         return self.group.pools[0]
 
 
+class FakePort:
+    """A listening port that records whether it reads (accepts) or not."""
+
+    reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def limited_listener(**kw: int) -> tuple[Harness, ListenerFactory, ConnectionLimits]:
+    """
+    An HTTP listener with connection limits (C{max_connections}, C{max_connections_per_client},
+    C{max_idle_per_client}): its harness, the admitting factory and the limits.
+    """
+    h = Harness(listener={k: v for k, v in kw.items()})
+    limits = ConnectionLimits(
+        "web",
+        kw.get("max_connections", 0),
+        kw.get("max_connections_per_client", 0),
+        kw.get("max_idle_per_client", 0),
+        h.log,
+        ListenerStats(),
+    )
+    h.ctx.limits = limits
+    plugin = HTTPProtocolPlugin()
+    factory = ListenerFactory(
+        HTTPFactory(h.ctx), h.clock, limits, h.stats, ConnectionRegistry(), plugin.refusal
+    )
+    return h, factory, limits
+
+
+def connect_from(factory: Any, host: str) -> tuple[Any, StringTransport]:
+    """A connection from C{host} accepted by C{factory}, on a StringTransport."""
+    address = IPv4Address("TCP", host, 40000)
+    protocol = factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
 def parse_response(data: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
     """Status, headers (lower-cased names) and everything after the head."""
     head, _, rest = data.partition(b"\r\n\r\n")
@@ -158,3 +204,21 @@ def parse_response(data: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
 
 
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def force_fallback(monkeypatch: Any, name: str, finding: str = "forced by a test") -> None:
+    """
+    Make the self-check's probe C{name} fail, as it would with a Twisted or pyOpenSSL whose
+    internals changed, so the fast path it guards falls back to the public one. The caller
+    clears C{selfcheck.problem}'s cache once C{monkeypatch} is undone.
+    """
+    from dataclasses import replace
+
+    from persistproxy.net import selfcheck
+
+    def check() -> None:
+        raise selfcheck.ProbeFailed(finding)
+
+    internal = replace(selfcheck.INTERNALS[name], check=check)
+    monkeypatch.setitem(selfcheck.INTERNALS, name, internal)
+    selfcheck.problem.cache_clear()

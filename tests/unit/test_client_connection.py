@@ -1,13 +1,14 @@
 """
 The client hop, driven byte by byte over StringTransports with a Clock: keep-alive, pipelining,
-hop-by-hop headers, framing, bad input, retries and timeouts.
+hop-by-hop headers, framing, bad input, retries, and what the access log says of each exchange.
+(How a connection times out and closes: test_client_closing.py.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fakes import OK_RESPONSE, HalfCloseTransport, Harness, parse_response
+from fakes import OK_RESPONSE, Harness, parse_response
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -74,36 +75,6 @@ def test_client_close_is_honoured_on_the_client_hop_only() -> None:
     assert parse_response(transport.value())[1][b"connection"] == [b"close"]
     assert transport.write_closed
     assert h.pool.idle == 1
-
-
-def test_idle_timeout_closes_after_and_not_before() -> None:
-    h = Harness(listener={"keepalive_timeout": 5})
-    client, transport = h.client()
-    client.dataReceived(GET)
-    h.origin.respond(OK_RESPONSE)
-    assert parse_response(transport.value())[1][b"keep-alive"] == [b"timeout=5"]
-    h.clock.advance(4.9)
-    assert not transport.write_closed
-    h.clock.advance(0.2)
-    assert transport.write_closed
-    assert b"408" not in transport.value()
-
-
-def test_lingering_close_ends_when_client_closes_or_after_a_moment() -> None:
-    """After our FIN, input is drained until the client closes, for two seconds at most."""
-    h = Harness(listener={"keepalive_timeout": 1})
-    client, transport = h.client()
-    client.dataReceived(GET)
-    h.origin.respond(OK_RESPONSE)
-    h.clock.advance(1.1)
-    assert transport.write_closed and not transport.disconnecting
-    client.writeConnectionLost()
-    client.dataReceived(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")  # discarded
-    assert len(h.origin.connections) == 1 and h.origin.connections[0].requests == 1
-    h.clock.advance(1.9)
-    assert not transport.disconnecting
-    h.clock.advance(0.2)
-    assert transport.disconnecting
 
 
 def test_max_requests_closes_after_the_last_response() -> None:
@@ -418,39 +389,6 @@ def test_pipelined_bad_request_is_answered_after_the_good_one_and_nothing_after(
     assert transport.write_closed
 
 
-# -- request timeouts ------------------------------------------------------------------------
-
-
-def test_partial_head_gets_408_at_header_timeout() -> None:
-    h = Harness(listener={"header_timeout": 10})
-    client, transport = h.client()
-    client.dataReceived(b"GET / HTTP/1.1\r\nHo")
-    h.clock.advance(9.9)
-    assert transport.value() == b""
-    h.clock.advance(0.2)
-    assert parse_response(transport.value())[0] == 408
-    assert transport.write_closed
-    access = h.events("access")
-    assert [(a["status"], a["client"]) for a in access] == [(408, "10.1.2.3")]
-
-
-def test_new_silent_connection_is_closed_quietly_at_header_timeout() -> None:
-    h = Harness(listener={"header_timeout": 10})
-    _client, transport = h.client()
-    h.clock.advance(10.1)
-    assert transport.value() == b"" and transport.write_closed
-
-
-def test_send_408_on_idle_when_configured() -> None:
-    h = Harness(listener={"keepalive_timeout": 3, "send_408_on_idle": True})
-    client, transport = h.client()
-    client.dataReceived(GET)
-    h.origin.respond(OK_RESPONSE)
-    transport.clear()
-    h.clock.advance(3.1)
-    assert parse_response(transport.value())[0] == 408
-
-
 def test_client_disconnect_mid_response_drops_the_upstream_connection() -> None:
     from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
@@ -478,30 +416,6 @@ def test_connection_cannot_nominate_framing_or_routing_headers() -> None:
     sent = h.origin.sent()
     assert b"Content-Length: 5\r\n" in sent and b"Host: x\r\n" in sent
     assert sent.endswith(b"\r\n\r\nhello")
-
-
-def test_bytes_after_a_response_in_the_same_read_never_answer_the_next_request() -> None:
-    h = Harness()
-    client, transport = h.client()
-    client.dataReceived(GET + GET)
-    h.origin.respond(OK_RESPONSE + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
-    assert b"EVIL" not in transport.value()
-    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
-    assert len(h.origin.connections) == 2, "the next request went to a new connection"
-    h.origin.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
-    assert transport.value().endswith(b"good")
-
-
-def test_unsolicited_101_and_unknown_transfer_codings_are_502() -> None:
-    for response in (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-    ):
-        h = Harness()
-        client, transport = h.client()
-        client.dataReceived(GET)
-        h.origin.respond(response)
-        assert parse_response(transport.value())[0] == 502, response
 
 
 def test_absolute_form_target_becomes_origin_form_with_its_host() -> None:
@@ -535,13 +449,6 @@ def test_connection_state_lives_in_slots() -> None:
     assert set(vars(h.origin.connections[0])) <= {"transport", "connected", "factory"}
 
 
-def test_send_408_on_idle_spares_a_connection_that_never_sent_a_byte() -> None:
-    h = Harness(listener={"header_timeout": 2, "send_408_on_idle": True})
-    _, transport = h.client()
-    h.clock.advance(2.1)
-    assert transport.value() == b"" and transport.write_closed
-
-
 def test_a_last_request_stops_reading_only_when_more_arrives() -> None:
     """
     After a request that ends the connection, reading goes on (no epoll_ctl pair per
@@ -561,42 +468,6 @@ def test_a_last_request_stops_reading_only_when_more_arrives() -> None:
     assert transport.write_closed
     assert transport.producerState == "producing"
     assert h.origin.connections[0].requests == 1
-
-
-def test_closing_connections_share_the_listeners_timers() -> None:
-    """
-    A connection per request (HTTP/1.0, TLS handshake benchmarks) must not cost a reactor
-    call per connection: lingering waits in the listener's queue like the other phases.
-    """
-    from twisted.internet.address import IPv4Address
-
-    from persistproxy.http.client_connection import ClientConnection
-
-    class FinAtOnce(HalfCloseTransport):
-        """A TCP transport with nothing buffered: the FIN leaves during the call."""
-
-        def loseWriteConnection(self) -> None:
-            super().loseWriteConnection()
-            self.owner.writeConnectionLost()
-
-    h = Harness()
-    transports = []
-    for _ in range(20):
-        client = ClientConnection(h.ctx)
-        transport = FinAtOnce(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
-        transport.owner = client  # type: ignore[attr-defined]
-        client.makeConnection(transport)
-        client.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
-        h.origin.respond(OK_RESPONSE)
-        assert transport.write_closed
-        transports.append(transport)
-    # One call per listener queue in use (header, linger) and the pool's own, not 20 more.
-    calls = [str(c.func) for c in h.clock.getDelayedCalls()]
-    assert len(calls) <= 4, calls
-    h.clock.advance(1.9)
-    assert not any(t.disconnecting for t in transports)
-    h.clock.advance(0.2)  # LINGER_SECONDS: these clients never closed, so they are cut
-    assert all(t.disconnecting for t in transports)
 
 
 class _CountingSocket:
@@ -661,34 +532,6 @@ def test_a_response_written_in_one_event_leaves_in_one_send_over_tcp() -> None:
             received += chunk
         assert received.endswith(b"bye"), "all of it, then the FIN"
         transport.connectionLost(Failure(ConnectionDone()))
-
-
-def test_a_client_that_half_closed_is_closed_once_answered_not_after_lingering() -> None:
-    """
-    Lingering drains a client that may still be sending; one whose FIN came first has
-    nothing left to send, so once its response and our FIN are out, the socket closes (a
-    plain close: waiting out the linger time ended in a reset).
-    """
-    h = Harness()
-    client, transport = h.client()
-    client.dataReceived(GET)
-    client.readConnectionLost()
-    assert not transport.disconnecting, "the request it sent is still answered"
-    h.origin.respond(OK_RESPONSE)
-    assert parse_response(transport.value())[0] == 200
-    assert transport.write_closed and not transport.disconnecting
-    client.writeConnectionLost()  # our FIN is out
-    assert transport.disconnecting, "closed at once, not after the linger time"
-
-    # A client that did not half-close is drained for the linger time, as before.
-    other, other_transport = h.client()
-    other.dataReceived(b"GET /a HTTP/1.1\r\nHost: example\r\nConnection: close\r\n\r\n")
-    h.origin.respond(OK_RESPONSE)
-    assert other_transport.write_closed
-    other.writeConnectionLost()
-    assert not other_transport.disconnecting
-    h.clock.advance(2.1)
-    assert other_transport.disconnecting
 
 
 def test_a_client_gone_before_its_response_gets_a_499_access_line_and_count() -> None:
@@ -789,16 +632,3 @@ def test_a_half_close_in_the_middle_of_the_body_being_forwarded_is_a_499() -> No
     assert _lines(h) == [("/up", 499, "client")]
 
 
-def test_a_pipelined_body_timeout_lets_the_response_before_it_finish_then_408() -> None:
-    h = Harness(listener={"body_timeout": 5})
-    client, transport = h.client()
-    client.dataReceived(GET + b"POST /b HTTP/1.1\r\nHost: example\r\nContent-Length: 10\r\n\r\nab")
-    h.clock.advance(5.1)  # /b's body stalls while /a waits for its origin
-    assert not transport.disconnecting and not transport.write_closed
-    h.origin.respond(OK_RESPONSE)
-    out = transport.value()
-    assert out.index(b"HTTP/1.1 200 OK") < out.index(b"HTTP/1.1 408 ")
-    assert transport.write_closed
-    assert [(p, st) for p, st, _ in _lines(h)] == [("/a", 200), ("/b", 408)]
-    assert h.stats.responses == {2: 1, 4: 1} and h.stats.timeouts == 1
-    assert b"POST /b" not in h.origin.sent(), "nothing of /b reached the origin"

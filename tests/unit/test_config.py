@@ -6,6 +6,7 @@ kind of mistake, before anything binds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert up.servers == (("127.0.0.1", 8081), ("::1", 8082))
     assert (up.pool_size, up.idle_timeout, up.max_requests) == (256, 60, 1000)
     assert (up.connect_timeout, up.response_timeout) == (5, 60)
+    assert (up.keepalive_margin, up.idle_learn_window, up.assumed_idle_limit) == (1, 60, 1)
 
 
 def test_access_flush_is_half_a_second_by_default_and_never_negative(tmp_path: Path) -> None:
@@ -86,6 +88,16 @@ def test_wrong_type(tmp_path: Path) -> None:
     assert "listener.web.max_requests: expected an integer" in _error(tmp_path, text)
     text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nheader_timeout = -1\n', 1)
     assert "listener.web.header_timeout: must be >= 0" in _error(tmp_path, text)
+
+
+def test_idle_limit_keys_are_validated(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD + "idle_learn_window = -1\n")
+    assert "upstream.app.idle_learn_window: must be >= 0, got -1" in message
+    message = _error(tmp_path, GOOD + 'assumed_idle_limit = "1s"\n')
+    assert "upstream.app.assumed_idle_limit: expected a number of seconds" in message
+    config = _load(tmp_path, GOOD + "idle_learn_window = 0\nassumed_idle_limit = 2.5\n")
+    up = config.upstreams["app"]  # type: ignore[attr-defined]
+    assert (up.idle_learn_window, up.assumed_idle_limit) == (0, 2.5)
 
 
 def test_undefined_upstream_and_bad_servers(tmp_path: Path) -> None:
@@ -134,3 +146,119 @@ def test_header_count_and_chunk_size_limits(tmp_path: Path) -> None:
     assert "listener.web.min_chunk_size: must be >= 0, got -1" in _error(tmp_path, text)
     text = GOOD + "max_header_count = 1.5\n"
     assert "upstream.app.max_header_count: expected an integer" in _error(tmp_path, text)
+
+
+def test_log_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config: Any = _load(tmp_path, GOOD)
+    assert (config.access_log_file, config.log_buffer_size) == ("", 1048576)
+    config = _load(tmp_path, '[log]\naccess_log = "stdout"\nbuffer_size = 65536\n' + GOOD)
+    assert (config.access_log_file, config.log_buffer_size) == ("", 65536)
+    # A relative file is relative to the configuration file's directory, wherever twistd
+    # starts (made absolute before any chdir).
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = _load(tmp_path, '[log]\naccess_log = "logs/access.log"\n' + GOOD)
+    assert config.access_log_file == str(tmp_path / "logs" / "access.log")
+
+
+def test_bad_log_outputs(tmp_path: Path) -> None:
+    def log(text: str) -> str:
+        return _error(tmp_path, "[log]\n" + text + "\n" + GOOD)
+
+    missing = tmp_path / "missing"
+    assert f"log.access_log: directory {missing} does not exist" in log(
+        f'access_log = "{missing}/access.log"'
+    )
+    assert f"log.access_log: {tmp_path} is a directory" in log(f'access_log = "{tmp_path}"')
+    assert 'log.access_log: expected "stdout" or a file name' in log('access_log = ""')
+    assert "log.access_log: expected a string, got True" in log("access_log = true")
+    assert "log.buffer_size: must be >= 65536, got 4096" in log("buffer_size = 4096")
+    assert "log.buffer: unknown key" in log("buffer = 4096")
+    assert "File name too long" in log(f'access_log = "{"x" * 300}/access.log"')
+
+
+# -- endpoint strings: Twisted's public parser, without binding ----------------------------
+
+
+def _bind_error(tmp_path: Path, bind: str) -> str:
+    return _error(tmp_path, GOOD.replace("tcp:8080:interface=127.0.0.1", bind))
+
+
+def test_an_unknown_endpoint_option_is_named_not_a_python_error(tmp_path: Path) -> None:
+    message = _bind_error(tmp_path, "tcp:8080:interfce=127.0.0.1")
+    assert message.endswith(
+        "listener.web.bind: bad endpoint 'tcp:8080:interfce=127.0.0.1': unknown option 'interfce'"
+    )
+    assert "unknown option 'mode'" in _bind_error(tmp_path, "tcp6:8080:mode=1")
+    assert "unknown option 'lockfil'" in _bind_error(tmp_path, "unix:/run/pp.sock:lockfil=0")
+    text = GOOD + '\n[metrics]\nbind = "tcp:9100:foo=1"\n'
+    assert "metrics.bind: bad endpoint 'tcp:9100:foo=1': unknown option 'foo'" in _error(
+        tmp_path, text
+    )
+    # An unescaped colon in a value (IPv6) reads as more arguments: the error says how.
+    message = _bind_error(tmp_path, "tcp6:8080:interface=::1")
+    assert "'interface' is given twice (a colon inside a value is written \\:)" in message
+
+
+def test_an_endpoint_port_must_be_a_number_from_0_to_65535(tmp_path: Path) -> None:
+    for bind in ("tcp:65536", "tcp:eighty", "tcp6:99999", "ssl:70000", "tcp:port=-1"):
+        port = bind.split(":")[1].removeprefix("port=")
+        assert _bind_error(tmp_path, bind).endswith(
+            f"bad endpoint {bind!r}: port {port!r} is not a number from 0 to 65535"
+        ), bind
+    assert "missing port" in _bind_error(tmp_path, "tcp")
+    for bind in ("tcp:0", "tcp:65535:interface=127.0.0.1", "tcp6:8080:interface=\\:\\:1"):
+        _load(tmp_path, GOOD.replace("tcp:8080:interface=127.0.0.1", bind.replace("\\", "\\\\")))
+
+
+def test_other_endpoint_mistakes_are_one_line(tmp_path: Path) -> None:
+    assert _bind_error(tmp_path, "tcp:80:backlog=many").endswith("'many' is not a number")
+    assert _bind_error(tmp_path, "tcp:80:1:2:3").endswith("too many arguments")
+    assert "Unknown endpoint type: 'tpc'" in _bind_error(tmp_path, "tpc:80")
+    missing = tmp_path / "missing.pem"
+    assert "No such file or directory" in _bind_error(tmp_path, f"ssl:443:privateKey={missing}")
+
+
+def test_systemd_endpoints_are_checked_by_hand_without_their_sockets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A systemd: endpoint looks up its inherited socket when it is built, which --check (or a
+    check before the socket unit started) does not have: it is never built at check time.
+    """
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    [parser] = [p for p in getPlugins(IStreamServerEndpointStringParser) if p.prefix == "systemd"]
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a systemd endpoint was built at check time")
+
+    monkeypatch.setattr(type(parser), "parseStreamServer", built)
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
+    for bind in (
+        "systemd:domain=INET:name=web",
+        "systemd:domain=INET6:index=0",
+        "systemd:domain=UNIX:index=1",
+        "systemd:INET:0",
+    ):
+        _load(tmp_path, GOOD.replace("tcp:8080:interface=127.0.0.1", bind))
+    bad = {
+        "systemd:name=web": "missing domain (INET, INET6 or UNIX)",
+        "systemd:domain=inet:name=web": "domain 'inet' is not INET, INET6 or UNIX",
+        "systemd:domain=INET": "give exactly one of index (a number) or name",
+        "systemd:domain=INET:index=0:name=web": "give exactly one of index (a number) or name",
+        "systemd:domain=INET:index=first": "index 'first' is not a number",
+        "systemd:domain=INET:name=web:mode=660": "unknown option 'mode'",
+        "systemd:domain=INET:name=": "name is empty",
+        "systemd:INET:0:web:extra": "too many arguments",
+        "systemd:INET:domain=INET6:name=web": "'domain' is given twice",
+    }
+    for bind, problem in bad.items():
+        message = _bind_error(tmp_path, bind)
+        assert message.startswith(
+            f"{tmp_path / 'p.toml'}: listener.web.bind: bad endpoint {bind!r}: "
+        )
+        assert problem in message, (bind, message)

@@ -43,6 +43,29 @@ def test_no_module_outside_http_and_the_plugin_registry_imports_http() -> None:
     assert offenders == []
 
 
+def test_no_module_outside_tcp_and_the_plugin_registry_imports_tcp() -> None:
+    offenders = [
+        name
+        for name, path in _modules()
+        if not name.startswith(("persistproxy/tcp/", "persistproxy/plugins/"))
+        and any(m.split(".")[:2] == ["persistproxy", "tcp"] for m in _imports(path))
+    ]
+    assert offenders == []
+
+
+def test_the_tcp_plugin_is_written_against_the_interfaces_only() -> None:
+    """Of persistproxy, tcp/plugin.py imports the plugin interface and the public byte relay
+    (persistproxy.relay, which tunnels and CONNECT share): what a third-party plugin could."""
+    used = {
+        m
+        for m in _imports(PACKAGE / "tcp" / "plugin.py")
+        if m.split(".")[0] == "persistproxy"
+    }
+    assert used and all(
+        m in ("persistproxy.interfaces", "persistproxy.relay") for m in used
+    ), used
+
+
 def test_only_net_and_tls_reach_into_twisted_and_pyopenssl_internals() -> None:
     """Private modules of Twisted and pyOpenSSL (C{_sslverify}, C{_util}) are imported only
     inside net/ and tls/, where the start-up self-check fences them."""

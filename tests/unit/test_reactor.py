@@ -1,12 +1,16 @@
 """
 ProxyReactor.call_after_event: deferred work runs at the end of the current I/O event, or
-before the next wait when queued by a timed call.
+before the next wait when queued by a timed call; after_event_caller picks it, or the next
+turn with any other reactor.
 """
 
 from __future__ import annotations
 
 import os
 
+from twisted.internet.task import Clock
+
+from persistproxy.net.after_event import after_event_caller
 from persistproxy.net.reactor import ProxyReactor
 
 
@@ -67,3 +71,16 @@ def test_an_error_in_deferred_work_does_not_stop_the_rest() -> None:
     reactor.call_after_event(lambda: log.append("still runs"))
     reactor.doPoll(0)
     assert log == ["still runs"]
+
+
+def test_after_event_caller_uses_the_proxy_reactors_queue_or_the_next_turn() -> None:
+    """net/after_event.py: the same "after this event" with whatever reactor runs."""
+    reactor = ProxyReactor()
+    after = after_event_caller(reactor)
+    assert after == reactor.call_after_event
+    clock = Clock()
+    log: list[str] = []
+    after_event_caller(clock)(lambda: log.append("next turn"))
+    assert log == [], "not in the middle of the current event"
+    clock.advance(0)
+    assert log == ["next turn"]

@@ -1,12 +1,11 @@
 """
-Shared timeout queues and lazily re-armed deadlines, with a Clock.
+The timeout queues a listener's connections share (timers.py), with a Clock.
 """
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from persistproxy.policy import Deadline
 from persistproxy.timers import TimeoutQueue
 
 
@@ -49,29 +48,29 @@ def test_one_reactor_call_however_many_items() -> None:
     assert len(clock.getDelayedCalls()) == 1
 
 
-def test_deadline_rearms_lazily_and_fires_at_the_latest_due_time() -> None:
+def test_membership() -> None:
     clock = Clock()
-    fired: list[float] = []
-    d = Deadline(clock, lambda: fired.append(clock.seconds()))
-    d.arm(10)
-    clock.advance(5)
-    d.arm(10)  # later: no new call, the first one re-checks
-    assert len(clock.getDelayedCalls()) == 1
-    clock.advance(5)
-    assert fired == []
-    clock.advance(5)
-    assert fired == [15]
+    q: TimeoutQueue[str] = TimeoutQueue(clock, 10, lambda _: None)
+    q.add("a")
+    q.add("b")
+    q.add("a")  # re-added: still one entry
+    assert len(q) == 2 and "a" in q and "c" not in q
+    q.discard("a")
+    q.discard("c")  # not there: nothing happens
+    assert len(q) == 1 and "a" not in q and "b" in q
 
 
-def test_deadline_cancel_means_no_callback() -> None:
+def test_the_call_follows_the_first_item_when_the_first_ones_go() -> None:
     clock = Clock()
-    fired: list[int] = []
-    d = Deadline(clock, lambda: fired.append(1))
-    d.arm(1)
-    d.cancel()
-    clock.advance(2)
-    assert fired == [] and not d.armed
-    d.arm(1)
-    d.arm(0.5)  # sooner: rescheduled
-    clock.advance(0.6)
-    assert fired == [1]
+    expired: list[str] = []
+    q: TimeoutQueue[str] = TimeoutQueue(clock, 10, expired.append)
+    q.add("a")
+    clock.advance(4)
+    q.add("b")
+    q.discard("a")
+    clock.advance(6)  # a's moment: nothing due, the call re-aims at b
+    assert expired == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(3.9)
+    assert expired == []
+    clock.advance(0.1)
+    assert expired == ["b"] and clock.getDelayedCalls() == []

@@ -1,27 +1,24 @@
 """
-Edge cases of the TLS server transport (tls_transport.py) found by review: refusals that
-never see a handshake, producers paused when the client ends the TLS session, the client's
-close_notify as a half-close, nothing sent after an abort, OpenSSL's answers to
-post-handshake messages, and the order data / close_notify / FIN over a real socket with
-Twisted's own TCP transport.
+The TLS server transport (tls/transport.py, over tls/calls.py): records in and out of
+OpenSSL's memory BIOs, writes of one event leaving in one send, the graceful half-close
+(data, close_notify, FIN), what is written before the handshake, refusals that never see a
+handshake, plain text sent to a TLS port, producers paused when the client ends the TLS
+session, nothing sent after an abort, OpenSSL's answers to post-handshake messages, and the
+order data / close_notify / FIN over a real socket with Twisted's own TCP transport.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import time
 from typing import Any
 
+import pytest
 from OpenSSL import SSL
-from test_tls import (
-    PKI,
-    HalfCloseTransport,
-    Link,
-    client_context,
-    settings,
-)
-from test_tls import pki as _pki
+from pki import PKI
+from tlsfakes import HalfCloseTransport, Link, client_context, listener, settings
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -32,10 +29,28 @@ from zope.interface import implementer
 
 from persistproxy.listener.limits import Rejection
 from persistproxy.net.accept import ProxyServer
+from persistproxy.net.fastwrite import MSG_MORE
 from persistproxy.tls.server import ServerTLS
 from persistproxy.tls.transport import TLSListenerFactory, TLSServerProtocol
 
-pki = _pki  # the same module-scoped fixture: certificates made once, at test time
+_DONE = Failure(ConnectionError("done"))
+
+
+class Refuser(Protocol):
+    """Answers at once, before any TLS byte arrived, and closes: as a connection refusal does."""
+
+    half_close = True
+    lost: Failure | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"HTTP/1.1 503 busy\r\n\r\n")  # type: ignore[union-attr]
+        if self.half_close:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.lost = reason
 
 
 _LOST = Failure(ConnectionError("lost"))
@@ -71,6 +86,164 @@ class Producer:
         pass
 
 
+
+# -- closing ----------------------------------------------------------------------------------
+
+
+def test_half_close_sends_what_is_pending_then_close_notify_then_fin(
+    pki: PKI, clock: Clock
+) -> None:
+    link = Link(listener(pki, clock), clock, client_context(SSL.TLS1_3_VERSION))
+    link.client.send(b"ping")
+    link.server.dataReceived(link.client.bio_read(65536))
+    # The response is still waiting for the end of the reactor turn when the close comes.
+    link.server.write(b"bye")
+    link.server.loseWriteConnection()
+    assert link.transport.write_closed
+    link.client.bio_write(link.transport.value())
+    link._read()
+    assert link.plain == b"pongbye"
+    assert link.closed_by_server
+
+
+def test_writes_of_one_turn_leave_in_one_send(pki: PKI, clock: Clock) -> None:
+    link = Link(listener(pki, clock), clock, client_context(SSL.TLS1_3_VERSION))
+    link.transport.clear()
+    writes: list[bytes] = []
+    original = link.transport.write
+    link.transport.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign,func-returns-value]
+    link.server.write(b"head")
+    link.server.write(b"body")
+    assert writes == []
+    clock.advance(0)
+    assert len(writes) == 1
+    link.client.bio_write(link.transport.value())
+    link._read()
+    assert link.plain == b"headbody"
+
+
+def test_client_eof_without_close_notify_reaches_the_wrapped_protocol(
+    pki: PKI, clock: Clock
+) -> None:
+    link = Link(listener(pki, clock), clock, client_context(SSL.TLS1_2_VERSION))
+    link.send(b"ping")
+    link.server.readConnectionLost()
+    assert link.transport.disconnecting
+    link.close()
+    assert link.wrapped.lost is not None
+
+
+
+def test_a_large_write_arrives_whole(pki: PKI, clock: Clock) -> None:
+    """pyOpenSSL enables partial writes: one SSL_write may take a single 16 KiB record."""
+    link = Link(listener(pki, clock), clock, client_context(SSL.TLS1_2_VERSION))
+    link.transport.clear()
+    body = bytes(range(256)) * 1000  # 256,000 bytes, sixteen records
+    link.server.write(body)
+    clock.advance(0)
+    link.client.bio_write(link.transport.value())
+    link._read()
+    assert link.plain == body
+
+
+@pytest.mark.parametrize("calls", ["binding", "public"])
+def test_both_ways_of_calling_openssl_carry_records_both_ways(
+    pki: PKI, clock: Clock, calls: str
+) -> None:
+    from persistproxy.tls.calls import BindingCalls, PublicCalls
+
+    factory = listener(pki, clock)
+    assert isinstance(factory.calls, BindingCalls)
+    if calls == "public":
+        factory.calls = PublicCalls()
+    for version in (SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION):
+        link = Link(factory, clock, client_context(version))
+        link.client.sendall(b"ping" * 5000)  # several records in one read
+        link.pump()
+        assert link.wrapped.received == b"ping" * 5000
+        link.transport.clear()
+        link.plain = b""
+        body = bytes(range(256)) * 700  # more than one read of the outgoing buffer
+        link.server.write(body)
+        clock.advance(0)
+        link.client.bio_write(link.transport.value())
+        link._read()
+        assert link.plain == body
+        link.client.shutdown()  # the client's close_notify: answered, then closed
+        link.server.dataReceived(link.client.bio_read(65536))
+        assert link.transport.disconnecting
+
+
+@pytest.mark.parametrize(("half_close", "version"), [(True, 0x304), (False, 0x303)])
+def test_what_is_written_before_the_handshake_follows_it_then_the_close_asked_for(
+    pki: PKI, clock: Clock, half_close: bool, version: int
+) -> None:
+    """A refusal (503) written at connection time reaches the client after the handshake."""
+    factory = TLSListenerFactory(
+        ServerTLS(settings(pki.site), "web"), Factory.forProtocol(Refuser), None, None, clock
+    )
+    Refuser.half_close = half_close
+    try:
+        link = Link(factory, clock, client_context(version))
+    finally:
+        Refuser.half_close = True
+    assert link.plain == b"HTTP/1.1 503 busy\r\n\r\n"
+    assert link.closed_by_server
+    assert link.transport.write_closed if half_close else link.transport.disconnecting
+
+
+def test_a_close_before_any_byte_is_just_a_close(pki: PKI, clock: Clock) -> None:
+    server = listener(pki, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    server.loseConnection()
+    assert transport.disconnecting and transport.value() == b""
+
+
+def test_a_bad_client_hello_is_answered_with_an_alert_and_a_close(
+    pki: PKI, clock: Clock
+) -> None:
+    server = listener(pki, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    server.dataReceived(b"\x16\x03\x01\x00\x05hello")  # a handshake record, nonsense inside
+    assert transport.disconnecting
+    assert transport.value()[:1] == b"\x15", "a TLS alert record"
+    server.connectionLost(Failure(ConnectionError("closed")))
+    assert server.wrappedProtocol.lost is not None
+    assert isinstance(server.wrappedProtocol.lost.value, SSL.Error)
+
+
+
+def test_plain_text_to_the_tls_port_gets_the_wrapped_factorys_plain_answer(
+    pki: PKI, clock: Clock
+) -> None:
+    answer = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n"
+    factory = listener(pki, clock)
+    factory.plaintext_answer = answer
+    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfCloseTransport()
+    server.makeConnection(transport)
+    server.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value() == answer and transport.disconnecting
+    server.connectionLost(Failure(ConnectionError("closed")))
+    assert isinstance(server.wrappedProtocol.lost.value, SSL.Error)
+    assert server.wrappedProtocol.received == b"", "the request never reaches the protocol"
+
+    # A factory without an answer (a protocol that is not HTTP): closed, as for nonsense
+    # (OpenSSL recognises an HTTP request and sends no alert).
+    bare = listener(pki, clock).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    bare_transport = HalfCloseTransport()
+    bare.makeConnection(bare_transport)
+    bare.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    assert bare_transport.value() == b"" and bare_transport.disconnecting
+
+    # Only the first byte counts: a ClientHello split anywhere still completes.
+    link = Link(factory, clock, client_context(SSL.TLS1_3_VERSION))
+    link.send(b"ping")
+    assert link.plain == b"pong"
+
+
 # -- a TLS connection over a real (AF_UNIX) socket pair and Twisted's TCP transport ----------
 
 
@@ -85,10 +258,27 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     return ours, peer
 
 
+class _RecordingSocket:
+    """A real socket whose sends are recorded with their flags (write_directly uses .send)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sends: list[tuple[bytes, int]] = []
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self.sends.append((bytes(data), flags))
+        return self._sock.send(data, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class SocketLink:
     """
     The server side is a real L{ProxyServer} (tcp.Connection) over one end of a socket pair,
     driven by a L{MemoryReactorClock}; the client is pyOpenSSL in memory, reading the other end.
+
+    @ivar sent: every C{send} the server made on its socket, with its flags.
     """
 
     def __init__(self, pki: PKI, wrapped: type[Protocol] = Later, tcp: bool = False) -> None:
@@ -103,6 +293,8 @@ class SocketLink:
             IPv4Address("TCP", "127.0.0.1", 40000)
         )
         self.tcp = ProxyServer(ours, self.server, ("127.0.0.1", 40000), None, 0, self.reactor)
+        self.sent = _RecordingSocket(ours)
+        self.tcp.socket = self.sent  # type: ignore[assignment]
         self.server.makeConnection(self.tcp)
         self.wrapped: Any = self.server.wrappedProtocol
         self.client = SSL.Connection(client_context(SSL.TLS1_3_VERSION), None)
@@ -153,8 +345,21 @@ class SocketLink:
                     break
         return got
 
+    def read_until(self, done: Any, timeout: float = 5.0) -> None:
+        """
+        Read what the server sent, waiting for the socket to be readable, until C{done()};
+        fails after C{timeout} seconds (loopback delivery takes microseconds).
+        """
+        deadline = time.monotonic() + timeout
+        self.from_server()
+        while not done():
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"not there within {timeout}s; read so far: {self.plain!r}"
+            select.select([self.peer], [], [], remaining)
+            self.from_server()
 
-# -- a refused (503) TLS client that never finishes its handshake is never closed ---------
+
+# -- a refused (503) TLS client that never finishes its handshake is closed ---------------
 
 
 def test_a_refused_client_that_never_finishes_the_handshake_is_closed(pki: PKI) -> None:
@@ -179,7 +384,7 @@ def test_a_refused_client_that_never_finishes_the_handshake_is_closed(pki: PKI) 
     assert transport.disconnecting, "the refused connection is still open an hour later"
 
 
-# -- the client's close_notify after its request: the response is dropped ----------------
+# -- the client's close_notify after its request: a half-close, still answered -----------
 
 
 @implementer(IHalfCloseableProtocol)
@@ -223,7 +428,7 @@ def test_a_request_followed_by_close_notify_still_gets_its_response(pki: PKI) ->
     assert link.transport.disconnecting
 
 
-# -- a paused producer when the TLS side closes: the TCP connection never closes -----------
+# -- a paused producer when the TLS side closes: the TCP connection still closes ---------
 
 
 def test_close_notify_while_a_paused_producer_is_registered_closes_the_connection(
@@ -276,7 +481,7 @@ def test_tls_error_while_a_paused_producer_is_registered_closes_the_connection(
     assert not link.tcp.connected, "stuck open with a resumed producer whose writes vanish"
 
 
-# -- abortConnection does not discard records waiting for the end of the event ------------
+# -- abortConnection discards the records waiting for the end of the event ---------------
 
 
 def test_nothing_is_sent_after_abort_connection(pki: PKI) -> None:
@@ -294,7 +499,7 @@ def test_nothing_is_sent_after_abort_connection(pki: PKI) -> None:
     assert link.from_server() == b"", "records were sent after abortConnection"
 
 
-# -- records OpenSSL writes while reading wait for the next write --------------------------
+# -- records OpenSSL writes while reading leave without waiting for the next write -------
 
 
 def test_what_openssl_answers_to_a_post_handshake_message_is_sent(pki: PKI) -> None:
@@ -318,7 +523,7 @@ def test_what_openssl_answers_to_a_post_handshake_message_is_sent(pki: PKI) -> N
     assert link.transport.value() != b"", "OpenSSL's answer waits in the BIO"
 
 
-# -- checked and fine ------------------------------------------------------------------------
+# -- data, close_notify and FIN over a real socket ------------------------------------------
 
 
 @implementer(IHalfCloseableProtocol)
@@ -353,11 +558,13 @@ def test_with_a_producer_registered_the_last_records_are_not_held_for_a_fin(pki:
     link = SocketLink(pki, HalfCloseSeen, tcp=True)  # MSG_MORE corks on TCP only
     link.from_server()
     link.server.registerProducer(Producer(), True)
+    link.sent.sends.clear()
     link.server.write(b"last words")
     link.server.loseWriteConnection()
     assert not link.wrapped.write_lost  # the FIN waits for the producer
-    time.sleep(0.05)  # loopback delivery; a corked segment would wait ~200 ms
-    link.from_server()
+    # Sent with MSG_MORE, the segment would wait in the kernel (~200 ms) for more data.
+    assert link.sent.sends and link.sent.sends[-1][1] == 0, link.sent.sends
+    link.read_until(lambda: bool(link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN))
     assert link.plain == b"last words"
     assert link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN
 
@@ -365,10 +572,13 @@ def test_with_a_producer_registered_the_last_records_are_not_held_for_a_fin(pki:
 def test_data_and_fin_leave_together_over_tcp(pki: PKI) -> None:
     link = SocketLink(pki, HalfCloseSeen, tcp=True)
     link.from_server()
+    link.sent.sends.clear()
     link.server.write(b"bye")
     link.server.loseWriteConnection()
     assert link.wrapped.write_lost
-    time.sleep(0.05)
-    link.from_server()
+    # The last records go with MSG_MORE: the kernel sends them and the FIN in one segment.
+    assert [flags for _, flags in link.sent.sends] == [MSG_MORE], link.sent.sends
+    link.read_until(lambda: bool(link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN))
     assert link.plain == b"bye" and link.client.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+    link.peer.settimeout(5)
     assert link.peer.recv(10) == b""
