@@ -6,12 +6,13 @@
 #   bash bench/run.sh tls        full vs resumed TLS handshakes/s, persistproxy vs nginx (bench/tls_bench.py)
 #   bash bench/run.sh tcp        raw TCP relay GiB/s and CPU/GiB vs nginx stream, haproxy (bench/tcp_bench.py)
 #   bash bench/run.sh race       keep-alive race errors per method, persistproxy vs nginx, haproxy (bench/race_soak.py)
+#   bash bench/run.sh h2         HTTP/2 over TLS, h2load -c10 -m10: persistproxy vs nginx (bench/h2_bench.py)
 #
 # Installs nginx, haproxy, wrk (and openssl, taskset, prlimit) from apt when missing and builds the
 # proxy's venv with `make venv`. Every server it starts is stopped on exit, Ctrl-C or SIGTERM.
 # Knobs (environment): DURATION ROUNDS CONNECTIONS THREADS SCENARIOS WRK_CPUS PROXY_CPU ORIGIN_CPU
 # IDLE_CONNECTIONS TLS_TIME TCP_BYTES TCP_PARALLEL TCP_TARGETS CLIENT_CPU RACE_SECONDS RACE_ROUNDS
-# RACE_IDLE_CLOSE RACE_CLIENTS RACE_TARGETS KEEP_WORKDIR.
+# RACE_IDLE_CLOSE RACE_CLIENTS RACE_TARGETS H2_CLIENT_CPU KEEP_WORKDIR.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,7 +20,7 @@ REPO="$(cd "$HERE/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
 usage() {
-  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 mode="throughput"
@@ -29,6 +30,7 @@ case "${1:-}" in
   tls | --tls) mode="tls" ;;
   tcp | --tcp) mode="tcp" ;;
   race | --race) mode="race" ;;
+  h2 | --h2) mode="h2" ;;
   -h | --help | help) usage; exit 0 ;;
   *) echo "run.sh: unknown mode '$1'" >&2; usage >&2; exit 2 ;;
 esac
@@ -42,6 +44,7 @@ ensure_tools() {
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
   command -v wrk >/dev/null || need+=(wrk)
   command -v openssl >/dev/null || need+=(openssl)
+  command -v h2load >/dev/null || need+=(nghttp2-client)
   command -v taskset >/dev/null || need+=(util-linux)
   command -v prlimit >/dev/null || need+=(util-linux)
   command -v "$PYTHON" >/dev/null || need+=(python3)
@@ -84,6 +87,7 @@ case "$mode" in
   tls) script="$HERE/tls_bench.py" ;;
   tcp) script="$HERE/tcp_bench.py" ;;
   race) script="$HERE/race_soak.py" ;;
+  h2) script="$HERE/h2_bench.py" ;;
 esac
 
 # Run the Python driver as a child so this shell can forward signals to it; the driver stops

@@ -134,6 +134,10 @@ def summary(config: ProxyConfig) -> Iterator[str]:
         if lc.tls is not None:
             n = len(lc.tls.get("certificates", ()))
             tls = f", TLS ({n} certificate{'s' if n != 1 else ''})"
+        if lc.protocol == "http" and lc.tls is not None and "h2" in lc.tls.get("alpn", ()):
+            tls += ", HTTP/2 by ALPN"
+        elif lc.protocol == "http" and lc.extra.get("h2c"):
+            tls += ", HTTP/2 with prior knowledge (h2c)"
         target = f", to upstream {lc.upstream}" if lc.upstream else ""
         yield (
             f"listener {lc.name}: {lc.protocol} on {lc.bind} ({_backlog(lc.bind)}){tls}"

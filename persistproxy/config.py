@@ -45,6 +45,8 @@ class UpstreamConfig:
     max_requests: int = 1000
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
     keepalive_margin: float = 1.0
     idle_learn_window: float = 60.0
     assumed_idle_limit: float = 1.0
@@ -83,6 +85,10 @@ class ListenerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     send_timeout: float = 60.0
+    min_body_rate: int = 0
+    min_body_rate_window: float = 10.0
+    min_send_rate: int = 0
+    min_send_rate_window: float = 10.0
     max_lifetime: float = 0.0
     max_connections: int = 10000
     max_connections_per_client: int = 0
@@ -235,6 +241,8 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         max_requests=s.integer("max_requests", 1000),
         connect_timeout=s.seconds("connect_timeout", 5.0),
         response_timeout=s.seconds("response_timeout", 60.0),
+        read_timeout=s.seconds("read_timeout", 60.0),
+        write_timeout=s.seconds("write_timeout", 60.0),
         keepalive_margin=s.seconds("keepalive_margin", 1.0),
         idle_learn_window=s.seconds("idle_learn_window", 60.0),
         assumed_idle_limit=s.seconds("assumed_idle_limit", 1.0),
@@ -340,6 +348,10 @@ def _listener(
         header_timeout=s.seconds("header_timeout", 10.0),
         body_timeout=s.seconds("body_timeout", 60.0),
         send_timeout=s.seconds("send_timeout", 60.0),
+        min_body_rate=s.integer("min_body_rate", 0),
+        min_body_rate_window=_rate_window(s, "min_body_rate_window"),
+        min_send_rate=s.integer("min_send_rate", 0),
+        min_send_rate_window=_rate_window(s, "min_send_rate_window"),
         max_lifetime=s.seconds("max_lifetime", 0.0),
         max_connections=s.integer("max_connections", 10000),
         max_connections_per_client=s.integer("max_connections_per_client", 0),
@@ -361,6 +373,17 @@ def _listener(
     elif listener.extra:
         s.reject_unknown()
     return listener
+
+
+def _rate_window(s: _Section, key: str) -> float:
+    """
+    The seconds a minimum rate is averaged over: a rate needs some time to be measured, so
+    not 0 (whether the rate itself is set or not, so that setting it later cannot fail).
+    """
+    value = s.seconds(key, 10.0)
+    if value <= 0:
+        raise s.fail(key, f"must be > 0, got {value:g}: a rate is averaged over some time")
+    return value
 
 
 def _access_log_file(s: _Section, base: Path) -> str:

@@ -109,6 +109,9 @@ class ListenerStats:
     upstream_errors: int = 0
     tls_handshakes: int = 0
     tls_resumed: int = 0
+    #: Of requests_total and connections_total, those that spoke HTTP/2.
+    h2_requests: int = 0
+    h2_connections: int = 0
     #: Completed handshakes by (protocol version, ALPN protocol or "", resumed).
     tls_kinds: dict[tuple[str, str, bool], int] = field(default_factory=dict)
     #: Exchanges that ended without a complete response, by what ended them ("client",
@@ -270,10 +273,19 @@ class StatsCollector(Collector):
         for name, ls in listeners.items():
             for by in sorted({*ABORTED_BY, *ls.aborted}):
                 aborted.add_metric([name, by], ls.aborted.get(by, 0))
+        by_version = CounterMetricFamily(
+            "persistproxy_requests_by_version",
+            "Requests received, by HTTP version of the client's hop (1.x or 2)",
+            labels=["listener", "version"],
+        )
+        for name, ls in listeners.items():
+            by_version.add_metric([name, "1.x"], ls.requests_total - ls.h2_requests)
+            by_version.add_metric([name, "2"], ls.h2_requests)
         yield open_conns
         yield idle_conns
         yield responses
         yield aborted
+        yield by_version
         durations = HistogramMetricFamily(
             "persistproxy_request_duration_seconds",
             "Time from a request's head to the end of its response, per listener",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real clients and servers the end-to-end tests drive (curl, openssl, slowhttptest,
-# testssl.sh, ss, headless Chromium) from Debian's packages when any is missing. Does nothing
-# when all are present.
+# testssl.sh, ss, h2load and nghttp, headless Chromium) from Debian's packages when any is
+# missing. Does nothing when all are present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
@@ -9,6 +9,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v slowhttptest >/dev/null || need+=(slowhttptest)
 command -v testssl >/dev/null || need+=(testssl.sh)
 command -v ss >/dev/null || need+=(iproute2)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v chromium >/dev/null || need+=(chromium)   # the /status page, opened headless
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then

@@ -35,6 +35,7 @@ from persistproxy.http.request_body import (
     PAUSE_BACKLOG,
     PAUSE_CLOSING,
     PAUSE_UPSTREAM,
+    BodyTooSlow,
 )
 from persistproxy.http.request_head import (
     OTHER_VERSION,
@@ -107,6 +108,7 @@ class ClientConnection(ClientClosing, Protocol):
         # a connection-owned deadline only for the rare timers (lingering, lifetime).
         self._waiting: TimeoutQueue[TimedConnection] | None = None
         self._timer: Deadline | None = None
+        self._send_meter = None
         self._peer = b""
         self._peer_str = getattr(peer, "host", None) or ""
         self._valid_host = None
@@ -180,6 +182,9 @@ class ClientConnection(ClientClosing, Protocol):
                 self._flush_body(current)
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data, e)
+        except BodyTooSlow:
+            line = self._request_line()  # the access line says which request it was
+            self._refuse_current(408, "request body too slow", "timeout", line)
         except BadRequest as e:
             self._reject(e.status, str(e), e.request_line)
         except httptools.HttpParserCallbackError as e:
@@ -269,8 +274,7 @@ class ClientConnection(ClientClosing, Protocol):
         self._wait(None)
         if self._timer is not None:
             self._timer.stop()
-        if self._ctx.send_queue is not None:
-            self._ctx.send_queue.discard(self)
+        self._forget_sends()
         limits = self._ctx.limits
         if limits is not None and limits.idle_per_client:
             limits.went_busy(self._peer_str, self)
@@ -325,7 +329,7 @@ class ClientConnection(ClientClosing, Protocol):
         self._current = exchange
         if has_body:
             self._phase = "body"
-            self._wait(ctx.body_queue)
+            self._wait(ctx.body_queue if not self._pause else None)  # see _pause_reading
         else:
             self._phase = "busy"
             self._wait(None)
@@ -553,6 +557,8 @@ class ClientConnection(ClientClosing, Protocol):
     def _pause_reading(self, reason: int) -> None:
         if not self._pause and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if self._phase == "body":
+                self._body_held()  # a body we do not read is not timed
         self._pause |= reason
 
     def _resume_reading(self, reason: int) -> None:
@@ -560,6 +566,8 @@ class ClientConnection(ClientClosing, Protocol):
             self._pause &= ~reason
             if not self._pause and self.transport is not None and self._phase != "closed":
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
+                if self._phase == "body":
+                    self._body_released()
 
     def _drop_from(self, exchange: Exchange) -> None:
         """Forget C{exchange} and everything pipelined after it (never answered)."""

@@ -38,7 +38,9 @@ class ExchangeOwner(Protocol):
     The client connection an exchange answers, as the exchange sees it.
     """
 
-    transport: Any
+    @property
+    def transport(self) -> Any:
+        """What the exchange registers itself with as a producer, when the client is slow."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -57,6 +59,14 @@ class ExchangeOwner(Protocol):
     def send_stalled(self) -> None: ...
 
     def send_flowing(self) -> None: ...
+
+    # The producer of the request body, which the upstream transport pauses.
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
 
 _CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -78,6 +88,9 @@ class Exchange:
     @ivar chunks: chunks of a chunked request body in the current window (see
         L{persistproxy.http.client_connection.CHUNK_WINDOW}), C{chunk_bytes} their data
         and C{chunk_window} the clock time it began.
+    @ivar rate_since: when the request body's current rate window began (none yet: the next
+        body read begins one), C{rate_bytes} the body bytes received in it (see
+        L{persistproxy.http.request_body.RequestBodyReader._judge_body_rate}).
     """
 
     __slots__ = (
@@ -106,6 +119,8 @@ class Exchange:
         "keep_alive",
         "method",
         "ordinal",
+        "rate_bytes",
+        "rate_since",
         "response_started",
         "retries",
         "reused",
@@ -144,6 +159,9 @@ class Exchange:
         self.body_parts: list[bytes] = []
         self.chunks = 0
         self.chunk_bytes = 0
+        #: The request body's rate window (see min_body_rate): its start, if begun, and bytes.
+        self.rate_since: float | None = None
+        self.rate_bytes = 0
         self._body: list[bytes] = []
         self._buffered = 0
         self._feeding = False  # the client's transport is the producer of the upstream's
@@ -217,7 +235,7 @@ class Exchange:
                 upstream.send_body(data)
             if not self._feeding and not self.body_done and upstream.backlogged():
                 # The origin reads slower than the client sends: let it slow the client.
-                upstream.transport.registerProducer(self._client, True)  # type: ignore[union-attr]
+                upstream.throttle(self._client)
                 self._feeding = True
             return 0
         if self.cancelled or (self.upstream is None and self.response_started):
@@ -230,8 +248,15 @@ class Exchange:
         self.body_done = True
         upstream = self.upstream
         if upstream is not None and upstream.state == "ACTIVE" and self.has_body:
-            upstream.finish_request(_LAST_CHUNK if self.chunked else b"")
+            upstream.finish_request(self._last_chunk())
             self._unregister_request_producer(upstream)
+
+    def _last_chunk(self) -> bytes:
+        """
+        What ends the request body on the upstream hop: the last chunk of a chunked body, or
+        nothing. (A client hop that carries request trailers, HTTP/2's, adds them here.)
+        """
+        return _LAST_CHUNK if self.chunked else b""
 
     def cancel(self) -> None:
         """
@@ -281,7 +306,7 @@ class Exchange:
                 self.request_body(piece)
             self._client.request_body_drained()
         if self.has_body and self.body_done:
-            connection.finish_request(_LAST_CHUNK if self.chunked else b"")
+            connection.finish_request(self._last_chunk())
         # Flow control in either direction is wired up only once bytes queue up in a
         # transport (see request_body and _relay): most exchanges never need it.
 
@@ -358,6 +383,12 @@ class Exchange:
         if not self._relaying and client.backlogged():
             self._relay()
 
+    def response_trailers(self, headers: list[Header]) -> None:
+        """
+        The trailer fields of a chunked response. An HTTP/1.x client is not sent them (its
+        last chunk is ours); the HTTP/2 hop's exchange relays them.
+        """
+
     def _relay(self) -> None:
         """
         The client reads slower than the origin sends: make the client's transport pause
@@ -378,7 +409,7 @@ class Exchange:
             pool.release(connection, reusable)
         self._client.exchange_finished(self)
 
-    def upstream_failed(self, reason: str, timeout: bool) -> None:
+    def upstream_failed(self, reason: str, timeout: bool, which: str = "") -> None:
         connection = self.upstream
         self.upstream = None
         pool = self._pool
@@ -425,19 +456,34 @@ class Exchange:
             return
         ctx.stats.upstream_errors += 1
         status = 504 if timeout else 502
-        ctx.log.error(
-            "upstream.error",
-            listener=ctx.name,
-            server=pool.address if pool is not None else None,
-            method=self.method.decode("latin-1"),
-            path=ctx.log_path(self.target),
-            reason=reason,
-            status=status if not self.response_started else None,
-            stale_connection=self.reused,
-        )
+        if which in ("read", "write") and connection is not None:
+            # The origin stalled in the middle of the exchange: its own event, with numbers.
+            ctx.log.error(
+                f"upstream.{which}_timeout",
+                listener=ctx.name,
+                server=pool.address if pool is not None else None,
+                method=self.method.decode("latin-1"),
+                path=ctx.log_path(self.target),
+                timeout=connection.read_timeout if which == "read" else connection.write_timeout,
+                received=connection.bytes_received,
+                sent=self.bytes_out,
+                status=status if not self.response_started else None,
+                reason=reason,
+            )
+        else:
+            ctx.log.error(
+                "upstream.error",
+                listener=ctx.name,
+                server=pool.address if pool is not None else None,
+                method=self.method.decode("latin-1"),
+                path=ctx.log_path(self.target),
+                reason=reason,
+                status=status if not self.response_started else None,
+                stale_connection=self.reused,
+            )
         if self.response_started:
             # Part of the response is out: the only honest signal left is a cut connection.
-            self._client.abort("upstream")
+            self._client.abort("timeout" if timeout else "upstream")
         else:
             self._respond_error(status, reason)
 
@@ -498,7 +544,5 @@ class Exchange:
     def _unregister_request_producer(self, connection: UpstreamConnection) -> None:
         if self._feeding:
             self._feeding = False
-            transport = connection.transport
-            if transport is not None:
-                transport.unregisterProducer()  # type: ignore[attr-defined]
+            connection.unthrottle()
             self._client.resume_from_upstream()

@@ -357,6 +357,18 @@ class TLSServerProtocol:
         tls = self._tls
         return tls.get_peer_certificate() if tls is not None else None
 
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        """
+        The ALPN protocol the handshake chose (C{b"h2"}, C{b"http/1.1"}), or L{None}: what a
+        protocol that speaks several decides on, once the first bytes arrive.
+        """
+        tls = self._tls
+        if tls is None or not self._handshake_done:
+            return None
+        name = tls.get_app_data()
+        return name if isinstance(name, bytes) else None
+
     def getHandle(self) -> SSL.Connection | None:
         """The OpenSSL connection (what L{tls_info} and pyOpenSSL callers expect)."""
         return self._tls

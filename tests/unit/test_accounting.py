@@ -132,6 +132,19 @@ def test_a_body_timeout_after_the_head_went_up() -> None:
     assert h.stats.timeouts == 1 and h.stats.aborted == {"timeout": 1}
 
 
+def test_a_body_below_min_body_rate_after_the_head_went_up() -> None:
+    h = Harness(listener={"min_body_rate": 1000, "min_body_rate_window": 10})
+    client, transport = _pooled(h)
+    client.dataReceived(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 99999\r\n\r\n")
+    client.dataReceived(b"x" * 5000)
+    h.clock.advance(10)
+    client.dataReceived(b"x" * 1000)  # 6000 bytes in 10 s
+    assert parse_response(transport.value())[0] == 408
+    assert h.origin.connections[0].transport.disconnecting  # type: ignore[union-attr]
+    _gone(client)
+    assert _lines(h)[1:] == [("POST", "/up", 408, "timeout")]
+
+
 def test_a_chunked_body_over_max_body_size_after_the_head_went_up() -> None:
     h = Harness(listener={"max_body_size": 10})
     client, transport = _pooled(h)

@@ -262,3 +262,40 @@ def test_systemd_endpoints_are_checked_by_hand_without_their_sockets(
             f"{tmp_path / 'p.toml'}: listener.web.bind: bad endpoint {bind!r}: "
         )
         assert problem in message, (bind, message)
+
+
+def test_stall_timeouts_and_minimum_rates(tmp_path: Path) -> None:
+    config: Any = _load(tmp_path, GOOD)
+    up = config.upstreams["app"]
+    assert (up.read_timeout, up.write_timeout) == (60, 60)
+    listener = config.listeners[0]
+    assert (listener.min_body_rate, listener.min_body_rate_window) == (0, 10)
+    assert (listener.min_send_rate, listener.min_send_rate_window) == (0, 10)
+
+    def listener_error(line: str) -> str:
+        text = GOOD.replace('upstream = "app"\n', f'upstream = "app"\n{line}\n', 1)
+        return _error(tmp_path, text)
+
+    assert "listener.web.min_body_rate: must be >= 0, got -1" in listener_error(
+        "min_body_rate = -1"
+    )
+    assert "listener.web.min_send_rate: expected an integer, got 1.5" in listener_error(
+        "min_send_rate = 1.5"
+    )
+    assert "listener.web.min_body_rate_window: must be > 0, got 0" in listener_error(
+        "min_body_rate_window = 0"
+    )
+    assert "listener.web.min_send_rate_window: must be >= 0, got -2" in listener_error(
+        "min_send_rate_window = -2"
+    )
+    assert "upstream.app.read_timeout: must be >= 0, got -1" in _error(
+        tmp_path, GOOD + "read_timeout = -1\n"
+    )
+    assert "upstream.app.write_timeout: expected a number of seconds" in _error(
+        tmp_path, GOOD + 'write_timeout = "60"\n'
+    )
+    text = GOOD.replace(
+        'upstream = "app"\n', 'upstream = "app"\nmin_body_rate = 1024\nmin_send_rate = 4096\n', 1
+    )
+    listener = _load(tmp_path, text).listeners[0]  # type: ignore[attr-defined]
+    assert (listener.min_body_rate, listener.min_send_rate) == (1024, 4096)

@@ -183,7 +183,9 @@ def test_a_twisted_buffering_elsewhere_turns_direct_writes_off_and_responses_sti
     assert finding == "a twisted.internet.tcp.Connection has no _tempDataLen"
     line = _logged_once("fastwrite")
     assert "_tempDataLen" in line["attribute"]
-    assert line["fallback"] == "Twisted's transport.write() and loseWriteConnection()"
+    assert line["fallback"] == (
+        "Twisted's transport.write() and loseWriteConnection(); min_send_rate not enforced"
+    )
     h = Harness()
     for _ in range(3):  # the probe ran once; connections only consult its result
         client, transport, peer = _socket_client(h)
