@@ -175,7 +175,9 @@ class Pool(Protocol[C]):
 class Upstream(Protocol[C]):
     """An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each."""
 
-    config: UpstreamConfig
+    @property
+    def config(self) -> UpstreamConfig:
+        """The group's C{[[upstream]]} table."""
 
     @property
     def servers(self) -> Sequence[UpstreamServer]:
@@ -243,7 +245,10 @@ class IProxyContext(Interface):
         """The listener's counters."""
 
     def draining() -> bool:
-        """Whether the proxy is shutting down gracefully (finish, then close)."""
+        """
+        Whether this listener's connections should finish what is in flight and close: the
+        proxy is shutting down gracefully, or a reload removed the listener.
+        """
 
 
 @dataclass(frozen=True)
@@ -300,8 +305,9 @@ class IProtocolPlugin(Interface):
     def build_factory(listener: ListenerConfig, context: ProxyContext) -> IProtocolFactory:
         """
         The factory whose protocols serve the listener's admitted connections. Called once
-        per listener at start-up; never blocks. Its C{buildProtocol} may return C{None} to
-        refuse a connection outright.
+        per listener at start-up, and again when a reload adds or changes the listener (the
+        new factory serves the connections accepted from then on); never blocks. Its
+        C{buildProtocol} may return C{None} to refuse a connection outright.
         """
 
     def refusal(reason: str) -> bytes:

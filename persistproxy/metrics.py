@@ -207,7 +207,7 @@ class StatsCollector(Collector):
 
     @param pools: yields a L{PoolState} per upstream server and protocol.
     @param log_drops: yields C{(output, lines dropped)} per log output (see
-        L{persistproxy.logs.LogOutput}).
+        L{persistproxy.log_output.LogOutput}).
     """
 
     def __init__(

@@ -25,7 +25,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from persistproxy.errors import StartupError
-from persistproxy.logs import EventLog, LogOutput
+from persistproxy.log_output import LogOutput
+from persistproxy.logs import EventLog
 from persistproxy.metrics import StatsCollector
 from persistproxy.status import render, status_view
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
@@ -30,16 +32,8 @@ from persistproxy import __version__
 from persistproxy.config import ConfigError, ProxyConfig, load_config, parse_config
 from persistproxy.errors import StartupError
 from persistproxy.interfaces import IProtocolPlugin
-from persistproxy.logs import (
-    AccessLog,
-    EventLog,
-    FileSink,
-    LogOutput,
-    LogReopener,
-    make_event_log,
-    route_twisted_events,
-    stdout_output,
-)
+from persistproxy.log_output import FileSink, LogOutput, LogReopener, stdout_output
+from persistproxy.logs import AccessLog, EventLog, make_event_log, route_twisted_events
 from persistproxy.net.selfcheck import self_check
 
 __all__ = ["Options", "example_config", "makeService", "protocol_plugins"]
@@ -288,22 +282,66 @@ def makeService(options: Options) -> IService:
         ),
         process=ProcessDescriptors(),
     )
+    from persistproxy.notify import NotifyService, SystemdNotifier
+    from persistproxy.reload import ConfigReloader
     from persistproxy.tls.reload import CertificateReloader
 
-    # SIGHUP (systemctl reload) re-reads the TLS listeners' certificates and keys. Its handler
-    # is installed before the listeners bind, and even without TLS listeners, so that a
-    # reload never kills the process.
     tls = [listener.tls for listener in proxy.listeners if listener.tls is not None]
-    CertificateReloader(reactor, tls, log).setServiceParent(root)  # type: ignore[no-untyped-call]
+    certificates = CertificateReloader(tls, log)
+    certificates.setServiceParent(root)  # type: ignore[no-untyped-call]
+    notifier = SystemdNotifier(log)
+    # SIGHUP (systemctl reload) reloads the configuration in place, and the TLS listeners'
+    # certificates with it. Its handler is installed before the listeners bind, so that a
+    # reload never kills the process.
+    reloader = ConfigReloader(
+        reactor,
+        proxy,
+        _loader(reactor, options) if options["config"] is not None else None,
+        log,
+        certificates,
+        notifier,
+        lambda: _status(proxy, reloader),
+    )
+    reloader.setServiceParent(root)  # type: ignore[no-untyped-call]
     proxy.setServiceParent(root)  # type: ignore[no-untyped-call]
     if config.metrics_bind:
         from persistproxy.metrics_service import metrics_service
 
         metrics = metrics_service(reactor, config.metrics_bind, proxy, log, outputs)
         metrics.setServiceParent(root)  # type: ignore[attr-defined]
+    # Last: READY=1 once everything above is bound, and (services stop in reverse order)
+    # STOPPING=1 as the drain begins.
+    NotifyService(reactor, notifier, lambda: _status(proxy, reloader)).setServiceParent(root)  # type: ignore[no-untyped-call]
     if demo_port is not None:
         log.info("demo.origin", port=demo_port.getHost().port)
     return root
+
+
+def _loader(reactor: Any, options: Options) -> Callable[[], Deferred[ProxyConfig]]:
+    """
+    Reads and validates the configuration file again on a thread of the reactor's pool, as
+    C{--check} would: the file, certificate files and CA files are read there, not in the
+    reactor thread.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    path = options["config"]
+    validators = {name: p.validate for name, p in options.plugins.items()}
+
+    def load() -> Deferred[ProxyConfig]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), load_config, path, validators)
+
+    return load
+
+
+def _status(proxy: Any, reloader: Any) -> str:
+    """The C{STATUS=} line C{systemctl status} shows."""
+    text = (
+        f"{proxy.open_connections()} connections open, {proxy.requests_total()} requests received"
+    )
+    if reloader.last_error:
+        text += f"; last reload refused: {reloader.last_error}"
+    return text
 
 
 def _open_sink(path: str, key: str, config: ProxyConfig) -> FileSink:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_client_connection -*-
+# -*- test-case-name: tests.unit.test_client_connection, tests.unit.test_upgrade -*-
 """
 The client's hop: one accepted connection, parsed with llhttp (httptools), answered in order.
 
@@ -13,8 +13,12 @@ how it waits and closes, L{persistproxy.http.client_closing}'s.
 
 @ivar _phase: C{"idle"} between requests (keep-alive timer), C{"head"} while a request head
     is incomplete (header timer), C{"body"} while a request body is incomplete (body timer),
-    C{"busy"} while only responses are outstanding, C{"closing"} once no further request
-    will be read, C{"lingering"} after our half-close, C{"closed"} once the transport is gone.
+    C{"busy"} while only responses are outstanding, C{"upgrading"} while an Upgrade request
+    (the last one read) waits for its answer (what follows it is held, unparsed, and reading
+    paused: it may be the new protocol's), C{"tunnel"} once the origin switched protocols
+    (a L{Relay} carries the bytes both ways; nothing is parsed or timed here any more),
+    C{"closing"} once no further request will be read, C{"lingering"} after our
+    half-close, C{"closed"} once the transport is gone.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from persistproxy.http.exchange import Exchange
 from persistproxy.http.request_body import (
     PAUSE_BACKLOG,
     PAUSE_CLOSING,
+    PAUSE_UPGRADE,
     PAUSE_UPSTREAM,
     BodyTooSlow,
 )
@@ -43,12 +48,14 @@ from persistproxy.http.request_head import (
     BadRequest,
     RequestLine,
 )
+from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.net.fastwrite import (
     backlogged,
     can_write_directly,
     write_directly,
 )
 from persistproxy.policy import Deadline
+from persistproxy.relay import DRAIN, IDLE_TIMEOUT, Relay, RelaySide
 from persistproxy.timers import TimeoutQueue
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
@@ -75,6 +82,7 @@ class ClientConnection(ClientClosing, Protocol):
         "_direct",
         "_eof",
         "_feeding",
+        "_held",
         "_in_message",
         "_out",
         "_parser",
@@ -83,6 +91,8 @@ class ClientConnection(ClientClosing, Protocol):
         "_queue",
         "_quiet",
         "_served",
+        "_tunnel",
+        "_tunnel_exchange",
         "log_extra",
     )
 
@@ -121,6 +131,12 @@ class ClientConnection(ClientClosing, Protocol):
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
         self._born = 0.0
+        #: What the client sent after an Upgrade request, held until the answer.
+        self._held: list[bytes] | None = None
+        #: The relay once the origin switched protocols, and its 101 exchange until its
+        #: access line is written.
+        self._tunnel: Relay | None = None
+        self._tunnel_exchange: Exchange | None = None
         self._reset_head()
 
     # -- Twisted protocol ---------------------------------------------------------------------
@@ -150,6 +166,15 @@ class ClientConnection(ClientClosing, Protocol):
             self._pause_reading(PAUSE_CLOSING)
             return
         if phase == "lingering" or phase == "closed":
+            return
+        if phase == "tunnel":
+            assert self._tunnel is not None
+            self._tunnel.client.received(data)
+            return
+        if phase == "upgrading":
+            # Reading is paused; a TLS transport may still hand over the rest of a read.
+            assert self._held is not None
+            self._held.append(data)
             return
         if phase == "idle":
             self._phase = "head"
@@ -241,6 +266,12 @@ class ClientConnection(ClientClosing, Protocol):
             self._close_now()
             return
         self._eof = True
+        if self._phase == "tunnel":
+            assert self._tunnel is not None
+            self._tunnel.client.read_finished()
+            return
+        if self._phase == "upgrading":
+            return  # passed on to the tunnel, or handled as HTTP after a refusal
         self._phase = "closing"
         if self._current is not None:
             # The request being received can never be completed.
@@ -260,7 +291,7 @@ class ClientConnection(ClientClosing, Protocol):
         Our FIN is out: drain the client's input until it closes, for a moment at most; or
         close at once if the client half-closed already, as there is nothing left to drain.
         """
-        if self._phase != "closed":
+        if self._phase != "closed" and self._phase != "tunnel":
             if self._timer is not None:
                 self._timer.cancel()  # the send deadline of _close_gracefully, if armed
             if self._eof:
@@ -269,6 +300,8 @@ class ClientConnection(ClientClosing, Protocol):
                 self._wait(self._ctx.linger_queue)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        if self._tunnel is not None:
+            self._tunnel.client.lost(reason)  # the tunnel ends through _end_tunnel
         self._phase = "closed"
         self._out = None
         self._wait(None)
@@ -326,6 +359,8 @@ class ClientConnection(ClientClosing, Protocol):
             self._served,
         )
         ctx.stats.requests_total += 1
+        if self._upgrade:
+            exchange.upgrade = True
         self._current = exchange
         if has_body:
             self._phase = "body"
@@ -419,7 +454,16 @@ class ClientConnection(ClientClosing, Protocol):
                 queue.pop().cancel()
 
     def drain_cut(self) -> None:
-        """The drain timeout expired with this connection still busy (see service.py)."""
+        """
+        The drain timeout expired with this connection still busy (see service.py). A
+        tunnel is cut both ways, and its access line written now: the aborts complete on the
+        next reactor turn, after the drain flushed the access log for the last time.
+        """
+        relay = self._tunnel
+        if relay is not None:
+            relay.cut(DRAIN, abort=True)
+            self._end_tunnel(relay)
+            return
         self.abort("drain")
 
     def may_keep_alive(self, client_wants: bool, ordinal: int) -> bool:
@@ -451,6 +495,9 @@ class ClientConnection(ClientClosing, Protocol):
         self._account(exchange, exchange.status, exchange.aborted)
         if self._phase == "closed":
             return
+        if self._phase == "upgrading" and exchange.upgrade:
+            self._upgrade_refused(exchange)
+            return
         if not exchange.keep_alive:
             self._close_gracefully()
             return
@@ -464,6 +511,80 @@ class ClientConnection(ClientClosing, Protocol):
             self._go_idle()
         elif self._phase == "closing":
             self._close_gracefully()
+
+    def exchange_upgraded(self, exchange: Exchange, connection: UpstreamConnection) -> None:
+        """
+        The origin switched protocols: its 101 head is written; from now on a L{Relay}
+        carries the bytes both ways, with C{tunnel_idle_timeout}, and this is no longer an
+        HTTP connection (no header, keep-alive or send timer). The bytes the client sent
+        after its request, and the origin after its 101, are passed on first.
+        """
+        queue = self._queue
+        if self._phase != "upgrading" or not queue or queue[0] is not exchange:
+            raise RuntimeError(f"a protocol switch arrived in phase {self._phase}")
+        del queue[0]
+        ctx = self._ctx
+        self._phase = "tunnel"
+        self._parser = None
+        self._wait(None)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._forget_sends()  # send_timeout and min_send_rate are HTTP's, not a tunnel's
+        self._send_out()  # the 101 head goes before any relayed byte
+        self._pause = 0  # the relay drives reading from now on (start resumes it)
+        client = RelaySide(self.transport, "client")
+        for data in self._held or ():
+            client.received(data)
+        self._held = None
+        if self._eof:
+            client.read_finished()
+        upstream = connection.tunnel
+        assert upstream is not None
+        self._tunnel_exchange = exchange
+        relay = self._tunnel = Relay(client, upstream, ctx.tunnel_queue, self._end_tunnel)
+        relay.start()
+
+    def _end_tunnel(self, relay: Relay) -> None:
+        """
+        The tunnel ended (or the drain cut it): its upstream connection is given up, and its
+        101 exchange gets its access line, once, with the tunnel's whole duration, the bytes
+        each way and why it ended (the relay's reason, as a tcp listener's lines say it).
+        """
+        exchange = self._tunnel_exchange
+        if exchange is None:
+            return
+        self._tunnel_exchange = None
+        exchange.tunnel_ended()
+        if relay.reason == IDLE_TIMEOUT:
+            self._ctx.stats.timeouts += 1
+        exchange.bytes_out += relay.bytes_down
+        self.log_extra = {
+            **(self.log_extra or {}),
+            "reason": relay.reason,
+            "bytes_up": relay.bytes_up,
+            "bytes_down": relay.bytes_down,
+        }
+        self._account(exchange, 101)
+
+    def _upgrade_refused(self, exchange: Exchange) -> None:
+        """
+        The origin answered the Upgrade request without switching: the connection is HTTP
+        again. What the client sent after the request is read as HTTP now, and its FIN, if
+        it came meanwhile, is handled as any other.
+        """
+        held, self._held = self._held, None
+        self._phase = "busy"
+        if not exchange.keep_alive:
+            self._close_gracefully()
+            return
+        self._resume_reading(PAUSE_UPGRADE | PAUSE_BACKLOG)
+        self._go_idle()
+        if held and self._phase == "idle":
+            data = b"".join(held)
+            self._ctx.stats.bytes_in -= len(data)  # counted when it was read
+            self.dataReceived(data)
+        if self._eof:
+            self.readConnectionLost()
 
     def exchange_aborted(self, exchange: Exchange, by: str) -> None:
         """
@@ -658,12 +779,23 @@ class ClientConnection(ClientClosing, Protocol):
 
     def _upgraded(self, data: bytes, error: httptools.HttpParserUpgrade) -> None:
         """
-        llhttp stops at a request carrying C{Upgrade} (we have dropped the header and send it
-        as an ordinary request) or at CONNECT; go on with a fresh parser after it.
+        llhttp stops at a request carrying C{Connection: upgrade} and C{Upgrade}, or at
+        CONNECT. An Upgrade forwarded as such waits for its answer (L{exchange_upgraded},
+        L{_upgrade_refused}); one that was not (h2c, HTTP/1.0, answered already) was sent as
+        an ordinary request: go on with a fresh parser after it.
         """
+        offset = error.args[0] if error.args and isinstance(error.args[0], int) else len(data)
+        queue = self._queue
+        if queue and queue[-1].upgrade and self._phase in ("busy", "closing"):
+            # The Upgrade request went (or waits its turn) with its Upgrade header: nothing
+            # after it is HTTP until the origin said it did not switch. Held, not parsed.
+            self._phase = "upgrading"
+            self._parser = None
+            self._pause_reading(PAUSE_UPGRADE)
+            self._held = [data[offset:]] if offset < len(data) else []
+            return
         if self._phase in ("closing", "closed"):
             return
-        offset = error.args[0] if error.args and isinstance(error.args[0], int) else len(data)
         if self._current is not None:
             # CONNECT stops before its "body": refused in on_headers_complete already.
             return

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from persistproxy.net.after_event import after_event_caller
 from persistproxy.policy import KeepAlivePolicy, RetryPolicy
+from persistproxy.relay import Relay, idle_queue
 from persistproxy.timers import TimeoutQueue
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class ListenerContext:
     send_rate_queue: TimeoutQueue[TimedConnection] | None = field(init=False)
     #: Connections whose FIN is out, draining the client's input for LINGER_SECONDS.
     linger_queue: TimeoutQueue[TimedConnection] = field(init=False)
+    #: Upgrade tunnels, idle for C{tunnel_idle_timeout} (None: never cut for idleness).
+    tunnel_queue: TimeoutQueue[Relay] | None = field(init=False)
     #: Whether the proxy is draining: responses then say C{Connection: close}.
     is_draining: Callable[[], bool] = lambda: False
     #: Where access lines go; None when the listener's C{access_log} is off.
@@ -109,6 +112,7 @@ class ListenerContext:
             queue(config.min_send_rate_window, _send_rate_due) if config.min_send_rate else None
         )
         self.linger_queue = TimeoutQueue(clock, LINGER_SECONDS, _timed_out)
+        self.tunnel_queue = idle_queue(clock, config.tunnel_idle_timeout)
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
         self.after_event = after_event_caller(clock)

@@ -60,6 +60,8 @@ class ExchangeOwner(Protocol):
 
     def send_flowing(self) -> None: ...
 
+    def exchange_upgraded(self, exchange: Exchange, connection: UpstreamConnection) -> None: ...
+
     # The producer of the request body, which the upstream transport pauses.
 
     def pauseProducing(self) -> None: ...
@@ -85,6 +87,8 @@ class Exchange:
         (L{give_up}), for its access line; L{None} for an exchange that ended normally.
     @ivar body_parts: request body data parsed out of the current read, not yet forwarded
         (the client connection forwards it as one piece at the end of the read).
+    @ivar upgrade: the request asks the origin to switch protocols (its head carries
+        C{Connection: upgrade} and C{Upgrade}): a 101 makes both connections a tunnel.
     @ivar chunks: chunks of a chunked request body in the current window (see
         L{persistproxy.http.client_connection.CHUNK_WINDOW}), C{chunk_bytes} their data
         and C{chunk_window} the clock time it began.
@@ -128,6 +132,7 @@ class Exchange:
         "started",
         "status",
         "target",
+        "upgrade",
         "upstream",
         "version",
     )
@@ -155,6 +160,7 @@ class Exchange:
         self.client_keep_alive = client_keep_alive
         self.has_body = has_body
         self.chunked = chunked
+        self.upgrade = False
         self.body_done = not has_body
         self.body_parts: list[bytes] = []
         self.chunks = 0
@@ -298,7 +304,9 @@ class Exchange:
             self._body = []
             self._buffered = 0
             complete = True
-        connection.send_head(self, head, self.method, complete and not self.chunked)
+        connection.send_head(
+            self, head, self.method, complete and not self.chunked, self.upgrade
+        )
         if self._body:
             body, self._body = self._body, []
             self._buffered = 0
@@ -382,6 +390,35 @@ class Exchange:
             client.write(data)
         if not self._relaying and client.backlogged():
             self._relay()
+
+    def response_upgraded(
+        self, connection: UpstreamConnection, reason: bytes, headers: list[Header]
+    ) -> None:
+        """
+        The origin switched protocols: relay its 101 head, then the client connection
+        joins both connections in a byte relay. The upstream connection stays counted
+        against its server's C{max_connections} until the tunnel ends (L{tunnel_ended}).
+        """
+        self.status = 101
+        self.upstream = None
+        self._detach(connection)
+        head = b"".join(
+            [
+                b"HTTP/1.1 101 %s\r\n" % reason,
+                *[b"%s: %s\r\n" % header for header in headers],
+                b"\r\n",
+            ]
+        )
+        self.response_started = True
+        self.bytes_out += len(head)
+        self._client.write(head)
+        self._client.exchange_upgraded(self, connection)
+
+    def tunnel_ended(self) -> None:
+        """The tunnel has ended (called once): its upstream connection is not coming back."""
+        pool = self._pool
+        if pool is not None:
+            pool.forget()
 
     def response_trailers(self, headers: list[Header]) -> None:
         """

@@ -38,11 +38,9 @@ Governance, as for HTTP/1.1 where the notion carries over:
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import TYPE_CHECKING, Any
 
-from h2.config import H2Configuration
 from h2.connection import H2Connection as H2Machine
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -56,15 +54,21 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
-from h2.frame_buffer import FrameBuffer
+from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from persistproxy.http.h2_defences import (
+    PREFACE,
+    Bucket,
+    HeaderBlockBuffer,
+    h2_config,
+    header_block_probe,
+)
 from persistproxy.http.h2_stream import MORE, H2Stream
 from persistproxy.net.fastwrite import can_write_directly, write_directly
 from persistproxy.policy import Deadline
@@ -76,9 +80,6 @@ if TYPE_CHECKING:
 __all__ = ["CONTROL_FRAMES_PER_SECOND", "PREFACE", "H2Connection"]
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
-
-#: What a client speaking HTTP/2 with prior knowledge sends first (RFC 9113 3.4).
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 #: SETTINGS and PING frames a client may send per second (burst as large): each must be
 #: answered, so a flood of them is a flood of work and output.
@@ -94,88 +95,6 @@ _warned: list[bool] = []
 
 #: Numbers the HTTP/2 connections of the process, for their access lines ("connection").
 _SERIALS = itertools.count(1)
-
-
-def _h2_config() -> H2Configuration:
-    return H2Configuration(
-        client_side=False,
-        header_encoding=None,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
-        validate_inbound_headers=False,
-        normalize_inbound_headers=False,
-    )
-
-
-class _HeaderBlockBuffer(FrameBuffer):
-    """
-    h2's frame buffer that also bounds a header block while its CONTINUATION frames are
-    collected (h2 holds up to 64 frames of up to 16 KiB each), and says whether one is.
-    """
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(server=True)
-        self.limit = limit
-        self.block = 0
-
-    def _update_header_buffer(self, f: Any) -> Any:
-        if f is not None and (
-            self._headers_buffer or (isinstance(f, HeadersFrame) and "END_HEADERS" not in f.flags)
-        ):
-            self.block += len(f.data)
-            if self.block > self.limit:
-                raise DenialOfServiceError(f"header block larger than {self.limit} bytes")
-        frame = super()._update_header_buffer(f)
-        if not self._headers_buffer:
-            self.block = 0
-        return frame
-
-    @property
-    def in_header_block(self) -> bool:
-        return bool(self._headers_buffer)
-
-
-@functools.cache
-def header_block_probe() -> str | None:
-    """
-    Whether L{_HeaderBlockBuffer}'s hook into h2 (C{FrameBuffer._update_header_buffer} and
-    C{_headers_buffer}, private) works with the installed h2: L{None}, or what went wrong.
-    Without it, h2's own bound applies (64 CONTINUATION frames) and an unfinished header
-    block is timed as the connection's idle time rather than by C{header_timeout}.
-    """
-    try:
-        buffer = _HeaderBlockBuffer(100)
-        buffer.max_frame_size = 16384
-        buffer.add_data(PREFACE + HeadersFrame(1, data=b"\x82").serialize())
-        if list(buffer) or not buffer.in_header_block:
-            return "a HEADERS frame without END_HEADERS was not held as a header block"
-        buffer.add_data(ContinuationFrame(1, data=b"\x84" * 200).serialize())
-        list(buffer)
-    except DenialOfServiceError:
-        return None
-    except Exception as e:  # an h2 whose internals changed: any failure means "do not use"
-        return f"{type(e).__name__}: {e}"
-    return "a header block larger than the bound was not refused"
-
-
-class _Bucket:
-    """A token bucket: C{rate} events per second, in bursts of as many."""
-
-    __slots__ = ("_at", "_rate", "_tokens")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self._rate = rate
-        self._tokens = rate
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self._rate, self._tokens + max(0.0, now - self._at) * self._rate)
-        self._at = now
-        if tokens < 1:
-            self._tokens = tokens
-            return False
-        self._tokens = tokens - 1
-        return True
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -194,7 +113,7 @@ class H2Connection(Protocol):
         self.peer_bytes = peer.encode("latin-1")
         self._born = born
         self._machine: H2Machine | None = None
-        self._buffer: _HeaderBlockBuffer | None = None
+        self._buffer: HeaderBlockBuffer | None = None
         self._streams: dict[int, H2Stream] = {}
         self._ready: dict[H2Stream, None] = {}
         self._phase = "open"
@@ -212,8 +131,8 @@ class H2Connection(Protocol):
         self.write_paused = False
         self._waiting: TimeoutQueue[TimedConnection] | None = None
         self._timer: Deadline | None = None
-        self._resets: _Bucket | None = None
-        self._controls: _Bucket | None = None
+        self._resets: Bucket | None = None
+        self._controls: Bucket | None = None
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
         #: Which connection of the process this is: its streams' access lines say so.
@@ -227,7 +146,7 @@ class H2Connection(Protocol):
         streams = ctx.h2_max_concurrent_streams
         # The header list as RFC 9113 counts it: names and values plus 32 bytes per field.
         limit = config.max_head_size + 32 * config.max_header_count
-        machine = self._machine = H2Machine(_h2_config())
+        machine = self._machine = H2Machine(h2_config())
         machine.local_settings = Settings(
             client=False,
             initial_values={
@@ -239,7 +158,7 @@ class H2Connection(Protocol):
         machine.decoder.max_header_list_size = limit
         problem = header_block_probe()
         if problem is None:
-            self._buffer = machine.incoming_buffer = _HeaderBlockBuffer(limit)
+            self._buffer = machine.incoming_buffer = HeaderBlockBuffer(limit)
         elif not _warned:
             _warned.append(True)
             ctx.log.warning(
@@ -254,8 +173,8 @@ class H2Connection(Protocol):
         # origin never starve the others (the stream windows bound what is buffered).
         machine.increment_flow_control_window(min(streams * _STREAM_WINDOW, _MAX_WINDOW) - 65535)
         now = ctx.clock.seconds()
-        self._resets = _Bucket(streams, now)
-        self._controls = _Bucket(CONTROL_FRAMES_PER_SECOND, now)
+        self._resets = Bucket(streams, now)
+        self._controls = Bucket(CONTROL_FRAMES_PER_SECOND, now)
         transport = self.transport
         self._direct = can_write_directly(transport)
         transport.registerProducer(self, True)  # type: ignore[union-attr]

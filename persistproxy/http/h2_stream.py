@@ -33,11 +33,10 @@ from zope.interface import implementer
 
 from persistproxy.http.errors import error_body
 from persistproxy.http.exchange import Exchange
+from persistproxy.http.h2_exchange import H2Exchange
 from persistproxy.http.h2_headers import (
     Malformed,
     request_head,
-    response_fields,
-    response_trailers,
     trailer_fields,
 )
 from persistproxy.http.request_head import BadRequest
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
     from persistproxy.http.context import ListenerContext
     from persistproxy.http.h2_connection import H2Connection
     from persistproxy.http.headers import Header
+    from persistproxy.http.upstream_connection import UpstreamConnection
 
 __all__ = ["H2Exchange", "H2Stream"]
 
@@ -61,72 +61,6 @@ MORE = 2  # data waits and could go now: its quantum was used up
 
 _ERROR_TYPE = (b"content-type", b"text/plain; charset=utf-8")
 _NO_STORE = (b"cache-control", b"no-store")
-
-
-class H2Exchange(Exchange):
-    """
-    An exchange whose client is an HTTP/2 stream: the upstream side is the HTTP/1.1 one,
-    unchanged; the response goes out as a header block, DATA frames and trailers.
-    """
-
-    __slots__ = ("_stream",)
-
-    def __init__(
-        self,
-        stream: H2Stream,
-        ctx: ListenerContext,
-        method: bytes,
-        target: bytes,
-        head: bytes,
-        has_body: bool,
-        chunked: bool,
-    ) -> None:
-        super().__init__(stream, ctx, method, target, head, True, True, has_body, chunked)
-        self._stream = stream
-
-    def response_interim(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        self._stream.send_interim(response_fields(status, headers))
-
-    def response_head(
-        self, status: int, reason: bytes, headers: list[Header], framing: int
-    ) -> None:
-        self.status = status
-        self.keep_alive = True
-        self.response_started = True
-        block = response_fields(status, headers)
-        self.bytes_out += sum(len(n) + len(v) + 4 for n, v in block)
-        stream = self._stream
-        stream.send_head(block)
-        if not self._relaying and stream.backlogged():
-            self._relay()
-
-    def response_body(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        stream = self._stream
-        stream.send_data(data)
-        if not self._relaying and stream.backlogged():
-            self._relay()
-
-    def response_trailers(self, headers: list[Header]) -> None:
-        self._stream.send_trailers(response_trailers(headers))
-
-    def _respond_error(self, status: int, reason: str) -> None:
-        detail = (
-            "upstream timed out"
-            if status == 504
-            else ("service unavailable" if status == 503 else "bad gateway")
-        )
-        self.status = status
-        self.keep_alive = True
-        self.response_started = True
-        self.bytes_out = self._stream.send_error(status, detail)
-        self._stream.exchange_finished(self)
-
-    def _last_chunk(self) -> bytes:
-        trailers = self._stream.request_trailers
-        if self.chunked and trailers:
-            return b"0\r\n%s\r\n" % trailers
-        return super()._last_chunk()
 
 
 @implementer(IPushProducer)
@@ -417,6 +351,10 @@ class H2Stream:
 
     def send_flowing(self) -> None:
         """See L{send_stalled}."""
+
+    def exchange_upgraded(self, exchange: Exchange, connection: UpstreamConnection) -> None:
+        """Never called: an HTTP/2 request cannot ask for an Upgrade (RFC 9113 8.2.2)."""
+        raise RuntimeError("a protocol switch on an HTTP/2 stream")
 
     # -- the consumer of the exchange's response (its transport, for flow control) ----------
 

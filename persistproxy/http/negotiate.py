@@ -26,7 +26,8 @@ from zope.interface import implementer
 
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.http.context import ListenerContext
-from persistproxy.http.h2_connection import PREFACE, H2Connection
+from persistproxy.http.h2_connection import H2Connection
+from persistproxy.http.h2_defences import PREFACE
 
 __all__ = ["NegotiatingConnection"]
 

@@ -22,6 +22,7 @@ __all__ = [
     "CHUNK_WINDOW_SECONDS",
     "PAUSE_BACKLOG",
     "PAUSE_CLOSING",
+    "PAUSE_UPGRADE",
     "PAUSE_UPSTREAM",
     "PIPELINE_BUFFER",
     "BodyTooSlow",
@@ -41,6 +42,7 @@ CHUNK_WINDOW_SECONDS = 1.0
 PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
 PAUSE_CLOSING = 4  # nothing more will be read
+PAUSE_UPGRADE = 8  # an Upgrade request waits for its answer: what follows may not be HTTP
 
 
 class BodyTooSlow(Exception):

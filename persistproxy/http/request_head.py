@@ -97,6 +97,27 @@ def origin_form(target: bytes) -> tuple[bytes, bytes]:
     return path, authority
 
 
+def _forwarded_upgrade(
+    upgrade: bytes, tokens: set[bytes] | None, http11: bool, keep_alive: bool
+) -> bytes:
+    """
+    The C{Upgrade} value the origin is asked for, or C{b""}: the two headers that ask for a
+    protocol switch are the only hop-by-hop ones that cross, and only when the client asked
+    for it on this hop (C{Connection: upgrade}), over HTTP/1.1 (an HTTP/1.0 Upgrade is to be
+    ignored, RFC 9110 7.8), without C{Connection: close}, and for a protocol other than
+    C{h2c}, which this proxy does not speak to origins (the header then goes, as before).
+    Called only for a request without a body (see L{RequestHeadReader._upstream_request}).
+    """
+    if not upgrade or not http11 or not keep_alive or not tokens or b"upgrade" not in tokens:
+        return b""
+    kept = [
+        token.strip()
+        for token in upgrade.split(b",")
+        if token.strip() and token.strip().lower() != b"h2c"
+    ]
+    return b", ".join(kept)
+
+
 class RequestHeadReader:
     """
     llhttp's URL and header callbacks, and the judgement of the complete head.
@@ -136,7 +157,9 @@ class RequestHeadReader:
     _body_size: int
     _length: bytes | None
     _te: bytes | None
-    _upgrade: bool
+    #: The request's C{Upgrade} values while its head is read; once it is judged, the value
+    #: forwarded (an Upgrade the origin is asked for), or C{b""}.
+    _upgrade: bytes
     _head_size: int
     _unlisted: int
     _progress: bool
@@ -151,7 +174,7 @@ class RequestHeadReader:
         self._body_size = 0
         self._length = None
         self._te = None
-        self._upgrade = False
+        self._upgrade = b""
         self._head_size = 0
         self._unlisted = 0
         self._progress = True
@@ -182,7 +205,7 @@ class RequestHeadReader:
             elif lower == b"transfer-encoding":
                 self._te = value if self._te is None else self._te + b"," + value
             elif lower == b"upgrade":
-                self._upgrade = True
+                self._upgrade = value if not self._upgrade else self._upgrade + b", " + value
             return
         if lower == b"host":
             self._hosts += 1
@@ -291,6 +314,13 @@ class RequestHeadReader:
             keep_alive = False  # close wins over keep-alive (RFC 9112 9.3)
         else:
             keep_alive = http11 or (tokens is not None and b"keep-alive" in tokens)
+        self._upgrade = upgrade = (
+            _forwarded_upgrade(self._upgrade, tokens, http11, keep_alive)
+            if not has_body and parser.should_upgrade()  # llhttp stops after this request
+            else b""
+        )
+        if upgrade:
+            extra.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade)
         head = b"".join(
             [
                 b"%s %s HTTP/1.1\r\n" % (method, url),

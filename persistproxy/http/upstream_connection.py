@@ -7,8 +7,10 @@ whichever L{ResponseSink} holds it, reports the response through that sink, and 
 end whether it may carry another request. The pool decides what happens next.
 
 @ivar state: C{"CONNECTING"} until the TCP connection is up; C{"IDLE"} while it waits in the
-    pool or between requests; C{"ACTIVE"} while a request is outstanding; C{"CLOSED"} once
-    the transport is gone. Nothing is sent in any state but C{"IDLE"}.
+    pool or between requests; C{"ACTIVE"} while a request is outstanding; C{"TUNNEL"} once
+    the origin answered an Upgrade request with 101 (its bytes go to the L{RelaySide}
+    C{tunnel}, and it never carries HTTP again); C{"CLOSED"} once the transport is gone.
+    Nothing is sent in any state but C{"IDLE"}.
 
 An active connection times its origin with one lazily re-armed L{Deadline}, for whichever of
 three waits applies (C{_timing}): C{"response"}, from the end of the request to the response
@@ -45,6 +47,7 @@ from persistproxy.http.headers import (
 )
 from persistproxy.net.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.policy import Deadline
+from persistproxy.relay import RelaySide
 
 if TYPE_CHECKING:
     from persistproxy.config import UpstreamConfig
@@ -95,6 +98,16 @@ class ResponseSink(Protocol):
 
     def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
         """The response is complete; the connection no longer belongs to the sink."""
+
+    def response_upgraded(
+        self, connection: UpstreamConnection, reason: bytes, headers: list[Header]
+    ) -> None:
+        """
+        The origin switched protocols (101) for the Upgrade request it was sent:
+        C{connection} is a tunnel from now on (its C{tunnel} side holds the bytes that
+        followed the 101), and no longer the pool's. C{headers} include C{Connection} and
+        C{Upgrade}.
+        """
 
     def upstream_failed(self, reason: str, timeout: bool, which: str = "") -> None:
         """
@@ -147,10 +160,12 @@ class UpstreamConnection(TwistedProtocol):
         "_reason",
         "_response_timeout",
         "_sink",
+        "_switching",
         "_te",
         "_timer",
         "_timing",
         "_tokens",
+        "_upgrade",
         "bytes_received",
         "expires_at",
         "idle_since",
@@ -161,6 +176,7 @@ class UpstreamConnection(TwistedProtocol):
         "request_sent",
         "requests",
         "state",
+        "tunnel",
         "write_timeout",
     )
 
@@ -206,6 +222,12 @@ class UpstreamConnection(TwistedProtocol):
         self._new_parser = False
         self._feeding = False
         self._direct = False
+        #: The origin's C{Upgrade} value while an Upgrade request is outstanding (C{b""}
+        #: until its header is read); L{None} when no protocol switch was asked for.
+        self._upgrade: bytes | None = None
+        #: A 101 parsed, handed over once llhttp stops after it: sink, reason, headers.
+        self._switching: tuple[ResponseSink, bytes, list[Header]] | None = None
+        self.tunnel: RelaySide | None = None
         self._reset_message()
         self.request_sent = True
         self.bytes_received = 0
@@ -232,9 +254,17 @@ class UpstreamConnection(TwistedProtocol):
 
     # -- used by the pool and the exchange -------------------------------------------------
 
-    def send_head(self, sink: ResponseSink, head: bytes, method: bytes, complete: bool) -> None:
+    def send_head(
+        self,
+        sink: ResponseSink,
+        head: bytes,
+        method: bytes,
+        complete: bool,
+        upgrade: bool = False,
+    ) -> None:
         """
-        Start a request; C{complete} is true when C{head} is the whole request.
+        Start a request; C{complete} is true when C{head} is the whole request, C{upgrade}
+        when it asks the origin to switch protocols (a 101 is then a tunnel, not an error).
         """
         if self.state != "IDLE":
             raise RuntimeError(f"request on a connection in state {self.state}")
@@ -245,6 +275,7 @@ class UpstreamConnection(TwistedProtocol):
         self._is_head = method == b"HEAD"
         self.request_sent = complete
         self.bytes_received = 0
+        self._upgrade = b"" if upgrade else None
         # A request with a body to come is timed as it goes (see the module).
         self._time("response", self._response_timeout if complete else 0)
         self._write(head)
@@ -339,6 +370,9 @@ class UpstreamConnection(TwistedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.state != "ACTIVE":
+            if self.tunnel is not None:
+                self.tunnel.received(data)
+                return
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self.abort()
             return
@@ -349,7 +383,12 @@ class UpstreamConnection(TwistedProtocol):
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Stop):
                 raise
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as e:
+            if self._switching is not None:
+                self._feeding = False
+                offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+                self._switch(data[offset:])
+                return
             if self._completion is None:
                 self._fail("origin switched protocols unasked", False)
         except httptools.HttpParserError as e:
@@ -396,7 +435,9 @@ class UpstreamConnection(TwistedProtocol):
         was = self.state
         self.state = "CLOSED"
         sink = self._sink
-        if was == "ACTIVE" and sink is not None:
+        if was == "TUNNEL" and self.tunnel is not None:
+            self.tunnel.lost(reason)
+        elif was == "ACTIVE" and sink is not None:
             if self._head_seen and not self._length and not self._chunked and not self._done:
                 # Close-delimited body: the end of the connection is the end of the body.
                 self._sink = None
@@ -426,6 +467,8 @@ class UpstreamConnection(TwistedProtocol):
             elif lower == b"transfer-encoding":
                 self._te = True
                 self._codings.extend(t.strip().lower() for t in value.split(b","))
+            elif lower == b"upgrade" and self._upgrade is not None:
+                self._upgrade = value if not self._upgrade else self._upgrade + b", " + value
             elif lower == b"keep-alive":
                 seconds = keepalive_timeout_param(value)
                 if seconds is not None:
@@ -458,8 +501,19 @@ class UpstreamConnection(TwistedProtocol):
             self._fail(f"response head has more than {self._max_fields} header fields", False)
             raise _Stop()
         if status == 101:
-            self._fail("origin switched protocols unasked", False)
-            raise _Stop()
+            if self._upgrade is None:
+                self._fail("origin switched protocols unasked", False)
+                raise _Stop()
+            if not self._upgrade:
+                self._fail("origin switched protocols without saying to what (Upgrade)", False)
+                raise _Stop()
+            # llhttp completes the message and stops after this head: the bytes after it are
+            # the new protocol's, handed over in dataReceived.
+            self._time("", 0)
+            self._switching = (sink, self._reason, headers)
+            self._sink = None
+            self._done = True
+            return
         if self._te:
             if self._codings != [b"chunked"]:
                 # A coding we would have to pass on undecoded to a client we re-chunk for.
@@ -568,6 +622,23 @@ class UpstreamConnection(TwistedProtocol):
         sink.response_complete(self, reusable)
         if not reusable and self.state == "IDLE":
             self.close()
+
+    def _switch(self, rest: bytes) -> None:
+        """
+        Become one side of a byte relay: the bytes after the 101 head are held by the side
+        (its transport paused) until the relay joins it to the client's.
+        """
+        switching = self._switching
+        assert switching is not None and self._upgrade
+        self._switching = None
+        sink, reason, headers = switching
+        self.state = "TUNNEL"
+        self._paused = False  # the relay drives the transport's flow control from now on
+        side = self.tunnel = RelaySide(self.transport, "upstream")
+        if rest:
+            side.received(rest)
+        upgrade = [(b"Connection", b"upgrade"), (b"Upgrade", self._upgrade)]
+        sink.response_upgraded(self, reason, [*headers, *upgrade])
 
     def _fail(self, reason: str, timeout: bool, which: str = "") -> None:
         self._time("", 0)

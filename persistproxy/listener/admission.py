@@ -32,22 +32,28 @@ __all__ = ["Admitted", "ConnectionRegistry", "ListenerFactory"]
 
 class ConnectionRegistry:
     """
-    The open connections of every listener, for the graceful drain.
+    The open connections of every listener, for the graceful drain; or of one listener,
+    whose C{parent} is the registry of all (a listener a reload removes drains alone).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: ConnectionRegistry | None = None) -> None:
         self._open: set[Admitted] = set()
+        self._parent = parent
         #: Called when the last registered connection closes (the drain waits on it).
         self.on_empty: Any = None
 
     def add(self, connection: Admitted) -> None:
         self._open.add(connection)
+        if self._parent is not None:
+            self._parent.add(connection)
 
     def discard(self, connection: Admitted) -> None:
         self._open.discard(connection)
         if not self._open and self.on_empty is not None:
             on_empty, self.on_empty = self.on_empty, None
             on_empty()
+        if self._parent is not None:
+            self._parent.discard(connection)
 
     def __len__(self) -> int:
         return len(self._open)

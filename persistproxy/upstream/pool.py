@@ -168,7 +168,7 @@ class ServerPool(Generic[C]):
         now = self._clock.seconds()
         if (
             not reusable
-            or self._closed
+            or (self._closed and not self._waiters)
             or not connection.usable(now, 0.0)
             or self._budget.pressed()
         ):
@@ -184,6 +184,9 @@ class ServerPool(Generic[C]):
                 self.active += 1
                 waiter.connection_ready(connection, True)
                 return
+        if self._closed:
+            connection.close()
+            return
         if self._idle_count >= self._config.pool_size:
             oldest = self._bottom()
             if oldest is None:  # pool_size = 0
@@ -211,7 +214,22 @@ class ServerPool(Generic[C]):
 
     def close(self) -> None:
         """
-        Close idle connections now and lent ones as they come back.
+        Close idle connections now and lent ones as they come back; what waits for a
+        connection is refused.
+        """
+        self.retire()
+        while self._waiters:
+            waiter, deadline, _ = self._waiters.popleft()
+            if deadline is not None:
+                deadline.stop()
+            if not waiter.cancelled:
+                waiter.connection_failed("shutting down", 503)
+
+    def retire(self) -> None:
+        """
+        A reload replaced the pool: close idle connections now and lent ones as they come
+        back, except that each one returned goes to the next request still waiting here
+        (those were admitted before the reload, and must not fail because of it).
         """
         self._closed = True
         self._reaper.stop()
@@ -220,12 +238,8 @@ class ServerPool(Generic[C]):
             connection.in_pool = False
             connection.close()
         self._idle_count = 0
-        while self._waiters:
-            waiter, deadline, _ = self._waiters.popleft()
-            if deadline is not None:
-                deadline.stop()
-            if not waiter.cancelled:
-                waiter.connection_failed("shutting down", 503)
+        # It never holds an idle connection again: nothing for the budget to shed here.
+        self._budget.remove_pool(self)
 
     # -- what the descriptor budget calls ------------------------------------------------------
 

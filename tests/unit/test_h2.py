@@ -30,7 +30,8 @@ from hyperframe.frame import (
 )
 from twisted.internet.address import IPv4Address
 
-from persistproxy.http.h2_connection import CONTROL_FRAMES_PER_SECOND, PREFACE, H2Connection
+from persistproxy.http.h2_connection import CONTROL_FRAMES_PER_SECOND, H2Connection
+from persistproxy.http.h2_defences import PREFACE
 from persistproxy.http.negotiate import NegotiatingConnection
 
 GET = [
@@ -708,7 +709,7 @@ def test_metrics_split_requests_by_version() -> None:
 
 
 def test_the_hook_into_h2s_frame_buffer_is_probed() -> None:
-    from persistproxy.http.h2_connection import header_block_probe
+    from persistproxy.http.h2_defences import header_block_probe
 
     assert header_block_probe() is None, "h2's FrameBuffer internals changed"
 

@@ -60,7 +60,8 @@ def test_it_binds_before_privileges_are_dropped_and_says_where(
     listener = _Listener(memory_reactor)
     assert memory_reactor.tcpServers == []
     listener.service.privilegedStartService()
-    [(port, factory, _, interface)] = memory_reactor.tcpServers
+    [(port, behind_the_port, _, interface)] = memory_reactor.tcpServers
+    factory = behind_the_port.current  # what a reload may replace without rebinding
     assert (port, interface) == (0, "127.0.0.1")
     assert isinstance(factory, ListenerFactory), "every connection is admitted first"
     assert factory.wrappedFactory is listener.plugin_factory
@@ -80,7 +81,8 @@ def test_a_tls_listener_terminates_tls_around_the_admitted_connections(
     listener = _Listener(memory_reactor, tls=tls, access_log=False)
     assert isinstance(listener.service.tls, ServerTLS), "contexts built once, here"
     listener.service.privilegedStartService()
-    [(_, factory, _, _)] = memory_reactor.tcpServers
+    [(_, behind_the_port, _, _)] = memory_reactor.tcpServers
+    factory = behind_the_port.current
     assert isinstance(factory, TLSListenerFactory)
     assert isinstance(factory.wrappedFactory, ListenerFactory)
     assert factory.plaintext_answer == HTTPProtocolPlugin.plaintext_answer

@@ -96,7 +96,7 @@ def test_makeservice_logs_each_failed_probe_once_before_anything_listens(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     from persistproxy import tap
-    from persistproxy.logs import FileSink, LogOutput
+    from persistproxy.log_output import FileSink, LogOutput
 
     output = LogOutput("stdout", FileSink(str(tmp_path / "stdout.log")))
     monkeypatch.setattr(tap, "stdout_output", lambda: output)

@@ -27,8 +27,11 @@ from twisted.internet.testing import MemoryReactorClock
 from persistproxy import __version__, tap
 from persistproxy.config import load_config
 from persistproxy.errors import StartupError
-from persistproxy.logs import FileSink, LogOutput, LogReopener, make_event_log
+from persistproxy.log_output import FileSink, LogOutput, LogReopener
+from persistproxy.logs import make_event_log
 from persistproxy.net.sockopts import with_default_backlog
+from persistproxy.notify import NotifyService
+from persistproxy.reload import ConfigReloader
 from persistproxy.service import ProxyService
 from persistproxy.tap import Options, _Root, example_config, makeService, protocol_plugins
 from persistproxy.tls.reload import CertificateReloader
@@ -174,13 +177,21 @@ def test_make_service_puts_the_signal_handlers_before_the_listeners(
 ) -> None:
     """
     Services start in order: the SIGUSR1 and SIGHUP handlers are installed before the
-    listeners bind, so that neither signal kills a proxy that is already announced.
+    listeners bind, so that neither signal kills a proxy that is already announced; systemd
+    hears READY=1 after everything bound (and, services stopping in reverse, STOPPING=1
+    before the drain).
     """
     options = _options("--config", _write(tmp_path, CONFIG))
     root = makeService(options)
     services = list(root)  # type: ignore[call-overload]
-    assert [type(s) for s in services] == [LogReopener, CertificateReloader, ProxyService]
-    proxy = services[2]
+    assert [type(s) for s in services] == [
+        LogReopener,
+        CertificateReloader,
+        ConfigReloader,
+        ProxyService,
+        NotifyService,
+    ]
+    proxy = services[3]
     assert [listener.config.name for listener in proxy.listeners] == ["web"]
     assert global_reactor.tcpServers == [], "nothing binds before the service starts"
 
@@ -205,8 +216,9 @@ def test_make_service_adds_the_metrics_listener_when_configured(
     text = '[metrics]\nbind = "tcp:0:interface=127.0.0.1"\n' + CONFIG
     root = makeService(_options("--config", _write(tmp_path, text)))
     services = list(root)  # type: ignore[call-overload]
-    assert len(services) == 4 and isinstance(services[2], ProxyService)
-    assert made == [(global_reactor, "tcp:0:interface=127.0.0.1", services[2])]
+    assert len(services) == 6 and isinstance(services[3], ProxyService)
+    assert isinstance(services[5], NotifyService), "last, after the metrics listener too"
+    assert made == [(global_reactor, "tcp:0:interface=127.0.0.1", services[3])]
 
 
 @pytest.mark.usefixtures("no_reactor_install")
