@@ -44,9 +44,9 @@ from persistproxy.http.request_body import (
 )
 from persistproxy.http.request_head import (
     OTHER_VERSION,
-    UNKNOWN_METHOD,
     BadRequest,
     RequestLine,
+    unknown_method_line,
 )
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.net.fastwrite import (
@@ -221,9 +221,8 @@ class ClientConnection(ClientClosing, Protocol):
         except httptools.HttpParserInvalidMethodError:
             # A well-formed request line with a method llhttp does not know is "not
             # implemented"; anything else in its place is simply malformed.
-            if unknown := UNKNOWN_METHOD.match(data):
-                line = (unknown.group(1), unknown.group(2), unknown.group(3).decode())
-                self._reject(501, "method not implemented", line)
+            if unknown := unknown_method_line(data):
+                self._reject(501, "method not implemented", unknown)
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:

@@ -302,3 +302,26 @@ def test_an_origin_gone_in_the_middle_of_the_request_body() -> None:
     client.dataReceived(b"zz\r\n")  # the rest of the body no longer matters
     _gone(client)
     assert _lines(h)[1:] == [("POST", "/up", 502, None)]
+
+
+def test_a_malformed_method_after_a_pipelined_request_is_not_named_after_it() -> None:
+    """Found by the fuzz: the 501 test looked at the read's first line, here the request
+    before the bad one; the refusal got its name (a second line for /a) and a 501."""
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET + b"GE T /b HTTP/1.1\r\nHost: example\r\n\r\n")
+    h.origin.respond(OK_RESPONSE)
+    out = transport.value()
+    assert out.index(b"HTTP/1.1 200 OK") < out.index(b"HTTP/1.1 400 Bad Request")
+    _gone(client)
+    assert _lines(h) == [("GET", "/a", 200, None), ("-", "-", 400, None)]
+
+
+def test_an_unknown_method_after_a_pipelined_request_is_a_501_under_its_own_name() -> None:
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET + b"BREW /b HTTP/1.1\r\nHost: example\r\n\r\n")
+    h.origin.respond(OK_RESPONSE)
+    assert b"HTTP/1.1 501 Not Implemented" in transport.value()
+    _gone(client)
+    assert _lines(h) == [("GET", "/a", 200, None), ("BREW", "/b", 501, None)]
