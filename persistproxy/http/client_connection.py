@@ -200,6 +200,7 @@ class ClientConnection(ClientClosing, Protocol):
             self._parser = None
 
     def _feed(self, parser: httptools.HttpRequestParser, data: bytes) -> None:
+        at_boundary = not self._in_message
         try:
             parser.feed_data(data)
             current = self._current
@@ -221,7 +222,7 @@ class ClientConnection(ClientClosing, Protocol):
         except httptools.HttpParserInvalidMethodError:
             # A well-formed request line with a method llhttp does not know is "not
             # implemented"; anything else in its place is simply malformed.
-            if unknown := unknown_method_line(data):
+            if unknown := unknown_method_line(data, at_boundary):
                 self._reject(501, "method not implemented", unknown)
             else:
                 self._reject(400, "malformed request line")

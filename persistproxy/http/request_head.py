@@ -65,15 +65,19 @@ UpstreamRequest = tuple[bytes, bytes, bytes, bool, bool, bool, bool]
 RequestLine = tuple[bytes, bytes, str]
 
 
-def unknown_method_line(data: bytes) -> RequestLine | None:
+def unknown_method_line(data: bytes, at_boundary: bool) -> RequestLine | None:
     """
     In a read that llhttp refused for an invalid method, the well-formed request line whose
     method llhttp does not know (501), or L{None} (a malformed line: 400). The read may hold
     requests pipelined before the refused one, whose lines are well formed too but whose
     methods llhttp knows: the last line with a method it does not know is taken (asking a
-    fresh parser: this is the error path, and llhttp's list of methods is its own).
+    fresh parser: this is the error path, and llhttp's list of methods is its own). The read
+    begins a line only if it began between two messages (C{at_boundary}); else its start is
+    the rest of a line begun in an earlier read.
     """
     for match in reversed(list(UNKNOWN_METHOD.finditer(data))):
+        if not at_boundary and match.start() == 0 and data[:1] != b"\n":
+            continue
         method = match.group(1)
         try:
             httptools.HttpRequestParser(None).feed_data(method + b" / HTTP/1.1\r\n")

@@ -325,3 +325,16 @@ def test_an_unknown_method_after_a_pipelined_request_is_a_501_under_its_own_name
     assert b"HTTP/1.1 501 Not Implemented" in transport.value()
     _gone(client)
     assert _lines(h) == [("GET", "/a", 200, None), ("BREW", "/b", 501, None)]
+
+
+def test_a_read_that_begins_in_the_middle_of_a_request_line_is_not_taken_for_one() -> None:
+    """Found by the fuzz: "ET /b ..." (the rest of "GET /b ...") is no unknown method."""
+    h = Harness()
+    client, transport = h.client()
+    client.dataReceived(GET + b"G")
+    client.dataReceived(b"ET /b HTTP/1.1\r\nHost: example\r\n\r\nGE T /c HTTP/1.1\r\n\r\n")
+    h.origin.respond(OK_RESPONSE)
+    h.origin.respond(OK_RESPONSE)
+    assert b"HTTP/1.1 400 Bad Request" in transport.value()
+    _gone(client)
+    assert _lines(h) == [("GET", "/a", 200, None), ("GET", "/b", 200, None), ("-", "-", 400, None)]
