@@ -14,7 +14,7 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,17 +126,40 @@ class ProxyConfig:
     base: str = ""
 
 
+#: A getter's default when none is given: the config dataclass's field default.
+_FROM_DATACLASS: Any = object()
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The field defaults of a config dataclass, by key."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
 class _Section:
     """
     Typed access to one table of the file, recording which keys were used so that
     unknown keys can be reported by name.
     """
 
-    def __init__(self, source: str, path: str, table: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        source: str,
+        path: str,
+        table: Mapping[str, Any],
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        """
+        @param defaults: each key's default (a config dataclass's fields, see L{_defaults}),
+            used where a getter is given none: a default is written once, in the dataclass.
+        """
         self._source = source
         self._path = path
         self._table = table
+        self._defaults = defaults or {}
         self._used: set[str] = set()
+
+    def _default(self, key: str, given: Any) -> Any:
+        return self._defaults[key] if given is _FROM_DATACLASS else given
 
     def fail(self, key: str, problem: str) -> ConfigError:
         where = f"{self._path}.{key}" if self._path else key
@@ -160,17 +183,19 @@ class _Section:
             raise self.fail(key, "required key is missing")
         return str(value)
 
-    def boolean(self, key: str, default: bool) -> bool:
-        return bool(self._get(key, (bool,), "true or false", default))
+    def boolean(self, key: str, default: Any = _FROM_DATACLASS) -> bool:
+        return bool(self._get(key, (bool,), "true or false", self._default(key, default)))
 
-    def integer(self, key: str, default: int, minimum: int = 0) -> int:
-        value = int(self._get(key, (int,), "an integer", default))
+    def integer(self, key: str, default: Any = _FROM_DATACLASS, minimum: int = 0) -> int:
+        value = int(self._get(key, (int,), "an integer", self._default(key, default)))
         if value < minimum:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
         return value
 
-    def seconds(self, key: str, default: float) -> float:
-        value = float(self._get(key, (int, float), "a number of seconds", default))
+    def seconds(self, key: str, default: Any = _FROM_DATACLASS) -> float:
+        value = float(
+            self._get(key, (int, float), "a number of seconds", self._default(key, default))
+        )
         if not math.isfinite(value):
             raise self.fail(key, f"expected a finite number of seconds, got {value}")
         if value < 0:
@@ -230,28 +255,28 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         raise ConfigError(f"{source}: upstream[{index}]: expected a table")
     s = _Section(source, f"upstream[{index}]", table)
     name = s.string("name")
-    s = _Section(source, f"upstream.{name}", table)
+    s = _Section(source, f"upstream.{name}", table, _defaults(UpstreamConfig))
     s.string("name")
     servers = tuple(_parse_hostport(s, "servers", t) for t in s.string_list("servers"))
     result = UpstreamConfig(
         name=name,
         servers=servers,
-        pool_size=s.integer("pool_size", 256),
-        idle_timeout=s.seconds("idle_timeout", 60.0),
-        max_requests=s.integer("max_requests", 1000),
-        connect_timeout=s.seconds("connect_timeout", 5.0),
-        response_timeout=s.seconds("response_timeout", 60.0),
-        read_timeout=s.seconds("read_timeout", 60.0),
-        write_timeout=s.seconds("write_timeout", 60.0),
-        keepalive_margin=s.seconds("keepalive_margin", 1.0),
-        idle_learn_window=s.seconds("idle_learn_window", 60.0),
-        assumed_idle_limit=s.seconds("assumed_idle_limit", 1.0),
-        max_connections=s.integer("max_connections", 0),
-        queue_size=s.integer("queue_size", 1024),
-        queue_timeout=s.seconds("queue_timeout", 10.0),
-        max_header_count=s.integer("max_header_count", 100, 1),
-        tls=s.boolean("tls", False),
-        tls_verify=s.boolean("tls_verify", True),
+        pool_size=s.integer("pool_size"),
+        idle_timeout=s.seconds("idle_timeout"),
+        max_requests=s.integer("max_requests"),
+        connect_timeout=s.seconds("connect_timeout"),
+        response_timeout=s.seconds("response_timeout"),
+        read_timeout=s.seconds("read_timeout"),
+        write_timeout=s.seconds("write_timeout"),
+        keepalive_margin=s.seconds("keepalive_margin"),
+        idle_learn_window=s.seconds("idle_learn_window"),
+        assumed_idle_limit=s.seconds("assumed_idle_limit"),
+        max_connections=s.integer("max_connections"),
+        queue_size=s.integer("queue_size"),
+        queue_timeout=s.seconds("queue_timeout"),
+        max_header_count=s.integer("max_header_count", minimum=1),
+        tls=s.boolean("tls"),
+        tls_verify=s.boolean("tls_verify"),
         tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
     )
@@ -314,11 +339,11 @@ def _listener(
         raise ConfigError(f"{source}: listener[{index}]: expected a table")
     s = _Section(source, f"listener[{index}]", table)
     name = s.string("name", f"listener{index}")
-    s = _Section(source, f"listener.{name}", table)
+    s = _Section(source, f"listener.{name}", table, _defaults(ListenerConfig))
     s.string("name", name)
     bind = s.string("bind")
     _check_endpoint(s, "bind", bind)
-    protocol = s.string("protocol", "http")
+    protocol = s.string("protocol", _defaults(ListenerConfig)["protocol"])
     upstream = s.string("upstream", "")
     if upstream and upstream not in upstreams:
         raise s.fail("upstream", f"no [[upstream]] is named {upstream!r}")
@@ -336,30 +361,30 @@ def _listener(
         bind=bind,
         protocol=protocol,
         upstream=upstream,
-        keepalive_timeout=s.seconds("keepalive_timeout", 75.0),
-        max_requests=s.integer("max_requests", 1000),
-        max_head_size=s.integer("max_head_size", 16384, 256),
-        max_header_count=s.integer("max_header_count", 100, 1),
-        max_body_size=s.integer("max_body_size", 0),
-        min_chunk_size=s.integer("min_chunk_size", 16),
-        add_via=s.boolean("add_via", True),
-        add_forwarded=s.boolean("add_forwarded", True),
-        access_log=s.boolean("access_log", True),
-        header_timeout=s.seconds("header_timeout", 10.0),
-        body_timeout=s.seconds("body_timeout", 60.0),
-        send_timeout=s.seconds("send_timeout", 60.0),
-        min_body_rate=s.integer("min_body_rate", 0),
+        keepalive_timeout=s.seconds("keepalive_timeout"),
+        max_requests=s.integer("max_requests"),
+        max_head_size=s.integer("max_head_size", minimum=256),
+        max_header_count=s.integer("max_header_count", minimum=1),
+        max_body_size=s.integer("max_body_size"),
+        min_chunk_size=s.integer("min_chunk_size"),
+        add_via=s.boolean("add_via"),
+        add_forwarded=s.boolean("add_forwarded"),
+        access_log=s.boolean("access_log"),
+        header_timeout=s.seconds("header_timeout"),
+        body_timeout=s.seconds("body_timeout"),
+        send_timeout=s.seconds("send_timeout"),
+        min_body_rate=s.integer("min_body_rate"),
         min_body_rate_window=_rate_window(s, "min_body_rate_window"),
-        min_send_rate=s.integer("min_send_rate", 0),
+        min_send_rate=s.integer("min_send_rate"),
         min_send_rate_window=_rate_window(s, "min_send_rate_window"),
-        max_lifetime=s.seconds("max_lifetime", 0.0),
-        max_connections=s.integer("max_connections", 10000),
-        max_connections_per_client=s.integer("max_connections_per_client", 0),
-        max_idle_per_client=s.integer("max_idle_per_client", 0),
-        send_408_on_idle=s.boolean("send_408_on_idle", False),
+        max_lifetime=s.seconds("max_lifetime"),
+        max_connections=s.integer("max_connections"),
+        max_connections_per_client=s.integer("max_connections_per_client"),
+        max_idle_per_client=s.integer("max_idle_per_client"),
+        send_408_on_idle=s.boolean("send_408_on_idle"),
         tcp_keepalive=tcp_keepalive,
         tls=_listener_tls(s, source, name, protocol, base),
-        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
+        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout"),
         extra=s.unused(),
     )
     if protocols is not None:
@@ -380,7 +405,7 @@ def _rate_window(s: _Section, key: str) -> float:
     The seconds a minimum rate is averaged over: a rate needs some time to be measured, so
     not 0 (whether the rate itself is set or not, so that setting it later cannot fail).
     """
-    value = s.seconds(key, 10.0)
+    value = s.seconds(key)
     if value <= 0:
         raise s.fail(key, f"must be > 0, got {value:g}: a rate is averaged over some time")
     return value
@@ -450,18 +475,18 @@ def parse_config(
             raise ConfigError(f"{source}: listener[{i}].name: duplicate name {lc.name!r}")
         listeners.append(lc)
     log = _Section(source, "log", top.table("log") or {})
-    log_level = log.string("level", "info")
+    log_level = log.string("level", _defaults(ProxyConfig)["log_level"])
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
     access_log_file = _access_log_file(log, root)
-    log_buffer_size = log.integer("buffer_size", 1024 * 1024, 65536)
-    log_format = log.string("format", "auto")
+    log_buffer_size = log.integer("buffer_size", _defaults(ProxyConfig)["log_buffer_size"], 65536)
+    log_format = log.string("format", _defaults(ProxyConfig)["log_format"])
     if log_format not in ("auto", "json", "console"):
         raise log.fail("format", f"expected auto, json or console, got {log_format!r}")
     access_log_flush = log.seconds("access_flush", 0.5)
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
-    metrics_bind = metrics.string("bind", "")
+    metrics_bind = metrics.string("bind", _defaults(ProxyConfig)["metrics_bind"])
     if metrics_bind:
         _check_endpoint(metrics, "bind", metrics_bind)
     metrics.reject_unknown()
@@ -474,7 +499,7 @@ def parse_config(
         log_format=log_format,
         access_log_flush=access_log_flush,
         metrics_bind=metrics_bind,
-        drain_timeout=top.seconds("drain_timeout", 30.0),
+        drain_timeout=top.seconds("drain_timeout", _defaults(ProxyConfig)["drain_timeout"]),
         source=source,
         base=str(root),
     )

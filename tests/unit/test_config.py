@@ -299,3 +299,26 @@ def test_stall_timeouts_and_minimum_rates(tmp_path: Path) -> None:
     )
     listener = _load(tmp_path, text).listeners[0]  # type: ignore[attr-defined]
     assert (listener.min_body_rate, listener.min_send_rate) == (1024, 4096)
+
+
+def test_a_minimal_file_gets_every_default_of_the_config_classes() -> None:
+    """Defaults are written once, as the config dataclasses' field defaults: a file that sets
+    nothing but the required keys gets exactly those."""
+    import dataclasses
+
+    from persistproxy.config import ListenerConfig, ProxyConfig, UpstreamConfig
+
+    doc = {
+        "listener": [{"name": "web", "bind": "tcp:0", "upstream": "app"}],
+        "upstream": [{"name": "app", "servers": ["127.0.0.1:1"]}],
+    }
+    config = parse_config(doc, "<test>")
+    for cls, value in (
+        (ListenerConfig, config.listeners[0]),
+        (UpstreamConfig, config.upstreams["app"]),
+        (ProxyConfig, config),
+    ):
+        for f in dataclasses.fields(cls):
+            skip = ("source", "base", "upstream")  # what the file itself sets
+            if f.default is not dataclasses.MISSING and f.name not in skip:
+                assert getattr(value, f.name) == f.default, (cls.__name__, f.name)
