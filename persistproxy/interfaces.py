@@ -21,7 +21,7 @@ itself is a zope interface, as Twisted's plugin system wants.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -187,8 +187,14 @@ class Upstream(Protocol[C]):
     def pools(self) -> Sequence[Pool[C]]:
         """One per server, in the order of C{servers}."""
 
-    def pick(self) -> Pool[C]:
-        """The pool of the server the next connection should go to (balancing)."""
+    def pick(self, client: str | None = None, avoid: Collection[Pool[C]] = ()) -> Pool[C]:
+        """
+        The pool of the server the next connection should go to (balancing), skipping
+        servers that are down and the pools in C{avoid} (those this work already failed to
+        connect to) while another can be had.
+
+        @param client: the client's address (host), which some balancing methods use.
+        """
 
 
 class UpstreamConnector(Protocol[C_co]):

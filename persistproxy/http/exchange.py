@@ -42,6 +42,10 @@ class ExchangeOwner(Protocol):
     def transport(self) -> Any:
         """What the exchange registers itself with as a producer, when the client is slow."""
 
+    @property
+    def peer(self) -> str:
+        """The client's address (host), which some balancing methods choose a server by."""
+
     def write(self, data: bytes) -> None: ...
 
     def backlogged(self) -> bool: ...
@@ -102,6 +106,7 @@ class Exchange:
         "_buffered",
         "_client",
         "_ctx",
+        "_failed_pools",
         "_feeding",
         "_framing",
         "_pool",
@@ -173,6 +178,8 @@ class Exchange:
         self._feeding = False  # the client's transport is the producer of the upstream's
         self._relaying = False  # the upstream's transport is the producer of the client's
         self._pool: Pool[UpstreamConnection] | None = None
+        #: The pools whose connect failed for this request (each tried once), if any.
+        self._failed_pools: list[Pool[UpstreamConnection]] | None = None
         self._framing = FRAMING_NONE
         self.upstream: UpstreamConnection | None = None
         self.cancelled = False
@@ -226,7 +233,7 @@ class Exchange:
             self.bytes_out = len(self.error)
             self._client.exchange_finished(self)
             return
-        self._pool = self._ctx.group.pick()
+        self._pool = self._ctx.group.pick(self._client.peer)
         self._pool.acquire(self, replayable=self._ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
@@ -319,6 +326,29 @@ class Exchange:
         # transport (see request_body and _relay): most exchanges never need it.
 
     def connection_failed(self, reason: str, status: int) -> None:
+        ctx = self._ctx
+        pool = self._pool
+        if status == 502 and pool is not None and not self.cancelled:
+            # The connect failed: nothing was sent, so the next server may have it.
+            failed = self._failed_pools
+            if failed is None:
+                failed = self._failed_pools = []
+            if pool not in failed:
+                failed.append(pool)
+            group = ctx.group
+            if ctx.retry.may_try_next_server(len(failed), len(group.pools)):
+                ctx.stats.retries += 1
+                ctx.log.info(
+                    "upstream.next_server",
+                    listener=ctx.name,
+                    server=pool.address,
+                    method=self.method.decode("latin-1"),
+                    path=ctx.log_path(self.target),
+                    reason=reason,
+                )
+                pool = self._pool = group.pick(self._client.peer, failed)
+                pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
+                return
         self._ctx.stats.upstream_errors += 1
         self._ctx.log.error(
             "upstream.error",
@@ -488,7 +518,7 @@ class Exchange:
                 stale_connection=self.reused,
             )
             if not self.reused:
-                pool = self._pool = ctx.group.pick()
+                pool = self._pool = ctx.group.pick(self._client.peer)
             pool.acquire(self, fresh=True)
             return
         ctx.stats.upstream_errors += 1

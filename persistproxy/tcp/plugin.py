@@ -181,6 +181,9 @@ class TCPConnection(TwistedProtocol):
         self.relay: Relay | None = None
         self.side: RelaySide | None = None
         self._pool: Pool[TCPUpstream] | None = None
+        #: The pools whose connect failed for this connection (each server is tried once).
+        self._failed: list[Pool[TCPUpstream]] = []
+        self._client_host: str | None = None
         self._upstream: TCPUpstream | None = None
         self._started = 0.0
         self._reason: str | None = None
@@ -194,7 +197,9 @@ class TCPConnection(TwistedProtocol):
         transport.pauseProducing()
         self._started = self._listener.clock.seconds()
         self.side = RelaySide(transport, "client")
-        self._pool = self._listener.group.pick()
+        peer = getattr(transport.getPeer(), "host", None)
+        self._client_host = peer
+        self._pool = self._listener.group.pick(peer)
         self._pool.acquire(self, fresh=True)
 
     # -- the pool's waiter --------------------------------------------------------------------
@@ -211,6 +216,22 @@ class TCPConnection(TwistedProtocol):
     def connection_failed(self, reason: str, status: int) -> None:
         if self.state != _CONNECTING:
             raise RuntimeError(f"a connect failure arrived in state {self.state}")
+        pool = self._pool
+        if status == 502 and pool is not None:
+            # Nothing was read from the client yet, so the next server may have it (each
+            # server once), as an HTTP request whose connect failed.
+            self._failed.append(pool)
+            group = self._listener.group
+            if len(self._failed) < len(group.pools):
+                self._listener.context.log.info(
+                    "upstream.next_server",
+                    listener=self._listener.name,
+                    server=pool.address,
+                    reason=reason,
+                )
+                self._pool = group.pick(self._client_host, self._failed)
+                self._pool.acquire(self, fresh=True)
+                return
         self.state = _CLOSING
         self._reason = CONNECT_FAILED
         self._error = reason

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A real HTTP/1.1 origin server for the end-to-end tests (stdlib only, asyncio).
 
-Run as ``python tests/e2e/origin.py [--host 127.0.0.1] [--idle-close SECONDS] [--record]``.
-It listens on port 0, prints exactly one line ``{"port": N}`` to stdout, then serves; all
-diagnostics go to stderr.  It parses requests itself (request line, headers, Content-Length
-and chunked bodies, keep-alive, pipelining) and behaves by path:
+Run as ``python tests/e2e/origin.py [--host 127.0.0.1] [--port N] [--idle-close SECONDS]
+[--record]``. It listens on port N (0 by default: any free one), prints exactly one line
+``{"port": N}`` to stdout, then serves; all diagnostics go to stderr.  It parses requests
+itself (request line, headers, Content-Length and chunked bodies, keep-alive, pipelining) and
+behaves by path:
 
 =========================  ==================================================================
 ``GET /__stats``           JSON counters: accepts, requests, open, bad, ids, paths
@@ -604,10 +605,12 @@ async def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--idle-close", type=float, default=None,
                     help="close any keep-alive connection idle for that many seconds")
+    ap.add_argument("--port", type=int, default=0,
+                    help="the port to listen on (0: any free one, the default)")
     ap.add_argument("--record", action="store_true",
                     help="note every request parsed, for GET /__record")
     OPTS = ap.parse_args()
-    server = await asyncio.start_server(on_connect, OPTS.host, 0, backlog=1024,
+    server = await asyncio.start_server(on_connect, OPTS.host, OPTS.port, backlog=1024,
                                         limit=MAX_HEAD)
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write(json.dumps({"port": port}) + "\n")
