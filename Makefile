@@ -8,7 +8,7 @@ SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg
 EXAMPLES := $(shell find examples/redis -name '*.py' -not -path '*/tests/*' -not -path '*/build/*' 2>/dev/null) \
 	examples/redis/pyproject.toml
 
-.PHONY: run test test-oldest venv lint typecheck unit e2e bench system-deps clean
+.PHONY: run test test-oldest fuzz venv lint typecheck unit e2e bench system-deps clean
 
 ## run: the proxy on 127.0.0.1:8080 in front of the built-in demo origin
 run: $(VENV)/.installed
@@ -31,6 +31,13 @@ test: $(VENV)/.installed-test system-deps
 ## source tree does not shadow it)
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/pytest -q tests/unit
+
+## fuzz: the accounting fuzz at length (make test runs 200 fixed examples of it), random
+## examples through the real proxy; FUZZ_EXAMPLES=N to change how many
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(VENV)/.installed-test system-deps
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest -q -s tests/e2e/test_fuzz_accounting.py
 
 venv: $(VENV)/.installed-test
 

@@ -256,6 +256,7 @@ def effective_toml(config: ProxyConfig) -> str:
         f"format = {_value(config.log_format)}",
         f"access_log = {_value(config.access_log_file or 'stdout')}",
         f"buffer_size = {_value(config.log_buffer_size)}",
+        f"access_flush = {_value(config.access_log_flush)}",
         "",
     ]
     if config.metrics_bind:

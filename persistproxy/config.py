@@ -151,6 +151,9 @@ class ProxyConfig:
     log_buffer_size: int = 1024 * 1024
     #: "auto" (for a person on a terminal, JSON otherwise), "json" or "console".
     log_format: str = "auto"
+    #: Seconds an access line may wait in the buffer before it is written (0: at the end of
+    #: the event loop's turn).
+    access_log_flush: float = 0.5
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
@@ -583,6 +586,7 @@ def parse_config(
     log_format = log.string("format", _defaults(ProxyConfig)["log_format"])
     if log_format not in ("auto", "json", "console"):
         raise log.fail("format", f"expected auto, json or console, got {log_format!r}")
+    access_log_flush = log.seconds("access_flush", 0.5)
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
     metrics_bind = metrics.string("bind", _defaults(ProxyConfig)["metrics_bind"])
@@ -596,6 +600,7 @@ def parse_config(
         access_log_file=access_log_file,
         log_buffer_size=log_buffer_size,
         log_format=log_format,
+        access_log_flush=access_log_flush,
         metrics_bind=metrics_bind,
         drain_timeout=top.seconds("drain_timeout", _defaults(ProxyConfig)["drain_timeout"]),
         source=source,

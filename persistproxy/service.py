@@ -129,7 +129,7 @@ class ProxyService(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.log = log
-        self.access_log = access_log or AccessLog(reactor)
+        self.access_log = access_log or AccessLog(reactor, flush_interval=config.access_log_flush)
         self.config = config
         self.proxy_stats = ProxyStats()
         self._plugins = plugins

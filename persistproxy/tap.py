@@ -274,7 +274,11 @@ def makeService(options: Options) -> IService:
         options.plugins,
         log,
         access_log=AccessLog(
-            reactor, access_output, console=console and access_output is main, colors=terminal
+            reactor,
+            access_output,
+            flush_interval=config.access_log_flush,
+            console=console and access_output is main,
+            colors=terminal,
         ),
         process=ProcessDescriptors(),
     )

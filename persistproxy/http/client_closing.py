@@ -79,11 +79,8 @@ class ClientClosing(RequestBodyReader):
     def _send_out(self, flags: int = 0) -> None:
         raise NotImplementedError
 
-    def _end_current(self, by: str) -> bool:
-        raise NotImplementedError
-
-    def _answer_last(
-        self, status: int, detail: str, method: bytes, target: bytes, version: str
+    def _refuse_current(
+        self, status: int, detail: str, by: str, line: tuple[bytes, bytes, str]
     ) -> None:
         raise NotImplementedError
 
@@ -331,6 +328,4 @@ class ClientClosing(RequestBodyReader):
             )
             # Its access line says what was read of it (the request line, if complete).
             line = self._request_line()
-            if self._end_current("timeout"):
-                return
-            self._answer_last(408, f"no complete request {phase} in time", *line)
+            self._refuse_current(408, f"no complete request {phase} in time", "timeout", line)

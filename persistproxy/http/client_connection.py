@@ -44,9 +44,9 @@ from persistproxy.http.request_body import (
 )
 from persistproxy.http.request_head import (
     OTHER_VERSION,
-    UNKNOWN_METHOD,
     BadRequest,
     RequestLine,
+    unknown_method_line,
 )
 from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.net.fastwrite import (
@@ -200,6 +200,7 @@ class ClientConnection(ClientClosing, Protocol):
             self._parser = None
 
     def _feed(self, parser: httptools.HttpRequestParser, data: bytes) -> None:
+        at_boundary = not self._in_message
         try:
             parser.feed_data(data)
             current = self._current
@@ -209,8 +210,7 @@ class ClientConnection(ClientClosing, Protocol):
             self._upgraded(data, e)
         except BodyTooSlow:
             line = self._request_line()  # the access line says which request it was
-            if not self._end_current("timeout"):
-                self._answer_last(408, "request body too slow", *line)
+            self._refuse_current(408, "request body too slow", "timeout", line)
         except BadRequest as e:
             self._reject(e.status, str(e), e.request_line)
         except httptools.HttpParserCallbackError as e:
@@ -222,9 +222,8 @@ class ClientConnection(ClientClosing, Protocol):
         except httptools.HttpParserInvalidMethodError:
             # A well-formed request line with a method llhttp does not know is "not
             # implemented"; anything else in its place is simply malformed.
-            if unknown := UNKNOWN_METHOD.match(data):
-                line = (unknown.group(1), unknown.group(2), unknown.group(3).decode())
-                self._reject(501, "method not implemented", line)
+            if unknown := unknown_method_line(data, at_boundary):
+                self._reject(501, "method not implemented", unknown)
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
@@ -493,7 +492,7 @@ class ClientConnection(ClientClosing, Protocol):
         queue = self._queue
         if queue and queue[0] is exchange:
             del queue[0]
-        self._account(exchange, exchange.status)
+        self._account(exchange, exchange.status, exchange.aborted)
         if self._phase == "closed":
             return
         if self._phase == "upgrading" and exchange.upgrade:
@@ -718,9 +717,7 @@ class ClientConnection(ClientClosing, Protocol):
             status=status,
             reason=detail,
         )
-        if self._end_current("bad_request"):
-            return
-        self._answer_last(status, detail, *line)
+        self._refuse_current(status, detail, "bad_request", line)
 
     def _request_line(self) -> RequestLine:
         """
@@ -742,35 +739,40 @@ class ClientConnection(ClientClosing, Protocol):
             version = "-"
         return parser.get_method(), self._url, version
 
-    def _end_current(self, by: str) -> bool:
+    def _refuse_current(self, status: int, detail: str, by: str, line: RequestLine) -> None:
         """
-        Give up the request whose body is being received, and everything pipelined after
-        it. L{True} if its response was already streaming: then the connection is cut
-        (C{by} says why in its access line) and nothing more can be answered.
+        Give up the request being read, and everything pipelined after it (never answered),
+        and answer C{status} in its place, after the responses owed before it; then close,
+        reading nothing more. C{by} (C{"bad_request"} or C{"timeout"}) is what cut it.
+
+        A request that had reached the upstream stage (its head, and part of its body, may be
+        at the origin) keeps its place and its name: its upstream connection is dropped, and
+        its access line has C{status} and C{"aborted": by}. If its response was already
+        streaming, the connection is cut instead (C{by} in that line): nothing more can be
+        answered. Any other refused request is answered by a placeholder whose access line
+        has C{line}: what was parsed of its method, target and version.
         """
         current = self._current
         self._current = None
-        if current is None:
-            return False
-        if current.response_started:
-            self.abort(by)  # cancels it, after its access line
-            return True
-        self._drop_from(current)
-        return False
-
-    def _answer_last(
-        self, status: int, detail: str, method: bytes, target: bytes, version: str
-    ) -> None:
-        """
-        Answer C{status} in the place of the request being read, after the responses owed
-        before it (with its access line and count), then close; nothing more is read.
-        """
+        begun = None
+        if current is not None:
+            if current.response_started:
+                self.abort(by)  # cancels it, after its access line
+                return
+            queue = self._queue
+            if queue and queue[0] is current:
+                begun = current  # the last one parsed: nothing is pipelined after it
+            elif current in queue:
+                self._drop_from(current)
         self._phase = "closing"
         self._pause_reading(PAUSE_CLOSING)
         self._wait(None)
-        failed = Exchange.failed(
-            self, self._ctx, error_response(status, detail), status, target, method, version
-        )
+        response = error_response(status, detail)
+        if begun is not None:
+            begun.give_up(response, status, by)
+            return
+        method, target, version = line
+        failed = Exchange.failed(self, self._ctx, response, status, target, method, version)
         self._queue.append(failed)
         if len(self._queue) == 1:
             failed.start()

@@ -87,6 +87,8 @@ class Exchange:
     @ivar keep_alive: after the response head, whether the client connection survives it.
     @ivar response_started: a byte of the final response went to the client; from then on
         an upstream failure can only be reported by cutting the client connection.
+    @ivar aborted: what cut the exchange short when it is answered in place of its response
+        (L{give_up}), for its access line; L{None} for an exchange that ended normally.
     @ivar body_parts: request body data parsed out of the current read, not yet forwarded
         (the client connection forwards it as one piece at the end of the read).
     @ivar upgrade: the request asks the origin to switch protocols (its head carries
@@ -109,6 +111,7 @@ class Exchange:
         "_framing",
         "_pool",
         "_relaying",
+        "aborted",
         "body_done",
         "body_parts",
         "bytes_out",
@@ -182,6 +185,7 @@ class Exchange:
         self.cancelled = False
         self.error: bytes = b""
         self.response_started = False
+        self.aborted: str | None = None
         self.keep_alive = False
         self.status = 0
         self.bytes_out = 0
@@ -279,6 +283,20 @@ class Exchange:
             upstream.abort()
             if self._pool is not None:
                 self._pool.forget()
+
+    def give_up(self, response: bytes, status: int, by: str) -> None:
+        """
+        The request turned out bad or too slow (C{by}) after the exchange began, before any
+        response: its head, and part of its body, may be at the origin already. Drop the
+        upstream connection (the origin never sees the rest), and answer C{response} in the
+        place of the response, under the request's own name in the access log.
+        """
+        self.cancel()
+        self.aborted = by
+        self.error = response
+        self.status = status
+        self.keep_alive = False
+        self.start()
 
     # -- ConnectionWaiter -------------------------------------------------------------------
 

@@ -38,10 +38,11 @@ __all__ = [
     "RequestLine",
     "UpstreamRequest",
     "origin_form",
+    "unknown_method_line",
 ]
 
 #: A well-formed request line whose method llhttp does not know: 501, not 400.
-UNKNOWN_METHOD = re.compile(rb"\A([A-Z][A-Z0-9_-]{0,31}) ([!-~]+) HTTP/(1\.[01])\r\n")
+UNKNOWN_METHOD = re.compile(rb"(?:\A|\n)([A-Z][A-Z0-9_-]{0,31}) ([!-~]+) HTTP/(1\.[01])\r\n")
 
 #: A request line with a well-formed version that is neither 1.0 nor 1.1 (llhttp refuses
 #: HTTP/1.2 and cannot parse HTTP/1.10): 505, as for HTTP/2.0, not 400. Anchored to a line
@@ -62,6 +63,29 @@ UpstreamRequest = tuple[bytes, bytes, bytes, bool, bool, bool, bool]
 #: What was parsed of a refused request's line, for its access line: method, target, version
 #: (C{b"-"}, C{b"-"}, C{"-"} for what was not reached).
 RequestLine = tuple[bytes, bytes, str]
+
+
+def unknown_method_line(data: bytes, at_boundary: bool) -> RequestLine | None:
+    """
+    In a read that llhttp refused for an invalid method, the well-formed request line whose
+    method llhttp does not know (501), or L{None} (a malformed line: 400). The read may hold
+    requests pipelined before the refused one, whose lines are well formed too but whose
+    methods llhttp knows: the last line with a method it does not know is taken (asking a
+    fresh parser: this is the error path, and llhttp's list of methods is its own). The read
+    begins a line only if it began between two messages (C{at_boundary}); else its start is
+    the rest of a line begun in an earlier read.
+    """
+    for match in reversed(list(UNKNOWN_METHOD.finditer(data))):
+        if not at_boundary and match.start() == 0 and data[:1] != b"\n":
+            continue
+        method = match.group(1)
+        try:
+            httptools.HttpRequestParser(None).feed_data(method + b" / HTTP/1.1\r\n")
+        except httptools.HttpParserInvalidMethodError:
+            return method, match.group(2), match.group(3).decode()
+        except httptools.HttpParserError:
+            continue
+    return None
 
 
 class BadRequest(Exception):

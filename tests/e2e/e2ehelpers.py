@@ -478,10 +478,12 @@ class Origin(ManagedProc):
     name = "origin"
 
     def __init__(self, idle_close: float | None = None, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, record: bool = False) -> None:
         argv = [sys.executable, str(ORIGIN_PY), "--host", host, "--port", str(port)]
         if idle_close is not None:
             argv += ["--idle-close", str(idle_close)]
+        if record:
+            argv.append("--record")
         super().__init__(argv, merge_stderr=False)
         self.host = host
         line = self.wait_line(lambda s: s.startswith("{"), 10)
@@ -502,6 +504,13 @@ class Origin(ManagedProc):
 
     def reset(self) -> None:
         self._control("POST", "/__reset")
+
+    def take_records(self) -> list[dict[str, Any]]:
+        """Every request the origin parsed since the last call (it must run with record=True)."""
+        answer = self._control("GET", "/__record").json()
+        assert answer["dropped"] == 0, f"the origin dropped {answer['dropped']} records"
+        records: list[dict[str, Any]] = answer["records"]
+        return records
 
     def arm_drop_reused(self) -> None:
         """The next request that arrives on a reused connection is read and left unanswered."""

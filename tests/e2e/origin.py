@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """A real HTTP/1.1 origin server for the end-to-end tests (stdlib only, asyncio).
 
-Run as ``python tests/e2e/origin.py [--host 127.0.0.1] [--idle-close SECONDS]``.  It listens on
-port 0, prints exactly one line ``{"port": N}`` to stdout, then serves; all diagnostics go to
-stderr.  It parses requests itself (request line, headers, Content-Length and chunked bodies,
-keep-alive, pipelining) and behaves by path:
+Run as ``python tests/e2e/origin.py [--host 127.0.0.1] [--port N] [--idle-close SECONDS]
+[--record]``. It listens on port N (0 by default: any free one), prints exactly one line
+``{"port": N}`` to stdout, then serves; all diagnostics go to stderr.  It parses requests
+itself (request line, headers, Content-Length and chunked bodies, keep-alive, pipelining) and
+behaves by path:
 
 =========================  ==================================================================
 ``GET /__stats``           JSON counters: accepts, requests, open, bad, ids, paths
 ``POST /__reset``          resets the counters (``open`` stays the real number)
+``GET /__record``          with ``--record``: every request head parsed since the last fetch,
+                           and empties the record (see below)
 ``/__arm/drop-reused``     one shot: the next request arriving on a *reused* connection is read
                            completely (and counted) and then the connection is closed with no
                            answer -- a deterministic reproduction of the keep-alive race
@@ -47,6 +50,14 @@ The stats also count the chunks of all chunked request bodies read (``chunks``),
 Connections whose first request is a ``/__`` control path (stats, reset, arm) are not counted
 in ``accepts``/``open``/``requests``, so tests can read the counters without disturbing them.
 Every request carrying ``X-Req-Id`` is counted under that id in ``ids`` (also dropped ones).
+
+With ``--record`` the origin also notes every request it parses (control paths aside), as
+soon as its head is parsed, whatever happens to its body: ``{"conn", "n", "method", "target",
+"body", "bad"}`` with ``body`` ``"none"``, ``"pending"`` (the connection ended in the middle
+of it) or ``"complete"``, and ``bad`` the reason its parser refused the request's body, or
+``null``. A head it refuses is noted as ``{"conn", "n", "line", "bad"}`` (``line``: the first
+line, as far as it got). ``/__record`` returns ``{"records": [...], "dropped": N}``; past
+100,000 unfetched records the newest are dropped (and counted).
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ import re
 import sys
 
 MAX_HEAD = 256 * 1024
+MAX_RECORDS = 100_000
 BLOCK = bytes(range(256)) * 256  # 64 KiB; byte i of a /bytes body is i % 256
 
 TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -92,6 +104,23 @@ class Stats:
         self.open = 0
         self.reset()
         self.drop_reused = False
+        self.records: list[dict[str, object]] = []
+        self.records_dropped = 0
+
+    def record(self, entry: dict[str, object]) -> dict[str, object]:
+        """Note a parsed request (with --record); the entry is updated as its body is read."""
+        if OPTS.record:
+            if len(self.records) < MAX_RECORDS:
+                self.records.append(entry)
+            else:
+                self.records_dropped += 1
+        return entry
+
+    def take_records(self) -> bytes:
+        out = json.dumps({"records": self.records, "dropped": self.records_dropped}).encode()
+        self.records = []
+        self.records_dropped = 0
+        return out
 
     def reset(self) -> None:
         self.accepts = 0
@@ -164,6 +193,9 @@ class Connection:
         STATS.serial += 1
         self.serial = STATS.serial
         self.nreq = 0
+        #: The first line of the head being parsed, and the record of the request being read.
+        self.line = b""
+        self.entry: dict[str, object] | None = None
         self.counted = True
         self.idle_timeout: float | None = OPTS.idle_close
         STATS.accepts += 1
@@ -205,8 +237,10 @@ class Connection:
         # RFC 9112 2.2: ignore at least one empty line before a request-line.
         while self.buf.startswith(b"\r\n"):
             del self.buf[:2]
+        self.line = b""
         head = await self.read_until(b"\r\n\r\n", MAX_HEAD)
         lines = head.split(b"\r\n")
+        self.line = lines[0]
         m = REQUEST_LINE_RE.match(lines[0])
         if not m:
             raise BadRequest(f"bad request line {lines[0][:80]!r}")
@@ -223,6 +257,12 @@ class Connection:
                        headers)
 
     async def read_body(self, req: Request) -> None:
+        await self._read_body(req)
+        entry = self.entry
+        if entry is not None and entry["body"] == "pending":
+            entry["body"] = "complete" if req.chunked or req.body else "none"
+
+    async def _read_body(self, req: Request) -> None:
         te = req.get_all("transfer-encoding")
         cl = req.get_all("content-length")
         if te:
@@ -306,10 +346,18 @@ class Connection:
                     STATS.bad += 1
                     log(f"conn {self.serial}: 400: {e}")
                     self.nreq += 1
+                    line = self.line or bytes(self.buf[:200])
+                    STATS.record({"conn": self.serial, "n": self.nreq, "bad": str(e),
+                                  "line": line[:200].decode("latin-1")})
                     await self.send_simple(Request("GET", "/", (1, 1), []), 400,
                                            b"bad request\n", [("Connection", "close")])
                     return
                 self.nreq += 1
+                self.entry = None
+                if not req.path.startswith("/__"):
+                    self.entry = STATS.record({
+                        "conn": self.serial, "n": self.nreq, "method": req.method,
+                        "target": req.target, "body": "pending", "bad": None})
                 keep = await self.handle(req)
                 if not keep:
                     return
@@ -318,6 +366,8 @@ class Connection:
         except BadRequest as e:
             STATS.bad += 1
             log(f"conn {self.serial}: bad body: {e}")
+            if self.entry is not None:
+                self.entry["bad"] = str(e)
             with contextlib.suppress(ConnectionError):
                 await self.send_simple(Request("GET", "/", (1, 1), []), 400, b"bad request\n",
                                        [("Connection", "close")])
@@ -358,6 +408,9 @@ class Connection:
             elif path == "/__reset":
                 STATS.reset()
                 await self.send_simple(req, 200, b"reset\n", conn_hdr)
+            elif path == "/__record":
+                await self.send_simple(req, 200, STATS.take_records(), conn_hdr,
+                                       "application/json")
             elif path == "/__arm/drop-reused":
                 STATS.drop_reused = True
                 await self.send_simple(req, 200, b"armed\n", conn_hdr)
@@ -554,6 +607,8 @@ async def main() -> None:
                     help="close any keep-alive connection idle for that many seconds")
     ap.add_argument("--port", type=int, default=0,
                     help="the port to listen on (0: any free one, the default)")
+    ap.add_argument("--record", action="store_true",
+                    help="note every request parsed, for GET /__record")
     OPTS = ap.parse_args()
     server = await asyncio.start_server(on_connect, OPTS.host, OPTS.port, backlog=1024,
                                         limit=MAX_HEAD)

@@ -157,3 +157,29 @@ def test_curl_large_download(origin: Origin, tmp_path: Path) -> None:
     assert out.stat().st_size == 20000000
     assert hashlib.sha256(out.read_bytes()).hexdigest() == pattern_sha256(20000000)
     assert time.monotonic() - t0 < 5
+
+
+def test_record_mode_notes_each_parsed_head_with_its_body_and_refusals(
+        origin_factory: Callable[..., Origin]) -> None:
+    o = origin_factory(record=True)
+    assert o.take_records() == []
+    with RawConn(o.port) as c:
+        assert c.roundtrip("GET", "/echo/r1").status == 200
+        c.send(b"POST /echo/r2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    with RawConn(o.port) as c:
+        c.send(b"POST /echo/r3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        assert c.read_response().status == 400
+    with RawConn(o.port) as c:
+        c.send(b"GET /echo/r4 HTTP/1.1\r\nBad Name: x\r\n\r\n")
+        assert c.read_response().status == 400
+    deadline = time.monotonic() + 5
+    records: list[dict[str, object]] = []
+    while len(records) < 4 and time.monotonic() < deadline:
+        records += o.take_records()
+        time.sleep(0.02)
+    by_target = {r.get("target", r.get("line")): r for r in records}
+    assert by_target["/echo/r1"]["body"] == "none" and by_target["/echo/r1"]["bad"] is None
+    assert by_target["/echo/r2"]["body"] == "pending", "cut in the middle of its body"
+    assert "chunk size" in str(by_target["/echo/r3"]["bad"])
+    assert by_target["GET /echo/r4 HTTP/1.1"]["bad"]
+    assert o.take_records() == [], "a fetch empties the record"

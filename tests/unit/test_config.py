@@ -58,6 +58,13 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert (up.keepalive_margin, up.idle_learn_window, up.assumed_idle_limit) == (1, 60, 1)
 
 
+def test_access_flush_is_half_a_second_by_default_and_never_negative(tmp_path: Path) -> None:
+    assert _load(tmp_path, GOOD).access_log_flush == 0.5  # type: ignore[attr-defined]
+    config = _load(tmp_path, GOOD + "[log]\naccess_flush = 0\n")
+    assert config.access_log_flush == 0  # type: ignore[attr-defined]
+    assert "log.access_flush: must be >= 0" in _error(tmp_path, GOOD + "[log]\naccess_flush = -1\n")
+
+
 def test_every_documented_key_in_the_sample_file_is_accepted() -> None:
     sample = Path(__file__).parents[2] / "etc" / "persistproxy.toml"
     config = load_config(sample, VALIDATORS)

@@ -303,6 +303,7 @@ def test_check_verbose_prints_the_effective_configuration_which_loads_the_same(
         "format": "auto",
         "access_log": "stdout",
         "buffer_size": 1048576,
+        "access_flush": 0.5,
     }
     original = load_config(path)
     again = load_config(_write_file(tmp_path, effective, "effective.toml"))
