@@ -10,6 +10,7 @@ journal needs.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -53,6 +54,14 @@ class UpstreamConfig:
     tls_verify: bool = True
     tls_ca: str = ""
     tls_server_name: str = ""
+    #: "v1" or "v2": each connection starts with a PROXY protocol header naming the client it
+    #: serves (and is then never lent to another client); "" sends none.
+    send_proxy_protocol: str = ""
+
+
+#: Who may send a PROXY protocol header by default: this host only (see README, "PROXY
+#: protocol": HAProxy's accept-proxy trusts whoever connects; here the senders are named).
+DEFAULT_PROXY_PROTOCOL_FROM = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,11 @@ class ListenerConfig:
     tls: Mapping[str, Any] | None = None
     #: A byte relay (a tcp listener; HTTP's tunnels later) idle both ways this long is closed.
     tunnel_idle_timeout: float = 3600.0
+    #: Every connection starts with a PROXY protocol header (v1 or v2), read before TLS and
+    #: admission; its address is the client's.
+    proxy_protocol: bool = False
+    #: The networks whose connections may send that header (others are closed at accept).
+    proxy_protocol_from: tuple[str, ...] = DEFAULT_PROXY_PROTOCOL_FROM
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -234,6 +248,7 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
         tls_verify=s.boolean("tls_verify", True),
         tls_ca=_tls_ca(s),
         tls_server_name=s.string("tls_server_name", ""),
+        send_proxy_protocol=_send_proxy_protocol(s),
     )
     s.reject_unknown()
     if result.idle_timeout <= 0:
@@ -245,6 +260,35 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
             if getattr(result, key):
                 raise s.fail(key, "set, but tls is false: set tls = true, or remove it")
     return result
+
+
+def _send_proxy_protocol(s: _Section) -> str:
+    value = s._get("send_proxy_protocol", (str, bool), '"v1" or "v2"', False)
+    if value is False:
+        return ""
+    if value not in ("v1", "v2"):
+        raise s.fail("send_proxy_protocol", f'expected "v1" or "v2", got {value!r}')
+    return str(value)
+
+
+def _proxy_protocol_from(s: _Section, enabled: bool) -> tuple[str, ...]:
+    """
+    The CIDRs allowed to send a PROXY protocol header, each checked (a bare address is one
+    host); named without C{proxy_protocol = true}, a mistake worth saying.
+    """
+    if "proxy_protocol_from" not in s._table:
+        return DEFAULT_PROXY_PROTOCOL_FROM
+    if not enabled:
+        raise s.fail("proxy_protocol_from", "set, but proxy_protocol is false")
+    networks = []
+    for text in s.string_list("proxy_protocol_from"):
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise s.fail(
+                "proxy_protocol_from", f"{text!r} is not an IP network (as 10.0.0.0/8 or ::1)"
+            ) from None
+    return tuple(networks)
 
 
 def _tls_ca(s: _Section) -> str:
@@ -307,6 +351,7 @@ def _listener(
             "count": ks.integer("count", 10, 1),
         }
         ks.reject_unknown()
+    proxy_protocol = s.boolean("proxy_protocol", False)
     listener = ListenerConfig(
         name=name,
         bind=bind,
@@ -332,8 +377,14 @@ def _listener(
         tcp_keepalive=tcp_keepalive,
         tls=_listener_tls(s, source, name, protocol),
         tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
+        proxy_protocol=proxy_protocol,
+        proxy_protocol_from=_proxy_protocol_from(s, proxy_protocol),
         extra=s.unused(),
     )
+    if listener.proxy_protocol and not listener.header_timeout:
+        raise s.fail(
+            "header_timeout", "must be > 0 with proxy_protocol = true: it bounds the header's wait"
+        )
     if protocols is not None:
         if protocol not in protocols:
             known = ", ".join(sorted(protocols))

@@ -21,8 +21,10 @@ from persistproxy.config import ListenerConfig
 from persistproxy.interfaces import IProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
+from persistproxy.listener.proxied import ProxyHeaderFactory, Senders
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
+from persistproxy.net.selfcheck import problem
 from persistproxy.net.sockopts import configure_listening_socket
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS
 from persistproxy.tls.transport import TLSListenerFactory
@@ -33,7 +35,9 @@ __all__ = ["ListenerService"]
 class ListenerService(Service):
     """
     Binds one listener's endpoint to the factory its protocol plugin built, wrapped in what
-    every protocol gets: admission, drain registration, counters, then TLS.
+    every protocol gets: admission, drain registration, counters, then TLS, and with
+    C{proxy_protocol = true} the PROXY protocol header's reader outermost (it comes in clear,
+    before the TLS handshake).
     """
 
     def __init__(
@@ -50,7 +54,15 @@ class ListenerService(Service):
         self.name = f"listener:{config.name}"
         self.config = config
         self.factory = factory
-        admitted = ListenerFactory(factory, reactor, limits, stats, registry, plugin.refusal)
+        admitted = ListenerFactory(
+            factory,
+            reactor,
+            limits,
+            stats,
+            registry,
+            plugin.refusal,
+            identified=config.proxy_protocol,
+        )
         self._listening_factory: IProtocolFactory = admitted
         #: The listener's TLS contexts, built once here: never per connection, which would
         #: defeat session resumption. The SIGHUP reloader reaches them through this.
@@ -66,6 +78,18 @@ class ListenerService(Service):
                 log_facts=config.access_log,
                 plaintext_answer=plugin.plaintext_answer,
             )
+        if config.proxy_protocol:
+            self._listening_factory = ProxyHeaderFactory(
+                self._listening_factory,
+                reactor,
+                limits,
+                stats,
+                registry,
+                log,
+                config.name,
+                Senders(config.proxy_protocol_from),
+                config.header_timeout,
+            )
         self.port: IListeningPort | None = None
         self._reactor = reactor
         self._log = log
@@ -73,6 +97,14 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+        finding = problem("proxyproto") if self.config.proxy_protocol else None
+        if finding is not None:
+            print(
+                f"persistproxy: listener {self.config.name}: proxy_protocol: Twisted's PROXY "
+                f"protocol parsers are not usable: {finding}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         try:
             endpoint = serverFromString(self._reactor, self.config.bind)
             d = endpoint.listen(self._listening_factory)
@@ -107,6 +139,7 @@ class ListenerService(Service):
             host=getattr(address, "host", None),
             port=getattr(address, "port", None),
             tls=bool(self.config.tls),
+            proxy_protocol=self.config.proxy_protocol,
         )
 
     def stop_listening(self) -> Deferred[None]:

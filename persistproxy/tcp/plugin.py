@@ -357,6 +357,8 @@ class TCPProtocolPlugin:
         for key in listener.extra:
             raise ConfigError(f"{key}: unknown key")
         for key in _HTTP_KEYS:
+            if key == "header_timeout" and listener.proxy_protocol:
+                continue  # the PROXY protocol header's wait
             if getattr(listener, key) != _DEFAULTS[key]:
                 raise ConfigError(f"{key}: an HTTP setting, not used by protocol tcp")
 
