@@ -21,7 +21,7 @@ itself is a zope interface, as Twisted's plugin system wants.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "C",
+    "ClientAddresses",
     "ConfigError",
     "ConnectionWaiter",
     "DrainAware",
@@ -163,8 +164,31 @@ class Pool(Protocol[C]):
         """A lent connection died; it is not coming back."""
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAddresses:
+    """
+    Whose connection an upstream connection serves: the client's address and the address it
+    connected to (Twisted's C{IPv4Address}/C{IPv6Address}; with C{proxy_protocol}, those the
+    header carried: the client's C{transport.getPeer()} and C{getHost()}).
+
+    The key a protocol passes to L{Upstream.pick} when the group's
+    C{config.send_proxy_protocol} is set: each connection then starts with a PROXY protocol
+    header stating these, and is lent again only for the same key (the same client
+    connection, as HAProxy reuses such connections), never to another client.
+    """
+
+    source: Any
+    destination: Any
+
+
 class Upstream(Protocol[C]):
-    """An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each."""
+    """
+    An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each.
+
+    A group whose C{config.send_proxy_protocol} is set wants a L{ClientAddresses} key with
+    every C{pick}: a connection picked without one starts with a header that names no client
+    (v1 C{UNKNOWN}), so the server sees the proxy's own address.
+    """
 
     config: UpstreamConfig
 
@@ -176,8 +200,14 @@ class Upstream(Protocol[C]):
     def pools(self) -> Sequence[Pool[C]]:
         """One per server, in the order of C{servers}."""
 
-    def pick(self) -> Pool[C]:
-        """The pool of the server the next connection should go to (balancing)."""
+    def pick(self, key: Hashable | None = None) -> Pool[C]:
+        """
+        The pool of the server the next connection should go to (balancing).
+
+        @param key: lend and open only connections for this key: a L{ClientAddresses} for a
+            group with C{send_proxy_protocol}; anything hashable otherwise (connections
+            opened for one key are never lent for another).
+        """
 
 
 class UpstreamConnector(Protocol[C_co]):

@@ -11,6 +11,7 @@ It decides nothing about timeouts or retries by itself: it asks the listener's p
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -39,6 +40,9 @@ class ExchangeOwner(Protocol):
     """
 
     transport: Any
+
+    @property
+    def upstream_key(self) -> Hashable | None: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -190,7 +194,8 @@ class Exchange:
             self.bytes_out = len(self.error)
             self._client.exchange_finished(self)
             return
-        self._pool = self._ctx.group.pick()
+        ctx = self._ctx
+        self._pool = ctx.group.pick(self._client.upstream_key) if ctx.keyed else ctx.group.pick()
         self._pool.acquire(self)
 
     def request_body(self, data: bytes) -> int:
@@ -394,7 +399,8 @@ class Exchange:
                 stale_connection=self.reused,
             )
             if not self.reused:
-                pool = self._pool = ctx.group.pick()
+                key = self._client.upstream_key if ctx.keyed else None
+                pool = self._pool = ctx.group.pick(key)
             pool.acquire(self, fresh=True)
             return
         ctx.stats.upstream_errors += 1

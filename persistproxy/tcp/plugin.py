@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.interfaces import (
+    ClientAddresses,
     ConfigError,
     IProtocolPlugin,
     ListenerConfig,
@@ -148,6 +149,8 @@ class _Listener:
     context: ProxyContext
     access_log: bool
     idle: Any
+    #: The upstream sends a PROXY protocol header: each connection is picked for its client.
+    keyed: bool = False
 
 
 # TCPConnection states.
@@ -190,7 +193,11 @@ class TCPConnection(TwistedProtocol):
         transport.pauseProducing()
         self._started = self._listener.clock.seconds()
         self.side = RelaySide(transport, "client")
-        self._pool = self._listener.group.pick()
+        group = self._listener.group
+        if self._listener.keyed:
+            self._pool = group.pick(ClientAddresses(transport.getPeer(), transport.getHost()))
+        else:
+            self._pool = group.pick()
         self._pool.acquire(self, fresh=True)
 
     # -- the pool's waiter --------------------------------------------------------------------
@@ -372,6 +379,7 @@ class TCPProtocolPlugin:
                 context=context,
                 access_log=listener.access_log,
                 idle=idle_queue(context.clock, listener.tunnel_idle_timeout),
+                keyed=bool(group.config.send_proxy_protocol),
             )
         )
 

@@ -7,11 +7,15 @@ A L{Server} is shared by every protocol that uses the group (its address, the en
 dial, its state); the pools are per protocol, because a pooled HTTP connection cannot be lent
 to a Redis plugin. The core never imports a protocol: it dials with whatever
 L{persistproxy.interfaces.UpstreamConnector} the plugin passes to C{context.upstream()}.
+
+A group with C{send_proxy_protocol} dials each connection with the PROXY protocol header of
+the key it is picked for (L{persistproxy.upstream.header}), and its pools lend a connection
+only for the key it was opened for (L{persistproxy.upstream.pool.KeyedPool}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -23,7 +27,8 @@ from persistproxy.config import UpstreamConfig
 from persistproxy.descriptors import DescriptorBudget
 from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
-from persistproxy.upstream.pool import Connector, ServerPool
+from persistproxy.upstream.header import HeaderFirstEndpoint, header_for
+from persistproxy.upstream.pool import Connector, KeyedConnector, KeyedPool, ServerPool
 
 __all__ = ["EndpointWrapper", "Router", "Server", "UpstreamGroup", "tcp_endpoint"]
 
@@ -49,14 +54,35 @@ class Server:
     One server of an upstream group, shared by every protocol that dials it.
     """
 
-    __slots__ = ("address", "endpoint", "host", "port")
+    __slots__ = ("address", "endpoint", "host", "port", "tcp")
 
-    def __init__(self, host: str, port: int, endpoint: IStreamClientEndpoint) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        endpoint: IStreamClientEndpoint,
+        tcp: IStreamClientEndpoint | None = None,
+    ) -> None:
+        """
+        @param tcp: the plain TCP endpoint under C{endpoint}, if that is TLS over it.
+        """
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         #: TCP, or TLS over TCP when the upstream says C{tls = true}.
         self.endpoint = endpoint
+        self.tcp = tcp if tcp is not None else endpoint
+
+    def with_header(self, header: bytes) -> IStreamClientEndpoint:
+        """
+        The endpoint that writes C{header} first on the TCP connection, then goes on as
+        C{endpoint} does: its TLS, if any, rebuilt over the header with the endpoint's
+        C{over(endpoint)} (L{persistproxy.tls.upstream.TLSClientEndpoint.over}).
+        """
+        first = HeaderFirstEndpoint(self.tcp, header)
+        if self.endpoint is self.tcp:
+            return first
+        return self.endpoint.over(first)  # type: ignore[attr-defined, no-any-return]
 
     def __repr__(self) -> str:
         return f"<Server {self.address}>"
@@ -95,26 +121,40 @@ class UpstreamGroup(Generic[C]):
         log: EventLog,
         connect: Callable[[Server], Connector[C]],
         budget: DescriptorBudget | None = None,
+        connect_keyed: Callable[[Server], KeyedConnector[C]] | None = None,
     ) -> None:
         """
         @param connect: makes the function that opens a connection to a server; the
             connector's factory over the server's endpoint, or an in-memory one in tests.
         @param budget: the process's descriptor budget, which every pool reports to.
+        @param connect_keyed: makes the function that opens a connection to a server for a
+            key (with its PROXY protocol header); keyed connections use C{connect} without.
         """
         self.config = config
         self.servers = servers
         self.pools: list[ServerPool[C]] = [
-            ServerPool(clock, server.address, config, connect(server), log, budget)
+            ServerPool(
+                clock,
+                server.address,
+                config,
+                connect(server),
+                log,
+                budget,
+                connect_keyed(server) if connect_keyed is not None else None,
+            )
             for server in servers
         ]
         self._next = 0
 
-    def pick(self) -> ServerPool[C]:
-        """The pool of the next server, round-robin."""
+    def pick(self, key: Hashable | None = None) -> ServerPool[C] | KeyedPool[C]:
+        """
+        The pool of the next server, round-robin; with C{key}, that pool's share for it
+        (connections opened for C{key}, lent only to it).
+        """
         pools = self.pools
         pool = pools[self._next % len(pools)]
         self._next += 1
-        return pool
+        return pool if key is None else pool.keyed(key)
 
     def close(self) -> None:
         for pool in self.pools:
@@ -147,10 +187,15 @@ class Router:
             wrapper = wrap(config)
             servers = []
             for host, port in config.servers:
-                endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
-                if wrapper is not None:
-                    endpoint = wrapper(endpoint, host)
-                servers.append(Server(host, port, endpoint))
+                tcp = tcp_endpoint(reactor, host, port, config.connect_timeout)
+                endpoint = tcp if wrapper is None else wrapper(tcp, host)
+                rebuilt = endpoint is tcp or callable(getattr(endpoint, "over", None))
+                if config.send_proxy_protocol and not rebuilt:
+                    raise ValueError(
+                        f"upstream {name}: send_proxy_protocol needs its endpoint "
+                        f"({type(endpoint).__name__}) to be rebuilt over the header"
+                    )
+                servers.append(Server(host, port, endpoint, tcp))
             self.servers[name] = servers
         self._groups: dict[tuple[str, UpstreamConnector[Any]], UpstreamGroup[Any]] = {}
 
@@ -164,13 +209,30 @@ class Router:
         if found is not None:
             return found  # type: ignore[no-any-return]
         config = self._configs[name]
+        version = config.send_proxy_protocol
+
+        def connect(server: Server) -> Connector[C]:
+            factory = connector.factory_for(server, config)
+            if not version:
+                return dial(server.endpoint, factory)
+            return dial(server.with_header(header_for(version, None)), factory)
+
+        def connect_keyed(server: Server) -> KeyedConnector[C]:
+            factory = connector.factory_for(server, config)
+
+            def open_for(key: Hashable) -> Deferred[C]:
+                return dial(server.with_header(header_for(version, key)), factory)()
+
+            return open_for
+
         group: UpstreamGroup[C] = UpstreamGroup(
             self._reactor,
             config,
             self.servers[name],
             self._log,
-            lambda server: dial(server.endpoint, connector.factory_for(server, config)),
+            connect,
             self._budget,
+            connect_keyed if version else None,
         )
         self._groups[key] = group
         return group
