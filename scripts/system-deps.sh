@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real clients and servers the end-to-end tests drive (curl, openssl, slowhttptest,
-# testssl.sh) from Debian's packages when any is missing. Does nothing when all are present.
+# testssl.sh, haproxy) from Debian's packages when any is missing. Does nothing when all are
+# present.
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
@@ -8,6 +9,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v slowhttptest >/dev/null || need+=(slowhttptest)
 command -v testssl >/dev/null || need+=(testssl.sh)
 command -v ss >/dev/null || need+=(iproute2)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "system-deps: missing ${need[*]} and no apt-get here; install them by hand" >&2
