@@ -10,7 +10,9 @@ directory on C{sys.path} adds a protocol that listeners name with C{protocol = "
 What the listener does for every protocol, around whatever factory the plugin returns (the
 plugin writes none of it): admission (C{max_connections} with holding, per-client limits and
 the refusal), drain registration and the drain cut, TLS termination, TCP keep-alive and
-C{TCP_NODELAY}, and the client-connection counters. What the plugin supplies is only what is
+C{TCP_NODELAY}, the client-connection counters, and with C{proxy_protocol} the PROXY protocol
+header (the plugin's C{buildProtocol(addr)} then gets the carried address, which
+C{transport.getPeer()} says too). What the plugin supplies is only what is
 protocol-specific: the bytes of a refusal, the answer to plain text on a TLS port, how to close
 when idle, and its own traffic.
 

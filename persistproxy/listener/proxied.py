@@ -32,6 +32,7 @@ reader passes on afterwards costs one Python call per read, and only on such lis
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -56,12 +57,17 @@ __all__ = ["HeaderReader", "ProxyHeaderFactory", "Senders"]
 
 class Senders:
     """
-    The networks allowed to send a PROXY protocol header (C{proxy_protocol_from}).
+    The networks allowed to send a PROXY protocol header (C{proxy_protocol_from}), matched
+    with the C library's address parser and integer masks: this runs at every accept.
     """
 
     def __init__(self, networks: Iterable[str]) -> None:
-        parsed = [ipaddress.ip_network(n, strict=False) for n in networks]
-        self._networks = parsed
+        self._v4: list[tuple[int, int]] = []
+        self._v6: list[tuple[int, int]] = []
+        for text in networks:
+            net = ipaddress.ip_network(text, strict=False)
+            entry = (int(net.network_address), int(net.netmask))
+            (self._v4 if net.version == 4 else self._v6).append(entry)
 
     def allows(self, host: str | None) -> bool:
         """
@@ -71,11 +77,18 @@ class Senders:
         if host is None:
             return True
         try:
-            ip = ipaddress.ip_address(host.partition("%")[0])
-        except ValueError:
-            return False
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        return any(ip in net or (mapped is not None and mapped in net) for net in self._networks)
+            ip = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+        except OSError:
+            try:
+                ip = int.from_bytes(socket.inet_pton(socket.AF_INET6, host), "big")
+            except OSError:
+                return False  # not an address (or one with a scope): not a sender we know
+            if any(ip & mask == net for net, mask in self._v6):
+                return True
+            if ip >> 32 != 0xFFFF:
+                return False
+            ip &= 0xFFFFFFFF  # IPv4-mapped (a dual-stack socket): its IPv4 networks too
+        return any(ip & mask == net for net, mask in self._v4)
 
 
 def _expired(reader: HeaderReader) -> None:
