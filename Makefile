@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OLDEST ?= .venv-oldest
-SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg pyproject.toml
+SOURCES := $(shell find persistproxy twisted -name '*.py' 2>/dev/null) setup.cfg setup.py pyproject.toml etc/persistproxy.toml
+# The Redis plugin example, its own distribution, installed into the test venv beside the proxy.
+EXAMPLES := $(shell find examples/redis -name '*.py' -not -path '*/tests/*' -not -path '*/build/*' 2>/dev/null) \
+	examples/redis/pyproject.toml
 
 .PHONY: run test test-oldest venv lint typecheck unit e2e bench system-deps clean
 
@@ -18,9 +21,9 @@ run: $(VENV)/.installed
 ## test: lint, type-check, unit tests and end-to-end tests against real processes, then the
 ## unit tests again against the oldest versions setup.cfg allows
 test: $(VENV)/.installed-test system-deps
-	$(BIN)/ruff check persistproxy tests twisted bench
+	$(BIN)/ruff check persistproxy tests twisted bench examples
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests examples/redis/tests
 	$(MAKE) --no-print-directory test-oldest
 
 ## test-oldest: the unit tests against exactly the lower bounds of setup.cfg's install_requires
@@ -39,10 +42,11 @@ $(VENV)/.installed: $(SOURCES)
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
-$(VENV)/.installed-test: $(SOURCES)
+$(VENV)/.installed-test: $(SOURCES) $(EXAMPLES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-cache-dir '.[test]'
+	$(BIN)/python -m pip install -q --no-cache-dir ./examples/redis
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@ $(VENV)/.installed
 
@@ -60,4 +64,4 @@ bench: $(VENV)/.installed
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) $(OLDEST) .venv-sslyze build *.egg-info
+	rm -rf $(VENV) $(OLDEST) .venv-sslyze build *.egg-info examples/redis/build examples/redis/*.egg-info

@@ -406,15 +406,21 @@ def write_proxy_nginx(
     worker_connections: int = 4096,
     rlimit_nofile: int | None = None,
     tls: tuple[Path, Path] | None = None,
+    http2: bool = False,
 ) -> None:
-    """nginx as a keep-alive reverse proxy in front of the origin (optionally terminating TLS)."""
+    """
+    nginx as a keep-alive reverse proxy in front of the origin (optionally terminating TLS,
+    and then optionally offering HTTP/2 with no limit on the requests of a connection).
+    """
     prefix.mkdir(parents=True, exist_ok=True)
     listen = f"listen 127.0.0.1:{port} backlog=4096"
     tls_lines = ""
     if tls is not None:
         cert, key = tls
-        listen += " ssl"
-        tls_lines = f"""
+        listen += " ssl http2" if http2 else " ssl"
+        if http2:
+            tls_lines = "        keepalive_requests 100000000;\n"
+        tls_lines += f"""
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -491,6 +497,8 @@ def write_persistproxy(
     keepalive_timeout: int | None = None,
     tls: tuple[Path, Path] | None = None,
     max_connections: int | None = None,
+    alpn: Sequence[str] | None = None,
+    max_requests: int | None = None,
 ) -> None:
     name = "tls" if tls else "web"
     lines = [
@@ -504,6 +512,8 @@ def write_persistproxy(
         lines.append(f"keepalive_timeout = {keepalive_timeout}")
     if max_connections is not None:
         lines.append(f"max_connections = {max_connections}")
+    if max_requests is not None:
+        lines.append(f"max_requests = {max_requests}")
     if tls is not None:
         cert, key = tls
         lines += [
@@ -512,6 +522,8 @@ def write_persistproxy(
             "session_cache = true",
             "session_tickets = true",
         ]
+        if alpn is not None:
+            lines.append(f"alpn = [{', '.join(_toml_str(name) for name in alpn)}]")
     lines += [
         "",
         "[[upstream]]",

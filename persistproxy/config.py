@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,11 @@ class UpstreamConfig:
     max_requests: int = 1000
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
     keepalive_margin: float = 1.0
+    idle_learn_window: float = 60.0
+    assumed_idle_limit: float = 1.0
     max_connections: int = 0
     queue_size: int = 1024
     queue_timeout: float = 10.0
@@ -89,6 +94,10 @@ class ListenerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     send_timeout: float = 60.0
+    min_body_rate: int = 0
+    min_body_rate_window: float = 10.0
+    min_send_rate: int = 0
+    min_send_rate_window: float = 10.0
     max_lifetime: float = 0.0
     max_connections: int = 10000
     max_connections_per_client: int = 0
@@ -119,9 +128,22 @@ class ProxyConfig:
     access_log_file: str = ""
     #: Bytes of lines each log output holds while its destination does not take them.
     log_buffer_size: int = 1024 * 1024
+    #: "auto" (for a person on a terminal, JSON otherwise), "json" or "console".
+    log_format: str = "auto"
     metrics_bind: str = ""
     drain_timeout: float = 30.0
     source: str = "<built-in>"
+    #: The directory relative file names were resolved against: the file's own.
+    base: str = ""
+
+
+#: A getter's default when none is given: the config dataclass's field default.
+_FROM_DATACLASS: Any = object()
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The field defaults of a config dataclass, by key."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
 class _Section:
@@ -130,11 +152,25 @@ class _Section:
     unknown keys can be reported by name.
     """
 
-    def __init__(self, source: str, path: str, table: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        source: str,
+        path: str,
+        table: Mapping[str, Any],
+        defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        """
+        @param defaults: each key's default (a config dataclass's fields, see L{_defaults}),
+            used where a getter is given none: a default is written once, in the dataclass.
+        """
         self._source = source
         self._path = path
         self._table = table
+        self._defaults = defaults or {}
         self._used: set[str] = set()
+
+    def _default(self, key: str, given: Any) -> Any:
+        return self._defaults[key] if given is _FROM_DATACLASS else given
 
     def fail(self, key: str, problem: str) -> ConfigError:
         where = f"{self._path}.{key}" if self._path else key
@@ -158,17 +194,19 @@ class _Section:
             raise self.fail(key, "required key is missing")
         return str(value)
 
-    def boolean(self, key: str, default: bool) -> bool:
-        return bool(self._get(key, (bool,), "true or false", default))
+    def boolean(self, key: str, default: Any = _FROM_DATACLASS) -> bool:
+        return bool(self._get(key, (bool,), "true or false", self._default(key, default)))
 
-    def integer(self, key: str, default: int, minimum: int = 0) -> int:
-        value = int(self._get(key, (int,), "an integer", default))
+    def integer(self, key: str, default: Any = _FROM_DATACLASS, minimum: int = 0) -> int:
+        value = int(self._get(key, (int,), "an integer", self._default(key, default)))
         if value < minimum:
             raise self.fail(key, f"must be >= {minimum}, got {value}")
         return value
 
-    def seconds(self, key: str, default: float) -> float:
-        value = float(self._get(key, (int, float), "a number of seconds", default))
+    def seconds(self, key: str, default: Any = _FROM_DATACLASS) -> float:
+        value = float(
+            self._get(key, (int, float), "a number of seconds", self._default(key, default))
+        )
         if not math.isfinite(value):
             raise self.fail(key, f"expected a finite number of seconds, got {value}")
         if value < 0:
@@ -223,30 +261,34 @@ def _check_endpoint(section: _Section, key: str, description: str) -> None:
         raise section.fail(key, f"bad endpoint {description!r}: {e}") from None
 
 
-def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
+def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: upstream[{index}]: expected a table")
     s = _Section(source, f"upstream[{index}]", table)
     name = s.string("name")
-    s = _Section(source, f"upstream.{name}", table)
+    s = _Section(source, f"upstream.{name}", table, _defaults(UpstreamConfig))
     s.string("name")
     servers = tuple(_parse_hostport(s, "servers", t) for t in s.string_list("servers"))
     result = UpstreamConfig(
         name=name,
         servers=servers,
-        pool_size=s.integer("pool_size", 256),
-        idle_timeout=s.seconds("idle_timeout", 60.0),
-        max_requests=s.integer("max_requests", 1000),
-        connect_timeout=s.seconds("connect_timeout", 5.0),
-        response_timeout=s.seconds("response_timeout", 60.0),
-        keepalive_margin=s.seconds("keepalive_margin", 1.0),
-        max_connections=s.integer("max_connections", 0),
-        queue_size=s.integer("queue_size", 1024),
-        queue_timeout=s.seconds("queue_timeout", 10.0),
-        max_header_count=s.integer("max_header_count", 100, 1),
-        tls=s.boolean("tls", False),
-        tls_verify=s.boolean("tls_verify", True),
-        tls_ca=_tls_ca(s),
+        pool_size=s.integer("pool_size"),
+        idle_timeout=s.seconds("idle_timeout"),
+        max_requests=s.integer("max_requests"),
+        connect_timeout=s.seconds("connect_timeout"),
+        response_timeout=s.seconds("response_timeout"),
+        read_timeout=s.seconds("read_timeout"),
+        write_timeout=s.seconds("write_timeout"),
+        keepalive_margin=s.seconds("keepalive_margin"),
+        idle_learn_window=s.seconds("idle_learn_window"),
+        assumed_idle_limit=s.seconds("assumed_idle_limit"),
+        max_connections=s.integer("max_connections"),
+        queue_size=s.integer("queue_size"),
+        queue_timeout=s.seconds("queue_timeout"),
+        max_header_count=s.integer("max_header_count", minimum=1),
+        tls=s.boolean("tls"),
+        tls_verify=s.boolean("tls_verify"),
+        tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
         send_proxy_protocol=_send_proxy_protocol(s),
     )
@@ -263,8 +305,9 @@ def _upstream(source: str, index: int, table: Any) -> UpstreamConfig:
 
 
 def _send_proxy_protocol(s: _Section) -> str:
+    """C{"v1"}, C{"v2"}, or off: C{false} or C{""} (the default, as C{--check --verbose} says)."""
     value = s._get("send_proxy_protocol", (str, bool), '"v1" or "v2"', False)
-    if value is False:
+    if value is False or value == "":
         return ""
     if value not in ("v1", "v2"):
         raise s.fail("send_proxy_protocol", f'expected "v1" or "v2", got {value!r}')
@@ -274,12 +317,11 @@ def _send_proxy_protocol(s: _Section) -> str:
 def _proxy_protocol_from(s: _Section, enabled: bool) -> tuple[str, ...]:
     """
     The CIDRs allowed to send a PROXY protocol header, each checked (a bare address is one
-    host); named without C{proxy_protocol = true}, a mistake worth saying.
+    host). Others than the default without C{proxy_protocol = true} are a mistake worth
+    saying: whoever wrote them expects the header to be read.
     """
     if "proxy_protocol_from" not in s._table:
         return DEFAULT_PROXY_PROTOCOL_FROM
-    if not enabled:
-        raise s.fail("proxy_protocol_from", "set, but proxy_protocol is false")
     networks = []
     for text in s.string_list("proxy_protocol_from"):
         try:
@@ -288,17 +330,20 @@ def _proxy_protocol_from(s: _Section, enabled: bool) -> tuple[str, ...]:
             raise s.fail(
                 "proxy_protocol_from", f"{text!r} is not an IP network (as 10.0.0.0/8 or ::1)"
             ) from None
+    if not enabled and tuple(networks) != DEFAULT_PROXY_PROTOCOL_FROM:
+        raise s.fail("proxy_protocol_from", "set, but proxy_protocol is false")
     return tuple(networks)
 
 
-def _tls_ca(s: _Section) -> str:
+def _tls_ca(s: _Section, base: Path) -> str:
     """
-    The upstream CA file, checked now so that C{--check} catches it; made absolute.
+    The upstream CA file, checked now so that C{--check} catches it; made absolute (a
+    relative name is relative to C{base}, the configuration file's directory).
     """
     path = s.string("tls_ca", "")
     if not path:
         return ""
-    full = str(Path(path).absolute())
+    full = str(base / path)
     try:
         load_trust_root(full)
     except OSError as e:
@@ -311,16 +356,18 @@ def _tls_ca(s: _Section) -> str:
 _PluginValidator = Callable[[ListenerConfig], None]
 
 
-def _listener_tls(s: _Section, source: str, name: str, protocol: str) -> Mapping[str, Any] | None:
+def _listener_tls(
+    s: _Section, source: str, name: str, protocol: str, base: Path
+) -> Mapping[str, Any] | None:
     """
     Check C{[listener.tls]} now, certificate files included (see L{persistproxy.tls.server}).
     """
     table = s.table("tls")
     if table is None:
         return None
-    # Relative file names are relative to the directory twistd starts in, as tls_ca's are.
+    # Relative file names are relative to the configuration file's directory, as tls_ca's.
     ts = _Section(source, f"listener.{name}.tls", table)
-    return parse_listener_tls(table, ts.fail, Path.cwd(), protocol)
+    return parse_listener_tls(table, ts.fail, base, protocol)
 
 
 def _listener(
@@ -329,16 +376,17 @@ def _listener(
     table: Any,
     upstreams: Mapping[str, UpstreamConfig],
     protocols: Mapping[str, _PluginValidator] | None,
+    base: Path,
 ) -> ListenerConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: listener[{index}]: expected a table")
     s = _Section(source, f"listener[{index}]", table)
     name = s.string("name", f"listener{index}")
-    s = _Section(source, f"listener.{name}", table)
+    s = _Section(source, f"listener.{name}", table, _defaults(ListenerConfig))
     s.string("name", name)
     bind = s.string("bind")
     _check_endpoint(s, "bind", bind)
-    protocol = s.string("protocol", "http")
+    protocol = s.string("protocol", _defaults(ListenerConfig)["protocol"])
     upstream = s.string("upstream", "")
     if upstream and upstream not in upstreams:
         raise s.fail("upstream", f"no [[upstream]] is named {upstream!r}")
@@ -351,32 +399,36 @@ def _listener(
             "count": ks.integer("count", 10, 1),
         }
         ks.reject_unknown()
-    proxy_protocol = s.boolean("proxy_protocol", False)
+    proxy_protocol = s.boolean("proxy_protocol")
     listener = ListenerConfig(
         name=name,
         bind=bind,
         protocol=protocol,
         upstream=upstream,
-        keepalive_timeout=s.seconds("keepalive_timeout", 75.0),
-        max_requests=s.integer("max_requests", 1000),
-        max_head_size=s.integer("max_head_size", 16384, 256),
-        max_header_count=s.integer("max_header_count", 100, 1),
-        max_body_size=s.integer("max_body_size", 0),
-        min_chunk_size=s.integer("min_chunk_size", 16),
-        add_via=s.boolean("add_via", True),
-        add_forwarded=s.boolean("add_forwarded", True),
-        access_log=s.boolean("access_log", True),
-        header_timeout=s.seconds("header_timeout", 10.0),
-        body_timeout=s.seconds("body_timeout", 60.0),
-        send_timeout=s.seconds("send_timeout", 60.0),
-        max_lifetime=s.seconds("max_lifetime", 0.0),
-        max_connections=s.integer("max_connections", 10000),
-        max_connections_per_client=s.integer("max_connections_per_client", 0),
-        max_idle_per_client=s.integer("max_idle_per_client", 0),
-        send_408_on_idle=s.boolean("send_408_on_idle", False),
+        keepalive_timeout=s.seconds("keepalive_timeout"),
+        max_requests=s.integer("max_requests"),
+        max_head_size=s.integer("max_head_size", minimum=256),
+        max_header_count=s.integer("max_header_count", minimum=1),
+        max_body_size=s.integer("max_body_size"),
+        min_chunk_size=s.integer("min_chunk_size"),
+        add_via=s.boolean("add_via"),
+        add_forwarded=s.boolean("add_forwarded"),
+        access_log=s.boolean("access_log"),
+        header_timeout=s.seconds("header_timeout"),
+        body_timeout=s.seconds("body_timeout"),
+        send_timeout=s.seconds("send_timeout"),
+        min_body_rate=s.integer("min_body_rate"),
+        min_body_rate_window=_rate_window(s, "min_body_rate_window"),
+        min_send_rate=s.integer("min_send_rate"),
+        min_send_rate_window=_rate_window(s, "min_send_rate_window"),
+        max_lifetime=s.seconds("max_lifetime"),
+        max_connections=s.integer("max_connections"),
+        max_connections_per_client=s.integer("max_connections_per_client"),
+        max_idle_per_client=s.integer("max_idle_per_client"),
+        send_408_on_idle=s.boolean("send_408_on_idle"),
         tcp_keepalive=tcp_keepalive,
-        tls=_listener_tls(s, source, name, protocol),
-        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout", 3600.0),
+        tls=_listener_tls(s, source, name, protocol, base),
+        tunnel_idle_timeout=s.seconds("tunnel_idle_timeout"),
         proxy_protocol=proxy_protocol,
         proxy_protocol_from=_proxy_protocol_from(s, proxy_protocol),
         extra=s.unused(),
@@ -398,18 +450,29 @@ def _listener(
     return listener
 
 
-def _access_log_file(s: _Section) -> str:
+def _rate_window(s: _Section, key: str) -> float:
     """
-    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to where twistd
-    starts, as C{tls_ca}), whose directory must exist so that C{--check} catches a typo; the
-    file itself is opened (created) at start.
+    The seconds a minimum rate is averaged over: a rate needs some time to be measured, so
+    not 0 (whether the rate itself is set or not, so that setting it later cannot fail).
+    """
+    value = s.seconds(key)
+    if value <= 0:
+        raise s.fail(key, f"must be > 0, got {value:g}: a rate is averaged over some time")
+    return value
+
+
+def _access_log_file(s: _Section, base: Path) -> str:
+    """
+    C{[log] access_log}: C{"stdout"} (""), or a file made absolute (relative to the
+    configuration file's directory, as C{tls_ca}), whose directory must exist so that
+    C{--check} catches a typo; the file itself is opened (created) at start.
     """
     value = s.string("access_log", "stdout")
     if value == "stdout":
         return ""
     if not value:
         raise s.fail("access_log", 'expected "stdout" or a file name, got ""')
-    path = Path(value).absolute()
+    path = base / value
     try:
         if path.is_dir():
             raise s.fail("access_log", f"{path} is a directory")
@@ -427,6 +490,7 @@ def parse_config(
     document: Mapping[str, Any],
     source: str = "<built-in>",
     protocols: Mapping[str, _PluginValidator] | None = None,
+    base: str | Path | None = None,
 ) -> ProxyConfig:
     """
     Validate a decoded TOML document.
@@ -434,7 +498,12 @@ def parse_config(
     @param protocols: the validator of each known listener protocol, by name. A validator
         raises L{ConfigError} with C{"key: problem"} for a key of its own it dislikes and
         rejects keys it does not know. With L{None}, only the built-in keys are accepted.
+    @param base: the directory relative file names (certificates, C{tls_ca}, C{[log]
+        access_log}) are relative to: the file's own (L{load_config}); the working
+        directory if not given. Names are made absolute, without resolving links.
     """
+    # Lexically normalised (".." folded), not resolved: a link in the path stays a link.
+    root = Path(os.path.normpath(Path(base if base is not None else ".").absolute()))
     top = _Section(source, "", document)
     for key in document:
         if key not in _TOP_KEYS:
@@ -442,7 +511,7 @@ def parse_config(
     raw_upstreams = top._get("upstream", (list,), "an array of tables [[upstream]]", [])
     upstreams: dict[str, UpstreamConfig] = {}
     for i, table in enumerate(raw_upstreams):
-        up = _upstream(source, i, table)
+        up = _upstream(source, i, table, root)
         if up.name in upstreams:
             raise ConfigError(f"{source}: upstream[{i}].name: duplicate name {up.name!r}")
         upstreams[up.name] = up
@@ -451,19 +520,22 @@ def parse_config(
         raise top.fail("listener", "at least one [[listener]] is required")
     listeners: list[ListenerConfig] = []
     for i, table in enumerate(raw_listeners):
-        lc = _listener(source, i, table, upstreams, protocols)
+        lc = _listener(source, i, table, upstreams, protocols, root)
         if any(other.name == lc.name for other in listeners):
             raise ConfigError(f"{source}: listener[{i}].name: duplicate name {lc.name!r}")
         listeners.append(lc)
     log = _Section(source, "log", top.table("log") or {})
-    log_level = log.string("level", "info")
+    log_level = log.string("level", _defaults(ProxyConfig)["log_level"])
     if log_level not in ("debug", "info", "warning", "error"):
         raise log.fail("level", f"expected debug, info, warning or error, got {log_level!r}")
-    access_log_file = _access_log_file(log)
-    log_buffer_size = log.integer("buffer_size", 1024 * 1024, 65536)
+    access_log_file = _access_log_file(log, root)
+    log_buffer_size = log.integer("buffer_size", _defaults(ProxyConfig)["log_buffer_size"], 65536)
+    log_format = log.string("format", _defaults(ProxyConfig)["log_format"])
+    if log_format not in ("auto", "json", "console"):
+        raise log.fail("format", f"expected auto, json or console, got {log_format!r}")
     log.reject_unknown()
     metrics = _Section(source, "metrics", top.table("metrics") or {})
-    metrics_bind = metrics.string("bind", "")
+    metrics_bind = metrics.string("bind", _defaults(ProxyConfig)["metrics_bind"])
     if metrics_bind:
         _check_endpoint(metrics, "bind", metrics_bind)
     metrics.reject_unknown()
@@ -473,9 +545,11 @@ def parse_config(
         log_level=log_level,
         access_log_file=access_log_file,
         log_buffer_size=log_buffer_size,
+        log_format=log_format,
         metrics_bind=metrics_bind,
-        drain_timeout=top.seconds("drain_timeout", 30.0),
+        drain_timeout=top.seconds("drain_timeout", _defaults(ProxyConfig)["drain_timeout"]),
         source=source,
+        base=str(root),
     )
 
 
@@ -483,7 +557,8 @@ def load_config(
     path: str | Path, protocols: Mapping[str, _PluginValidator] | None = None
 ) -> ProxyConfig:
     """
-    Read and validate a TOML file; every failure is a one-line L{ConfigError}.
+    Read and validate a TOML file; every failure is a one-line L{ConfigError}. Relative
+    file names in it are relative to its directory, wherever twistd is started.
     """
     source = str(path)
     try:
@@ -493,4 +568,4 @@ def load_config(
         raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    return parse_config(document, source, protocols)
+    return parse_config(document, source, protocols, Path(path).absolute().parent)

@@ -167,6 +167,16 @@ class DescriptorBudget:
     def add_pool(self, pool: IdleHolder) -> None:
         self._pools.append(pool)
 
+    def remove_listener(self, listener: BudgetListener) -> None:
+        """A reload removed the listener (its connections still report L{left})."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def remove_pool(self, pool: IdleHolder) -> None:
+        """A pool closed or a reload replaced it: it holds no idle connection any more."""
+        if pool in self._pools:
+            self._pools.remove(pool)
+
     def configure(self, nofile: int, reserve: int) -> None:
         """Budget C{nofile} descriptors, C{reserve} of them not for connections."""
         self.reserve = reserve

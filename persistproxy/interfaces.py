@@ -112,7 +112,10 @@ class PooledConnection(Protocol):
     def usable(self, now: float, margin: float) -> bool:
         """
         Whether it may be lent now: open, between requests, and not within C{margin} seconds
-        of a keep-alive limit the server announced or was learned.
+        of a keep-alive limit the server announced. The margin counts for at most half of
+        that limit, so C{margin=math.inf} asks whether the connection is in the first half of
+        it (what the pool asks for a request that must not be replayed). A limit the pool
+        learned from the server's closes is the pool's to apply.
         """
 
     def close(self) -> None:
@@ -156,8 +159,14 @@ class Pool(Protocol[C]):
 
     address: str
 
-    def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
-        """Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one."""
+    def acquire(
+        self, waiter: ConnectionWaiter[C], fresh: bool = False, replayable: bool = True
+    ) -> None:
+        """
+        Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one. Say
+        C{replayable=False} for work that must not be sent twice (an HTTP POST): it is lent
+        only a connection that cannot be in the keep-alive race with its server's idle close.
+        """
 
     def release(self, connection: C, reusable: bool) -> None:
         """Give a lent connection back once its work is complete (closed unless reusable)."""
@@ -192,7 +201,9 @@ class Upstream(Protocol[C]):
     (v1 C{UNKNOWN}), so the server sees the proxy's own address.
     """
 
-    config: UpstreamConfig
+    @property
+    def config(self) -> UpstreamConfig:
+        """The group's C{[[upstream]]} table."""
 
     @property
     def servers(self) -> Sequence[UpstreamServer]:
@@ -266,7 +277,10 @@ class IProxyContext(Interface):
         """The listener's counters."""
 
     def draining() -> bool:
-        """Whether the proxy is shutting down gracefully (finish, then close)."""
+        """
+        Whether this listener's connections should finish what is in flight and close: the
+        proxy is shutting down gracefully, or a reload removed the listener.
+        """
 
 
 @dataclass(frozen=True)
@@ -323,8 +337,9 @@ class IProtocolPlugin(Interface):
     def build_factory(listener: ListenerConfig, context: ProxyContext) -> IProtocolFactory:
         """
         The factory whose protocols serve the listener's admitted connections. Called once
-        per listener at start-up; never blocks. Its C{buildProtocol} may return C{None} to
-        refuse a connection outright.
+        per listener at start-up, and again when a reload adds or changes the listener (the
+        new factory serves the connections accepted from then on); never blocks. Its
+        C{buildProtocol} may return C{None} to refuse a connection outright.
         """
 
     def refusal(reason: str) -> bytes:

@@ -59,6 +59,15 @@ class RetryPolicy:
     retries: int = 1
     max_stale: int = 3
 
+    @staticmethod
+    def replayable(method: bytes, has_body: bool) -> bool:
+        """
+        Whether a request may ever be sent twice: the pool lends one that may not only a
+        connection that cannot be in the keep-alive race (see
+        L{persistproxy.upstream.pool.SAFE_SHARE}).
+        """
+        return not has_body and method in IDEMPOTENT_METHODS
+
     def may_retry(
         self,
         method: bytes,
@@ -68,7 +77,7 @@ class RetryPolicy:
         retries_done: int,
         stale_done: int,
     ) -> bool:
-        if response_started or has_body or method not in IDEMPOTENT_METHODS:
+        if response_started or not self.replayable(method, has_body):
             return False
         if reused:
             return stale_done < self.max_stale

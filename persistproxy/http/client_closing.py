@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.unit.test_client_closing -*-
 """
 How a client connection ends and what it waits for: the timeout queues of its phases, the
-send timeout, the graceful close (half-close, then a short drain of the client's input, so a
-response already sent is not destroyed by a reset), and the drain and idle reaping the
-listener asks for.
+send timeout and minimum send rate, the graceful close (half-close, then a short drain of
+the client's input, so a response already sent is not destroyed by a reset), and the drain
+and idle reaping the listener asks for.
 
 A slotted mixin of the client connection, as L{persistproxy.http.request_head} is.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from persistproxy.http.errors import error_response
 from persistproxy.http.request_body import RequestBodyReader
-from persistproxy.net.fastwrite import MSG_MORE, fin_can_follow, lose_write_directly
+from persistproxy.net.fastwrite import MSG_MORE, fin_can_follow, lose_write_directly, queued
 from persistproxy.policy import Deadline
 
 if TYPE_CHECKING:
@@ -25,6 +25,26 @@ if TYPE_CHECKING:
 __all__ = ["ClientClosing"]
 
 
+class _SendMeter:
+    """
+    How fast a client takes the response it holds back (see L{ClientClosing.send_stalled}):
+    the seconds of its stalls in the current window and the bytes it took during them.
+    Made only when the listener has a C{min_send_rate} and a response stalls.
+
+    @ivar since: when the current stall began; L{None} while the client keeps up.
+    @ivar mark: the bytes of the response the client had taken then.
+    """
+
+    __slots__ = ("exchange", "mark", "seconds", "since", "taken")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.since: float | None = None
+        self.mark = 0
+        self.seconds = 0.0
+        self.taken = 0
+
+
 class ClientClosing(RequestBodyReader):
     """
     The closing half of the client connection's state machine (see its C{_phase}). The
@@ -33,12 +53,13 @@ class ClientClosing(RequestBodyReader):
     """
 
     # The state of phases and waiting is kept here; the connection sets it up.
-    __slots__ = ("_pause", "_phase", "_timer", "_waiting")
+    __slots__ = ("_pause", "_phase", "_send_meter", "_timer", "_waiting")
 
     _phase: str
     _pause: int
     _waiting: TimeoutQueue[TimedConnection] | None
     _timer: Deadline | None
+    _send_meter: _SendMeter | None
 
     # The connection's, read here.
     _ctx: ListenerContext
@@ -46,6 +67,7 @@ class ClientClosing(RequestBodyReader):
     _direct: bool
     _peer_str: str
     _served: int
+    _out: list[bytes] | None
     transport: Any
 
     def write(self, data: bytes) -> None:
@@ -60,7 +82,12 @@ class ClientClosing(RequestBodyReader):
     def _end_current(self, by: str) -> bool:
         raise NotImplementedError
 
-    def _answer_last(self, status: int, detail: str, target: bytes) -> None:
+    def _answer_last(
+        self, status: int, detail: str, method: bytes, target: bytes, version: str
+    ) -> None:
+        raise NotImplementedError
+
+    def _request_line(self) -> tuple[bytes, bytes, str]:
         raise NotImplementedError
 
     def reap_idle(self) -> None:
@@ -72,16 +99,129 @@ class ClientClosing(RequestBodyReader):
 
     def send_stalled(self) -> None:
         """
-        The client stopped reading our response; it has C{send_timeout} to resume.
+        The client stopped reading our response (our buffer to it is full): it has
+        C{send_timeout} to resume, and while it holds the response back it must take it at
+        C{min_send_rate} or better, over C{min_send_rate_window} seconds of stalls.
         """
-        send_queue = self._ctx.send_queue
+        ctx = self._ctx
+        send_queue = ctx.send_queue
         if send_queue is not None:
             send_queue.add(self)
+        rate_queue = ctx.send_rate_queue
+        if rate_queue is None or not self._queue:
+            return
+        exchange = self._queue[0]
+        taken = self._taken(exchange)
+        if taken is None:
+            return  # a transport we do not see into: no rate to measure
+        meter = self._send_meter
+        if meter is None or meter.exchange is not exchange:
+            meter = self._send_meter = _SendMeter(exchange)
+        meter.since = ctx.clock.seconds()
+        meter.mark = taken
+        rate_queue.add(self)
 
     def send_flowing(self) -> None:
-        send_queue = self._ctx.send_queue
+        ctx = self._ctx
+        send_queue = ctx.send_queue
         if send_queue is not None:
             send_queue.discard(self)
+        meter = self._send_meter
+        if meter is None or meter.since is None:
+            return
+        rate_queue = ctx.send_rate_queue
+        if rate_queue is not None:
+            rate_queue.discard(self)
+        taken = self._taken(meter.exchange)
+        meter.seconds += ctx.clock.seconds() - meter.since
+        meter.taken += (taken if taken is not None else meter.mark) - meter.mark
+        meter.since = None
+        if meter.seconds >= ctx.config.min_send_rate_window:
+            # A window of short stalls is complete: judge it once this event is handled
+            # (we may be inside the write that resumed us, or the response's last).
+            ctx.after_event(self.send_rate_due)
+
+    def send_rate_due(self) -> None:
+        """
+        Judge the client's rate over its stalls: a window of them is complete, or one stall
+        lasted the whole window (called by the listener's queue).
+        """
+        meter = self._send_meter
+        queue = self._queue
+        if meter is None or not queue or queue[0] is not meter.exchange:
+            return  # that response is over
+        if self._phase == "closed":
+            return
+        ctx = self._ctx
+        config = ctx.config
+        now = ctx.clock.seconds()
+        seconds = meter.seconds
+        taken = meter.taken
+        current = None
+        if meter.since is not None:
+            current = self._taken(meter.exchange)
+            if current is not None:
+                seconds += now - meter.since
+                taken += current - meter.mark
+        if seconds < config.min_send_rate_window:
+            return
+        if taken < config.min_send_rate * seconds:
+            ctx.stats.timeouts += 1
+            ctx.log.info(
+                "client.min_send_rate",
+                listener=ctx.name,
+                client=self._peer_str,
+                rate=round(taken / seconds, 1),
+                bytes=taken,
+                seconds=round(seconds, 3),
+                min_send_rate=config.min_send_rate,
+            )
+            self.abort()
+            return
+        meter.seconds = 0.0
+        meter.taken = 0
+        if meter.since is not None and current is not None:
+            meter.since = now  # a new window from now, in the middle of this stall
+            meter.mark = current
+            rate_queue = ctx.send_rate_queue
+            if rate_queue is not None:
+                rate_queue.add(self)
+
+    def _taken(self, exchange: Exchange) -> int | None:
+        """
+        The bytes of C{exchange}'s response the client has taken (or the kernel for it):
+        those written less those still queued; L{None} for a transport we cannot see into.
+        """
+        waiting = queued(self.transport)
+        if waiting is None:
+            return None
+        out = self._out
+        if out:
+            waiting += sum(map(len, out))
+        return exchange.bytes_out - waiting
+
+    def _forget_sends(self) -> None:
+        """The connection is gone: out of the send queues."""
+        ctx = self._ctx
+        if ctx.send_queue is not None:
+            ctx.send_queue.discard(self)
+        if ctx.send_rate_queue is not None:
+            ctx.send_rate_queue.discard(self)
+        self._send_meter = None
+
+    def _body_held(self) -> None:
+        """
+        We stopped reading a request body (its origin, or the pipeline, is behind): its
+        timers stop, as the client cannot send.
+        """
+        self._wait(None)
+
+    def _body_released(self) -> None:
+        """Reading the body again: its silence is timed again, its rate from the next read."""
+        self._wait(self._ctx.body_queue)
+        current = self._current
+        if current is not None:
+            current.rate_since = None
 
     def send_timed_out(self) -> None:
         ctx = self._ctx
@@ -189,6 +329,8 @@ class ClientClosing(RequestBodyReader):
                 client=self._peer_str,
                 phase=phase,
             )
+            # Its access line says what was read of it (the request line, if complete).
+            line = self._request_line()
             if self._end_current("timeout"):
                 return
-            self._answer_last(408, f"no complete request {phase} in time", self._url or b"-")
+            self._answer_last(408, f"no complete request {phase} in time", *line)

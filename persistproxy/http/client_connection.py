@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_client_connection -*-
+# -*- test-case-name: tests.unit.test_client_connection, tests.unit.test_upgrade -*-
 """
 The client's hop: one accepted connection, parsed with llhttp (httptools), answered in order.
 
@@ -13,8 +13,12 @@ how it waits and closes, L{persistproxy.http.client_closing}'s.
 
 @ivar _phase: C{"idle"} between requests (keep-alive timer), C{"head"} while a request head
     is incomplete (header timer), C{"body"} while a request body is incomplete (body timer),
-    C{"busy"} while only responses are outstanding, C{"closing"} once no further request
-    will be read, C{"lingering"} after our half-close, C{"closed"} once the transport is gone.
+    C{"busy"} while only responses are outstanding, C{"upgrading"} while an Upgrade request
+    (the last one read) waits for its answer (what follows it is held, unparsed, and reading
+    paused: it may be the new protocol's), C{"tunnel"} once the origin switched protocols
+    (a L{Relay} carries the bytes both ways; nothing is parsed or timed here any more),
+    C{"closing"} once no further request will be read, C{"lingering"} after our
+    half-close, C{"closed"} once the transport is gone.
 """
 
 from __future__ import annotations
@@ -34,9 +38,17 @@ from persistproxy.http.exchange import Exchange
 from persistproxy.http.request_body import (
     PAUSE_BACKLOG,
     PAUSE_CLOSING,
+    PAUSE_UPGRADE,
     PAUSE_UPSTREAM,
+    BodyTooSlow,
 )
-from persistproxy.http.request_head import OTHER_VERSION, UNKNOWN_METHOD, BadRequest
+from persistproxy.http.request_head import (
+    OTHER_VERSION,
+    UNKNOWN_METHOD,
+    BadRequest,
+    RequestLine,
+)
+from persistproxy.http.upstream_connection import UpstreamConnection
 from persistproxy.interfaces import ClientAddresses
 from persistproxy.net.fastwrite import (
     backlogged,
@@ -44,6 +56,7 @@ from persistproxy.net.fastwrite import (
     write_directly,
 )
 from persistproxy.policy import Deadline
+from persistproxy.relay import DRAIN, IDLE_TIMEOUT, Relay, RelaySide
 from persistproxy.timers import TimeoutQueue
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
@@ -70,6 +83,7 @@ class ClientConnection(ClientClosing, Protocol):
         "_direct",
         "_eof",
         "_feeding",
+        "_held",
         "_in_message",
         "_key",
         "_out",
@@ -79,6 +93,8 @@ class ClientConnection(ClientClosing, Protocol):
         "_queue",
         "_quiet",
         "_served",
+        "_tunnel",
+        "_tunnel_exchange",
         "log_extra",
     )
 
@@ -104,6 +120,7 @@ class ClientConnection(ClientClosing, Protocol):
         # a connection-owned deadline only for the rare timers (lingering, lifetime).
         self._waiting: TimeoutQueue[TimedConnection] | None = None
         self._timer: Deadline | None = None
+        self._send_meter = None
         self._peer = b""
         self._peer_str = getattr(peer, "host", None) or ""
         self._valid_host = None
@@ -119,6 +136,12 @@ class ClientConnection(ClientClosing, Protocol):
         #: protocol header (then lent to this connection only).
         self._key: ClientAddresses | None = None
         self._born = 0.0
+        #: What the client sent after an Upgrade request, held until the answer.
+        self._held: list[bytes] | None = None
+        #: The relay once the origin switched protocols, and its 101 exchange until its
+        #: access line is written.
+        self._tunnel: Relay | None = None
+        self._tunnel_exchange: Exchange | None = None
         self._reset_head()
 
     # -- Twisted protocol ---------------------------------------------------------------------
@@ -145,12 +168,22 @@ class ClientConnection(ClientClosing, Protocol):
         self.log_extra = facts
 
     def dataReceived(self, data: bytes) -> None:
+        self._ctx.stats.bytes_in += len(data)
         phase = self._phase
         if phase == "closing":
             # Nothing read now will be answered: stop reading until the last response is out.
             self._pause_reading(PAUSE_CLOSING)
             return
         if phase == "lingering" or phase == "closed":
+            return
+        if phase == "tunnel":
+            assert self._tunnel is not None
+            self._tunnel.client.received(data)
+            return
+        if phase == "upgrading":
+            # Reading is paused; a TLS transport may still hand over the rest of a read.
+            assert self._held is not None
+            self._held.append(data)
             return
         if phase == "idle":
             self._phase = "head"
@@ -183,33 +216,39 @@ class ClientConnection(ClientClosing, Protocol):
                 self._flush_body(current)
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data, e)
+        except BodyTooSlow:
+            line = self._request_line()  # the access line says which request it was
+            if not self._end_current("timeout"):
+                self._answer_last(408, "request body too slow", *line)
         except BadRequest as e:
-            self._reject(e.status, str(e))
+            self._reject(e.status, str(e), e.request_line)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, BadRequest):
-                self._reject(cause.status, str(cause))
+                self._reject(cause.status, str(cause), cause.request_line)
             else:
                 raise
         except httptools.HttpParserInvalidMethodError:
             # A well-formed request line with a method llhttp does not know is "not
             # implemented"; anything else in its place is simply malformed.
-            if UNKNOWN_METHOD.match(data):
-                self._reject(501, "method not implemented")
+            if unknown := UNKNOWN_METHOD.match(data):
+                line = (unknown.group(1), unknown.group(2), unknown.group(3).decode())
+                self._reject(501, "method not implemented", line)
             else:
                 self._reject(400, "malformed request line")
         except httptools.HttpParserError as e:
             reason = str(e)
             if parser.get_method() == b"PRI" and parser.get_http_version() == "2.0":
                 # HTTP/2's connection preface (prior knowledge): llhttp stops at it.
-                self._reject(505, "HTTP/2 is not supported on this listener")
+                self._reject(505, "HTTP/2 is not supported on this listener", (b"PRI", b"*", "2.0"))
             elif ("version" in reason or "dot" in reason) and (
                 other := OTHER_VERSION.search(data)
             ):
                 # A version llhttp does not parse (HTTP/1.2, HTTP/1.10): not supported, as
                 # the 0.9 and 2.0 it does parse (judged in _upstream_request).
-                version = other.group(1).decode()
-                self._reject(505, f"HTTP/{version} is not supported")
+                version = other.group("version").decode()
+                line = (other.group("method"), other.group("target"), version)
+                self._reject(505, f"HTTP/{version} is not supported", line)
             else:
                 self._reject(400, reason or "malformed request")
         else:
@@ -237,6 +276,12 @@ class ClientConnection(ClientClosing, Protocol):
             self._close_now()
             return
         self._eof = True
+        if self._phase == "tunnel":
+            assert self._tunnel is not None
+            self._tunnel.client.read_finished()
+            return
+        if self._phase == "upgrading":
+            return  # passed on to the tunnel, or handled as HTTP after a refusal
         self._phase = "closing"
         if self._current is not None:
             # The request being received can never be completed.
@@ -256,7 +301,7 @@ class ClientConnection(ClientClosing, Protocol):
         Our FIN is out: drain the client's input until it closes, for a moment at most; or
         close at once if the client half-closed already, as there is nothing left to drain.
         """
-        if self._phase != "closed":
+        if self._phase != "closed" and self._phase != "tunnel":
             if self._timer is not None:
                 self._timer.cancel()  # the send deadline of _close_gracefully, if armed
             if self._eof:
@@ -265,13 +310,14 @@ class ClientConnection(ClientClosing, Protocol):
                 self._wait(self._ctx.linger_queue)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        if self._tunnel is not None:
+            self._tunnel.client.lost(reason)  # the tunnel ends through _end_tunnel
         self._phase = "closed"
         self._out = None
         self._wait(None)
         if self._timer is not None:
             self._timer.stop()
-        if self._ctx.send_queue is not None:
-            self._ctx.send_queue.discard(self)
+        self._forget_sends()
         limits = self._ctx.limits
         if limits is not None and limits.idle_per_client:
             limits.went_busy(self._peer_str, self)
@@ -300,7 +346,14 @@ class ClientConnection(ClientClosing, Protocol):
             return  # pipelined after a request that closes the connection: never answered
         parser = self._parser
         assert parser is not None
-        method, url, head, http11, keep_alive, has_body, chunked = self._upstream_request(parser)
+        try:
+            method, url, head, http11, keep_alive, has_body, chunked = self._upstream_request(
+                parser
+            )
+        except BadRequest as e:
+            # The request line is complete here: its access line says what it was.
+            e.request_line = (parser.get_method(), self._url, parser.get_http_version())
+            raise
         ctx = self._ctx
         self._served += 1
         exchange = Exchange(
@@ -316,10 +369,12 @@ class ClientConnection(ClientClosing, Protocol):
             self._served,
         )
         ctx.stats.requests_total += 1
+        if self._upgrade:
+            exchange.upgrade = True
         self._current = exchange
         if has_body:
             self._phase = "body"
-            self._wait(ctx.body_queue)
+            self._wait(ctx.body_queue if not self._pause else None)  # see _pause_reading
         else:
             self._phase = "busy"
             self._wait(None)
@@ -409,7 +464,16 @@ class ClientConnection(ClientClosing, Protocol):
                 queue.pop().cancel()
 
     def drain_cut(self) -> None:
-        """The drain timeout expired with this connection still busy (see service.py)."""
+        """
+        The drain timeout expired with this connection still busy (see service.py). A
+        tunnel is cut both ways, and its access line written now: the aborts complete on the
+        next reactor turn, after the drain flushed the access log for the last time.
+        """
+        relay = self._tunnel
+        if relay is not None:
+            relay.cut(DRAIN, abort=True)
+            self._end_tunnel(relay)
+            return
         self.abort("drain")
 
     def may_keep_alive(self, client_wants: bool, ordinal: int) -> bool:
@@ -441,6 +505,9 @@ class ClientConnection(ClientClosing, Protocol):
         self._account(exchange, exchange.status)
         if self._phase == "closed":
             return
+        if self._phase == "upgrading" and exchange.upgrade:
+            self._upgrade_refused(exchange)
+            return
         if not exchange.keep_alive:
             self._close_gracefully()
             return
@@ -454,6 +521,80 @@ class ClientConnection(ClientClosing, Protocol):
             self._go_idle()
         elif self._phase == "closing":
             self._close_gracefully()
+
+    def exchange_upgraded(self, exchange: Exchange, connection: UpstreamConnection) -> None:
+        """
+        The origin switched protocols: its 101 head is written; from now on a L{Relay}
+        carries the bytes both ways, with C{tunnel_idle_timeout}, and this is no longer an
+        HTTP connection (no header, keep-alive or send timer). The bytes the client sent
+        after its request, and the origin after its 101, are passed on first.
+        """
+        queue = self._queue
+        if self._phase != "upgrading" or not queue or queue[0] is not exchange:
+            raise RuntimeError(f"a protocol switch arrived in phase {self._phase}")
+        del queue[0]
+        ctx = self._ctx
+        self._phase = "tunnel"
+        self._parser = None
+        self._wait(None)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._forget_sends()  # send_timeout and min_send_rate are HTTP's, not a tunnel's
+        self._send_out()  # the 101 head goes before any relayed byte
+        self._pause = 0  # the relay drives reading from now on (start resumes it)
+        client = RelaySide(self.transport, "client")
+        for data in self._held or ():
+            client.received(data)
+        self._held = None
+        if self._eof:
+            client.read_finished()
+        upstream = connection.tunnel
+        assert upstream is not None
+        self._tunnel_exchange = exchange
+        relay = self._tunnel = Relay(client, upstream, ctx.tunnel_queue, self._end_tunnel)
+        relay.start()
+
+    def _end_tunnel(self, relay: Relay) -> None:
+        """
+        The tunnel ended (or the drain cut it): its upstream connection is given up, and its
+        101 exchange gets its access line, once, with the tunnel's whole duration, the bytes
+        each way and why it ended (the relay's reason, as a tcp listener's lines say it).
+        """
+        exchange = self._tunnel_exchange
+        if exchange is None:
+            return
+        self._tunnel_exchange = None
+        exchange.tunnel_ended()
+        if relay.reason == IDLE_TIMEOUT:
+            self._ctx.stats.timeouts += 1
+        exchange.bytes_out += relay.bytes_down
+        self.log_extra = {
+            **(self.log_extra or {}),
+            "reason": relay.reason,
+            "bytes_up": relay.bytes_up,
+            "bytes_down": relay.bytes_down,
+        }
+        self._account(exchange, 101)
+
+    def _upgrade_refused(self, exchange: Exchange) -> None:
+        """
+        The origin answered the Upgrade request without switching: the connection is HTTP
+        again. What the client sent after the request is read as HTTP now, and its FIN, if
+        it came meanwhile, is handled as any other.
+        """
+        held, self._held = self._held, None
+        self._phase = "busy"
+        if not exchange.keep_alive:
+            self._close_gracefully()
+            return
+        self._resume_reading(PAUSE_UPGRADE | PAUSE_BACKLOG)
+        self._go_idle()
+        if held and self._phase == "idle":
+            data = b"".join(held)
+            self._ctx.stats.bytes_in -= len(data)  # counted when it was read
+            self.dataReceived(data)
+        if self._eof:
+            self.readConnectionLost()
 
     def exchange_aborted(self, exchange: Exchange, by: str) -> None:
         """
@@ -469,11 +610,26 @@ class ClientConnection(ClientClosing, Protocol):
         self._account(exchange, exchange.status if exchange.response_started else 499, by)
 
     def _account(self, exchange: Exchange, status: int, aborted: str | None = None) -> None:
-        """An exchange's count in the metrics and its access line."""
+        """
+        An exchange's count in the metrics and its access line. Its duration goes into the
+        listener's histogram, and the server's if it went upstream: plain integer counts,
+        read at scrape time (L{persistproxy.metrics.Histogram}).
+        """
         ctx = self._ctx
-        ctx.stats.count_response(status)
+        stats = ctx.stats
+        stats.count_response(status)
         if aborted is not None:
-            ctx.stats.aborted[aborted] = ctx.stats.aborted.get(aborted, 0) + 1
+            stats.aborted[aborted] = stats.aborted.get(aborted, 0) + 1
+        duration = ctx.clock.seconds() - exchange.started
+        stats.durations.observe(duration)
+        stats.bytes_out += exchange.bytes_out
+        server = exchange.server
+        if server is not None:
+            upstream = stats.upstream(ctx.config.upstream, server)
+            upstream.requests += 1
+            if exchange.reused:
+                upstream.reused += 1
+            upstream.durations.observe(duration)
         access_log = ctx.access_log
         if access_log is not None:
             extra = self.log_extra
@@ -484,10 +640,10 @@ class ClientConnection(ClientClosing, Protocol):
                 self._peer_str,
                 exchange.method.decode("latin-1"),
                 ctx.log_path(exchange.target),
-                "1.1" if exchange.client_http11 else "1.0",
+                exchange.version or ("1.1" if exchange.client_http11 else "1.0"),
                 status,
                 exchange.bytes_out,
-                (ctx.clock.seconds() - exchange.started) * 1000,
+                duration * 1000,
                 exchange.server,
                 exchange.reused,
                 exchange.retries + exchange.stale,
@@ -537,6 +693,8 @@ class ClientConnection(ClientClosing, Protocol):
     def _pause_reading(self, reason: int) -> None:
         if not self._pause and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if self._phase == "body":
+                self._body_held()  # a body we do not read is not timed
         self._pause |= reason
 
     def _resume_reading(self, reason: int) -> None:
@@ -544,6 +702,8 @@ class ClientConnection(ClientClosing, Protocol):
             self._pause &= ~reason
             if not self._pause and self.transport is not None and self._phase != "closed":
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
+                if self._phase == "body":
+                    self._body_released()
 
     def _drop_from(self, exchange: Exchange) -> None:
         """Forget C{exchange} and everything pipelined after it (never answered)."""
@@ -553,11 +713,16 @@ class ClientConnection(ClientClosing, Protocol):
         if queue:
             queue.pop().cancel()
 
-    def _reject(self, status: int, detail: str) -> None:
+    def _reject(self, status: int, detail: str, line: RequestLine | None = None) -> None:
         """
         Answer a malformed request after the responses owed before it, then close. Nothing
         of it, nor anything pipelined after it, reaches the origin.
+
+        @param line: the refused request's method, target and version, when known; else
+            what the parser got of them (L{_request_line}).
         """
+        if line is None:
+            line = self._request_line()
         ctx = self._ctx
         ctx.stats.bad_requests += 1
         ctx.log.warning(
@@ -569,7 +734,27 @@ class ClientConnection(ClientClosing, Protocol):
         )
         if self._end_current("bad_request"):
             return
-        self._answer_last(status, detail, b"-")
+        self._answer_last(status, detail, *line)
+
+    def _request_line(self) -> RequestLine:
+        """
+        What was parsed of the request being read, for the access line of its refusal: the
+        exchange's if its head was complete, else the method once llhttp reached the target,
+        and the version once llhttp parsed it. llhttp keeps the previous message's version
+        until the next one's is parsed, so it is taken only when it cannot be a previous
+        message's: a header line followed, or no earlier request shares this parser (one is
+        made per request unless requests are pipelined, and then they are queued).
+        """
+        current = self._current
+        if current is not None:
+            return current.method, current.target, "1.1" if current.client_http11 else "1.0"
+        parser = self._parser
+        if parser is None or not self._url:
+            return b"-", b"-", "-"
+        version = parser.get_http_version()
+        if version == "0.0" or (self._queue and self._head_size <= len(self._url)):
+            version = "-"
+        return parser.get_method(), self._url, version
 
     def _end_current(self, by: str) -> bool:
         """
@@ -587,7 +772,9 @@ class ClientConnection(ClientClosing, Protocol):
         self._drop_from(current)
         return False
 
-    def _answer_last(self, status: int, detail: str, target: bytes) -> None:
+    def _answer_last(
+        self, status: int, detail: str, method: bytes, target: bytes, version: str
+    ) -> None:
         """
         Answer C{status} in the place of the request being read, after the responses owed
         before it (with its access line and count), then close; nothing more is read.
@@ -595,19 +782,32 @@ class ClientConnection(ClientClosing, Protocol):
         self._phase = "closing"
         self._pause_reading(PAUSE_CLOSING)
         self._wait(None)
-        failed = Exchange.failed(self, self._ctx, error_response(status, detail), status, target)
+        failed = Exchange.failed(
+            self, self._ctx, error_response(status, detail), status, target, method, version
+        )
         self._queue.append(failed)
         if len(self._queue) == 1:
             failed.start()
 
     def _upgraded(self, data: bytes, error: httptools.HttpParserUpgrade) -> None:
         """
-        llhttp stops at a request carrying C{Upgrade} (we have dropped the header and send it
-        as an ordinary request) or at CONNECT; go on with a fresh parser after it.
+        llhttp stops at a request carrying C{Connection: upgrade} and C{Upgrade}, or at
+        CONNECT. An Upgrade forwarded as such waits for its answer (L{exchange_upgraded},
+        L{_upgrade_refused}); one that was not (h2c, HTTP/1.0, answered already) was sent as
+        an ordinary request: go on with a fresh parser after it.
         """
+        offset = error.args[0] if error.args and isinstance(error.args[0], int) else len(data)
+        queue = self._queue
+        if queue and queue[-1].upgrade and self._phase in ("busy", "closing"):
+            # The Upgrade request went (or waits its turn) with its Upgrade header: nothing
+            # after it is HTTP until the origin said it did not switch. Held, not parsed.
+            self._phase = "upgrading"
+            self._parser = None
+            self._pause_reading(PAUSE_UPGRADE)
+            self._held = [data[offset:]] if offset < len(data) else []
+            return
         if self._phase in ("closing", "closed"):
             return
-        offset = error.args[0] if error.args and isinstance(error.args[0], int) else len(data)
         if self._current is not None:
             # CONNECT stops before its "body": refused in on_headers_complete already.
             return

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-__all__ = ["error_response"]
+__all__ = ["error_body", "error_response"]
+
+
+def error_body(status: int, detail: str = "") -> bytes:
+    """The plain-text body of an error the proxy decided (also what HTTP/2 streams get)."""
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    return f"{status} {reason}{': ' if detail else ''}{detail}\n".encode()
 
 
 def error_response(
@@ -29,7 +38,7 @@ def error_response(
         reason = HTTPStatus(status).phrase
     except ValueError:
         reason = "Error"
-    body = f"{status} {reason}{': ' if detail else ''}{detail}\n".encode()
+    body = error_body(status, detail)
     connection = b"keep-alive" if keep_alive else b"close"
     return b"".join(
         [

@@ -39,7 +39,9 @@ class ExchangeOwner(Protocol):
     The client connection an exchange answers, as the exchange sees it.
     """
 
-    transport: Any
+    @property
+    def transport(self) -> Any:
+        """What the exchange registers itself with as a producer, when the client is slow."""
 
     @property
     def upstream_key(self) -> Hashable | None: ...
@@ -62,6 +64,16 @@ class ExchangeOwner(Protocol):
 
     def send_flowing(self) -> None: ...
 
+    def exchange_upgraded(self, exchange: Exchange, connection: UpstreamConnection) -> None: ...
+
+    # The producer of the request body, which the upstream transport pauses.
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
 _CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -77,9 +89,14 @@ class Exchange:
         an upstream failure can only be reported by cutting the client connection.
     @ivar body_parts: request body data parsed out of the current read, not yet forwarded
         (the client connection forwards it as one piece at the end of the read).
+    @ivar upgrade: the request asks the origin to switch protocols (its head carries
+        C{Connection: upgrade} and C{Upgrade}): a 101 makes both connections a tunnel.
     @ivar chunks: chunks of a chunked request body in the current window (see
         L{persistproxy.http.client_connection.CHUNK_WINDOW}), C{chunk_bytes} their data
         and C{chunk_window} the clock time it began.
+    @ivar rate_since: when the request body's current rate window began (none yet: the next
+        body read begins one), C{rate_bytes} the body bytes received in it (see
+        L{persistproxy.http.request_body.RequestBodyReader._judge_body_rate}).
     """
 
     __slots__ = (
@@ -107,6 +124,8 @@ class Exchange:
         "keep_alive",
         "method",
         "ordinal",
+        "rate_bytes",
+        "rate_since",
         "response_started",
         "retries",
         "reused",
@@ -114,7 +133,9 @@ class Exchange:
         "started",
         "status",
         "target",
+        "upgrade",
         "upstream",
+        "version",
     )
 
     def __init__(
@@ -140,10 +161,14 @@ class Exchange:
         self.client_keep_alive = client_keep_alive
         self.has_body = has_body
         self.chunked = chunked
+        self.upgrade = False
         self.body_done = not has_body
         self.body_parts: list[bytes] = []
         self.chunks = 0
         self.chunk_bytes = 0
+        #: The request body's rate window (see min_body_rate): its start, if begun, and bytes.
+        self.rate_since: float | None = None
+        self.rate_bytes = 0
         self._body: list[bytes] = []
         self._buffered = 0
         self._feeding = False  # the client's transport is the producer of the upstream's
@@ -160,6 +185,9 @@ class Exchange:
         self.retries = 0
         self.stale = 0
         self.reused = False
+        #: The client's HTTP version for the access line when it is not 1.0 or 1.1 as
+        #: C{client_http11} says (a refused request's: "-" if never parsed).
+        self.version = ""
         self.started = self.chunk_window = ctx.clock.seconds()
 
     @classmethod
@@ -170,16 +198,20 @@ class Exchange:
         response: bytes,
         status: int,
         target: bytes = b"-",
+        method: bytes = b"-",
+        version: str = "-",
     ) -> Exchange:
         """
         A placeholder that answers with a ready-made error response and closes, keeping its
         place in the pipeline so that earlier requests are still answered first.
 
-        @param target: the request target for the access line, when it is known.
+        @param target: the request target for the access line, when it is known; so are
+            C{method} and C{version}, as far as they were parsed.
         """
-        exchange = cls(client, ctx, b"-", target, b"", False, False, False, False)
+        exchange = cls(client, ctx, method, target, b"", False, False, False, False)
         exchange.error = response
         exchange.status = status
+        exchange.version = version
         return exchange
 
     # -- driven by the client connection ----------------------------------------------------
@@ -196,7 +228,7 @@ class Exchange:
             return
         ctx = self._ctx
         self._pool = ctx.group.pick(self._client.upstream_key) if ctx.keyed else ctx.group.pick()
-        self._pool.acquire(self)
+        self._pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
         """
@@ -210,7 +242,7 @@ class Exchange:
                 upstream.send_body(data)
             if not self._feeding and not self.body_done and upstream.backlogged():
                 # The origin reads slower than the client sends: let it slow the client.
-                upstream.transport.registerProducer(self._client, True)  # type: ignore[union-attr]
+                upstream.throttle(self._client)
                 self._feeding = True
             return 0
         if self.cancelled or (self.upstream is None and self.response_started):
@@ -223,8 +255,15 @@ class Exchange:
         self.body_done = True
         upstream = self.upstream
         if upstream is not None and upstream.state == "ACTIVE" and self.has_body:
-            upstream.finish_request(_LAST_CHUNK if self.chunked else b"")
+            upstream.finish_request(self._last_chunk())
             self._unregister_request_producer(upstream)
+
+    def _last_chunk(self) -> bytes:
+        """
+        What ends the request body on the upstream hop: the last chunk of a chunked body, or
+        nothing. (A client hop that carries request trailers, HTTP/2's, adds them here.)
+        """
+        return _LAST_CHUNK if self.chunked else b""
 
     def cancel(self) -> None:
         """
@@ -252,7 +291,9 @@ class Exchange:
             self._body = []
             self._buffered = 0
             complete = True
-        connection.send_head(self, head, self.method, complete and not self.chunked)
+        connection.send_head(
+            self, head, self.method, complete and not self.chunked, self.upgrade
+        )
         if self._body:
             body, self._body = self._body, []
             self._buffered = 0
@@ -260,7 +301,7 @@ class Exchange:
                 self.request_body(piece)
             self._client.request_body_drained()
         if self.has_body and self.body_done:
-            connection.finish_request(_LAST_CHUNK if self.chunked else b"")
+            connection.finish_request(self._last_chunk())
         # Flow control in either direction is wired up only once bytes queue up in a
         # transport (see request_body and _relay): most exchanges never need it.
 
@@ -337,6 +378,41 @@ class Exchange:
         if not self._relaying and client.backlogged():
             self._relay()
 
+    def response_upgraded(
+        self, connection: UpstreamConnection, reason: bytes, headers: list[Header]
+    ) -> None:
+        """
+        The origin switched protocols: relay its 101 head, then the client connection
+        joins both connections in a byte relay. The upstream connection stays counted
+        against its server's C{max_connections} until the tunnel ends (L{tunnel_ended}).
+        """
+        self.status = 101
+        self.upstream = None
+        self._detach(connection)
+        head = b"".join(
+            [
+                b"HTTP/1.1 101 %s\r\n" % reason,
+                *[b"%s: %s\r\n" % header for header in headers],
+                b"\r\n",
+            ]
+        )
+        self.response_started = True
+        self.bytes_out += len(head)
+        self._client.write(head)
+        self._client.exchange_upgraded(self, connection)
+
+    def tunnel_ended(self) -> None:
+        """The tunnel has ended (called once): its upstream connection is not coming back."""
+        pool = self._pool
+        if pool is not None:
+            pool.forget()
+
+    def response_trailers(self, headers: list[Header]) -> None:
+        """
+        The trailer fields of a chunked response. An HTTP/1.x client is not sent them (its
+        last chunk is ours); the HTTP/2 hop's exchange relays them.
+        """
+
     def _relay(self) -> None:
         """
         The client reads slower than the origin sends: make the client's transport pause
@@ -357,7 +433,7 @@ class Exchange:
             pool.release(connection, reusable)
         self._client.exchange_finished(self)
 
-    def upstream_failed(self, reason: str, timeout: bool) -> None:
+    def upstream_failed(self, reason: str, timeout: bool, which: str = "") -> None:
         connection = self.upstream
         self.upstream = None
         pool = self._pool
@@ -405,19 +481,34 @@ class Exchange:
             return
         ctx.stats.upstream_errors += 1
         status = 504 if timeout else 502
-        ctx.log.error(
-            "upstream.error",
-            listener=ctx.name,
-            server=pool.address if pool is not None else None,
-            method=self.method.decode("latin-1"),
-            path=ctx.log_path(self.target),
-            reason=reason,
-            status=status if not self.response_started else None,
-            stale_connection=self.reused,
-        )
+        if which in ("read", "write") and connection is not None:
+            # The origin stalled in the middle of the exchange: its own event, with numbers.
+            ctx.log.error(
+                f"upstream.{which}_timeout",
+                listener=ctx.name,
+                server=pool.address if pool is not None else None,
+                method=self.method.decode("latin-1"),
+                path=ctx.log_path(self.target),
+                timeout=connection.read_timeout if which == "read" else connection.write_timeout,
+                received=connection.bytes_received,
+                sent=self.bytes_out,
+                status=status if not self.response_started else None,
+                reason=reason,
+            )
+        else:
+            ctx.log.error(
+                "upstream.error",
+                listener=ctx.name,
+                server=pool.address if pool is not None else None,
+                method=self.method.decode("latin-1"),
+                path=ctx.log_path(self.target),
+                reason=reason,
+                status=status if not self.response_started else None,
+                stale_connection=self.reused,
+            )
         if self.response_started:
             # Part of the response is out: the only honest signal left is a cut connection.
-            self._client.abort("upstream")
+            self._client.abort("timeout" if timeout else "upstream")
         else:
             self._respond_error(status, reason)
 
@@ -478,7 +569,5 @@ class Exchange:
     def _unregister_request_producer(self, connection: UpstreamConnection) -> None:
         if self._feeding:
             self._feeding = False
-            transport = connection.transport
-            if transport is not None:
-                transport.unregisterProducer()  # type: ignore[attr-defined]
+            connection.unthrottle()
             self._client.resume_from_upstream()

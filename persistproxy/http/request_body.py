@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.unit.test_bounds -*-
 """
-A request body as llhttp hands it over: chunk by chunk, forwarded one piece per read.
+A request body as llhttp hands it over: chunk by chunk, forwarded one piece per read, and
+judged for its rate when the listener asks for one (C{min_body_rate}).
 
 A slotted mixin of the client connection, like L{persistproxy.http.request_head}: llhttp
 calls back a single object.
@@ -21,8 +22,10 @@ __all__ = [
     "CHUNK_WINDOW_SECONDS",
     "PAUSE_BACKLOG",
     "PAUSE_CLOSING",
+    "PAUSE_UPGRADE",
     "PAUSE_UPSTREAM",
     "PIPELINE_BUFFER",
+    "BodyTooSlow",
     "RequestBodyReader",
 ]
 
@@ -39,6 +42,11 @@ CHUNK_WINDOW_SECONDS = 1.0
 PAUSE_UPSTREAM = 1  # the upstream cannot take the request body as fast as it comes
 PAUSE_BACKLOG = 2  # too much is buffered behind the request being answered
 PAUSE_CLOSING = 4  # nothing more will be read
+PAUSE_UPGRADE = 8  # an Upgrade request waits for its answer: what follows may not be HTTP
+
+
+class BodyTooSlow(Exception):
+    """A request body came slower than the listener's C{min_body_rate}: 408 (logged already)."""
 
 
 class RequestBodyReader(RequestHeadReader):
@@ -50,6 +58,8 @@ class RequestBodyReader(RequestHeadReader):
 
     # The connection's, read here.
     _current: Exchange | None
+    _in_message: bool
+    _peer_str: str
 
     def _pause_reading(self, reason: int) -> None:
         raise NotImplementedError
@@ -88,9 +98,52 @@ class RequestBodyReader(RequestHeadReader):
             exchange.chunk_bytes += len(data)
             if exchange.chunks >= CHUNK_WINDOW:
                 self._judge_chunk_window(exchange)
+        if config.min_body_rate and self._in_message:
+            # Judged only while the body goes on: its last read completes it, however late.
+            self._judge_body_rate(exchange, len(data))
         buffered = exchange.request_body(data)
         if buffered > PIPELINE_BUFFER:
             self._pause_reading(PAUSE_BACKLOG)
+
+    def _judge_body_rate(self, exchange: Exchange, size: int) -> None:
+        """
+        Count C{size} bytes of body in the current rate window and, once the window has
+        lasted min_body_rate_window seconds, judge it: a body that came slower than
+        min_body_rate bytes per second over it is refused, otherwise a new window begins.
+
+        A window begins with the first body read, and again with the first read after
+        reading was paused (we held the client back: not its fault, and not counted). A
+        client silent throughout is body_timeout's: the rate is judged when bytes arrive.
+
+        @raise BodyTooSlow: the window's rate was below min_body_rate.
+        """
+        ctx = self._ctx
+        now = ctx.clock.seconds()
+        since = exchange.rate_since
+        if since is None:
+            exchange.rate_since = now
+            exchange.rate_bytes = size
+            return
+        received = exchange.rate_bytes + size
+        seconds = now - since
+        config = ctx.config
+        if seconds < config.min_body_rate_window:
+            exchange.rate_bytes = received
+            return
+        if received < config.min_body_rate * seconds:
+            ctx.stats.timeouts += 1
+            ctx.log.info(
+                "client.min_body_rate",
+                listener=ctx.name,
+                client=self._peer_str,
+                rate=round(received / seconds, 1),
+                bytes=received,
+                seconds=round(seconds, 3),
+                min_body_rate=config.min_body_rate,
+            )
+            raise BodyTooSlow()
+        exchange.rate_since = now
+        exchange.rate_bytes = 0
 
     def _judge_chunk_window(self, exchange: Exchange) -> None:
         """

@@ -35,18 +35,20 @@ __all__ = [
     "UNKNOWN_METHOD",
     "BadRequest",
     "RequestHeadReader",
+    "RequestLine",
     "UpstreamRequest",
     "origin_form",
 ]
 
 #: A well-formed request line whose method llhttp does not know: 501, not 400.
-UNKNOWN_METHOD = re.compile(rb"\A[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/1\.[01]\r\n")
+UNKNOWN_METHOD = re.compile(rb"\A([A-Z][A-Z0-9_-]{0,31}) ([!-~]+) HTTP/(1\.[01])\r\n")
 
 #: A request line with a well-formed version that is neither 1.0 nor 1.1 (llhttp refuses
 #: HTTP/1.2 and cannot parse HTTP/1.10): 505, as for HTTP/2.0, not 400. Anchored to a line
 #: start, as the read may hold requests pipelined before it.
 OTHER_VERSION = re.compile(
-    rb"(?:\A|\n)[A-Z][A-Z0-9_-]{0,31} [!-~]+ HTTP/(?!1\.[01]\r\n)([0-9]{1,3}\.[0-9]{1,3})\r\n"
+    rb"(?:\A|\n)(?P<method>[A-Z][A-Z0-9_-]{0,31}) (?P<target>[!-~]+) "
+    rb"HTTP/(?!1\.[01]\r\n)(?P<version>[0-9]{1,3}\.[0-9]{1,3})\r\n"
 )
 
 #: RFC 9112 3.2 / RFC 3986 3.2.2: a reg-name or an IP literal, and an optional port.
@@ -57,12 +59,22 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0
 UpstreamRequest = tuple[bytes, bytes, bytes, bool, bool, bool, bool]
 
 
+#: What was parsed of a refused request's line, for its access line: method, target, version
+#: (C{b"-"}, C{b"-"}, C{"-"} for what was not reached).
+RequestLine = tuple[bytes, bytes, str]
+
+
 class BadRequest(Exception):
-    """A request refused for its head (or its body's size): C{status} goes to the client."""
+    """
+    A request refused for its head (or its body's size): C{status} goes to the client.
+
+    @ivar request_line: the request line, when the refusal came after it was complete.
+    """
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
+        self.request_line: RequestLine | None = None
 
 
 def origin_form(target: bytes) -> tuple[bytes, bytes]:
@@ -83,6 +95,27 @@ def origin_form(target: bytes) -> tuple[bytes, bytes]:
     if not path.startswith(b"/"):
         path = b"/" + path
     return path, authority
+
+
+def _forwarded_upgrade(
+    upgrade: bytes, tokens: set[bytes] | None, http11: bool, keep_alive: bool
+) -> bytes:
+    """
+    The C{Upgrade} value the origin is asked for, or C{b""}: the two headers that ask for a
+    protocol switch are the only hop-by-hop ones that cross, and only when the client asked
+    for it on this hop (C{Connection: upgrade}), over HTTP/1.1 (an HTTP/1.0 Upgrade is to be
+    ignored, RFC 9110 7.8), without C{Connection: close}, and for a protocol other than
+    C{h2c}, which this proxy does not speak to origins (the header then goes, as before).
+    Called only for a request without a body (see L{RequestHeadReader._upstream_request}).
+    """
+    if not upgrade or not http11 or not keep_alive or not tokens or b"upgrade" not in tokens:
+        return b""
+    kept = [
+        token.strip()
+        for token in upgrade.split(b",")
+        if token.strip() and token.strip().lower() != b"h2c"
+    ]
+    return b", ".join(kept)
 
 
 class RequestHeadReader:
@@ -124,7 +157,9 @@ class RequestHeadReader:
     _body_size: int
     _length: bytes | None
     _te: bytes | None
-    _upgrade: bool
+    #: The request's C{Upgrade} values while its head is read; once it is judged, the value
+    #: forwarded (an Upgrade the origin is asked for), or C{b""}.
+    _upgrade: bytes
     _head_size: int
     _unlisted: int
     _progress: bool
@@ -139,7 +174,7 @@ class RequestHeadReader:
         self._body_size = 0
         self._length = None
         self._te = None
-        self._upgrade = False
+        self._upgrade = b""
         self._head_size = 0
         self._unlisted = 0
         self._progress = True
@@ -170,7 +205,7 @@ class RequestHeadReader:
             elif lower == b"transfer-encoding":
                 self._te = value if self._te is None else self._te + b"," + value
             elif lower == b"upgrade":
-                self._upgrade = True
+                self._upgrade = value if not self._upgrade else self._upgrade + b", " + value
             return
         if lower == b"host":
             self._hosts += 1
@@ -279,6 +314,13 @@ class RequestHeadReader:
             keep_alive = False  # close wins over keep-alive (RFC 9112 9.3)
         else:
             keep_alive = http11 or (tokens is not None and b"keep-alive" in tokens)
+        self._upgrade = upgrade = (
+            _forwarded_upgrade(self._upgrade, tokens, http11, keep_alive)
+            if not has_body and parser.should_upgrade()  # llhttp stops after this request
+            else b""
+        )
+        if upgrade:
+            extra.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % upgrade)
         head = b"".join(
             [
                 b"%s %s HTTP/1.1\r\n" % (method, url),

@@ -7,8 +7,20 @@ whichever L{ResponseSink} holds it, reports the response through that sink, and 
 end whether it may carry another request. The pool decides what happens next.
 
 @ivar state: C{"CONNECTING"} until the TCP connection is up; C{"IDLE"} while it waits in the
-    pool or between requests; C{"ACTIVE"} while a request is outstanding; C{"CLOSED"} once
-    the transport is gone. Nothing is sent in any state but C{"IDLE"}.
+    pool or between requests; C{"ACTIVE"} while a request is outstanding; C{"TUNNEL"} once
+    the origin answered an Upgrade request with 101 (its bytes go to the L{RelaySide}
+    C{tunnel}, and it never carries HTTP again); C{"CLOSED"} once the transport is gone.
+    Nothing is sent in any state but C{"IDLE"}.
+
+An active connection times its origin with one lazily re-armed L{Deadline}, for whichever of
+three waits applies (C{_timing}): C{"response"}, from the end of the request to the response
+head (C{response_timeout}); C{"read"}, the silence between two reads of a response once its
+head is in (C{read_timeout}), counted neither while the client holds the response back (we
+stopped reading: that is the client's C{send_timeout} and C{min_send_rate}) nor while a
+request body is still being sent after an early response, but from its last piece; and
+C{"write"}, while the origin leaves request body we queued for it unread (C{write_timeout}),
+which takes precedence while it lasts. While a request body is being sent and flows, nothing
+upstream is timed: the client sending it is (C{body_timeout}, C{min_body_rate}).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from persistproxy.http.headers import (
 )
 from persistproxy.net.fastwrite import backlogged, can_write_directly, write_directly
 from persistproxy.policy import Deadline
+from persistproxy.relay import RelaySide
 
 if TYPE_CHECKING:
     from persistproxy.config import UpstreamConfig
@@ -43,7 +56,7 @@ if TYPE_CHECKING:
 
 _CONNECTION_DONE = Failure(ConnectionError("connection closed"))
 
-__all__ = ["HTTPConnector", "ResponseSink", "UpstreamConnection"]
+__all__ = ["BodyProducer", "HTTPConnector", "ResponseSink", "UpstreamConnection"]
 
 #: Bytes of status line and headers an origin may send before we answer 502; also the bytes
 #: of trailers (or chunk framing without data) allowed in a row before the response is cut.
@@ -80,11 +93,37 @@ class ResponseSink(Protocol):
     def response_body(self, data: bytes) -> None:
         """A piece of the (de-chunked) response body arrived."""
 
+    def response_trailers(self, headers: list[Header]) -> None:
+        """The trailer fields of a chunked response, before C{response_complete}."""
+
     def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
         """The response is complete; the connection no longer belongs to the sink."""
 
-    def upstream_failed(self, reason: str, timeout: bool) -> None:
-        """The connection broke (or timed out) before the response was complete."""
+    def response_upgraded(
+        self, connection: UpstreamConnection, reason: bytes, headers: list[Header]
+    ) -> None:
+        """
+        The origin switched protocols (101) for the Upgrade request it was sent:
+        C{connection} is a tunnel from now on (its C{tunnel} side holds the bytes that
+        followed the 101), and no longer the pool's. C{headers} include C{Connection} and
+        C{Upgrade}.
+        """
+
+    def upstream_failed(self, reason: str, timeout: bool, which: str = "") -> None:
+        """
+        The connection broke (or timed out) before the response was complete; C{which}
+        timeout, if one: C{"response"}, C{"read"} or C{"write"}.
+        """
+
+
+class BodyProducer(Protocol):
+    """What sends a request body: paused while the origin does not take it."""
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
 
 
 @implementer(IPushProducer)
@@ -104,6 +143,7 @@ class UpstreamConnection(TwistedProtocol):
         "_done",
         "_extra",
         "_feeding",
+        "_head_fields",
         "_head_seen",
         "_headers",
         "_hops",
@@ -120,18 +160,24 @@ class UpstreamConnection(TwistedProtocol):
         "_reason",
         "_response_timeout",
         "_sink",
+        "_switching",
         "_te",
         "_timer",
+        "_timing",
         "_tokens",
+        "_upgrade",
         "bytes_received",
         "expires_at",
         "idle_since",
         "in_pool",
         "on_lost",
         "origin_timeout",
+        "read_timeout",
         "request_sent",
         "requests",
         "state",
+        "tunnel",
+        "write_timeout",
     )
 
     def __init__(
@@ -140,9 +186,15 @@ class UpstreamConnection(TwistedProtocol):
         response_timeout: float,
         max_requests: int,
         max_header_count: int = 100,
+        read_timeout: float = 0.0,
+        write_timeout: float = 0.0,
     ) -> None:
         """
         @param max_header_count: header fields a response head may have (more is a 502).
+        @param read_timeout: seconds of silence allowed between two reads of a response;
+            0 = no limit.
+        @param write_timeout: seconds the origin may leave request body unread while we have
+            some queued for it; 0 = no limit.
         """
         self.state = "CONNECTING"
         self.requests = 0
@@ -155,17 +207,27 @@ class UpstreamConnection(TwistedProtocol):
         self.on_lost: Callable[[UpstreamConnection], None] | None = None
         self._clock = clock
         self._response_timeout = response_timeout
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
         self._max_requests = max_requests
         self._max_fields = max_header_count
         #: Body data parsed out of the current read, relayed as one piece at its end.
         self._parts: list[bytes] = []
         self._timer = Deadline(clock, self._timed_out)
+        #: What C{_timer} times while armed: "response", "read" or "write" (see the module).
+        self._timing = ""
         self._parser = httptools.HttpResponseParser(self)
         self._sink: ResponseSink | None = None
         self._paused = False
         self._new_parser = False
         self._feeding = False
         self._direct = False
+        #: The origin's C{Upgrade} value while an Upgrade request is outstanding (C{b""}
+        #: until its header is read); L{None} when no protocol switch was asked for.
+        self._upgrade: bytes | None = None
+        #: A 101 parsed, handed over once llhttp stops after it: sink, reason, headers.
+        self._switching: tuple[ResponseSink, bytes, list[Header]] | None = None
+        self.tunnel: RelaySide | None = None
         self._reset_message()
         self.request_sent = True
         self.bytes_received = 0
@@ -176,6 +238,8 @@ class UpstreamConnection(TwistedProtocol):
         self._head_seen = False
         self._reason = b""
         self._headers: list[Header] = []
+        #: Fields of the final head in _headers: those after it are trailers.
+        self._head_fields = 0
         self._hops = 0
         self._tokens: set[bytes] = set()
         self._codings: list[bytes] = []
@@ -190,9 +254,17 @@ class UpstreamConnection(TwistedProtocol):
 
     # -- used by the pool and the exchange -------------------------------------------------
 
-    def send_head(self, sink: ResponseSink, head: bytes, method: bytes, complete: bool) -> None:
+    def send_head(
+        self,
+        sink: ResponseSink,
+        head: bytes,
+        method: bytes,
+        complete: bool,
+        upgrade: bool = False,
+    ) -> None:
         """
-        Start a request; C{complete} is true when C{head} is the whole request.
+        Start a request; C{complete} is true when C{head} is the whole request, C{upgrade}
+        when it asks the origin to switch protocols (a 101 is then a tunnel, not an error).
         """
         if self.state != "IDLE":
             raise RuntimeError(f"request on a connection in state {self.state}")
@@ -203,12 +275,33 @@ class UpstreamConnection(TwistedProtocol):
         self._is_head = method == b"HEAD"
         self.request_sent = complete
         self.bytes_received = 0
-        if self._response_timeout:
-            self._timer.arm(self._response_timeout)
+        self._upgrade = b"" if upgrade else None
+        # A request with a body to come is timed as it goes (see the module).
+        self._time("response", self._response_timeout if complete else 0)
         self._write(head)
 
     def send_body(self, data: bytes) -> None:
         self._write(data)
+        if self._timing == "read" and not self._paused:
+            # An early response waits on the rest of the request: silence from the origin
+            # counts from the request's last piece too.
+            self._timer.arm(self.read_timeout)
+
+    def throttle(self, producer: BodyProducer) -> None:
+        """
+        The request body comes faster than the origin takes it: let our transport pause
+        C{producer} (the client connection) while its buffer is full, and time how long the
+        origin leaves it full (C{write_timeout}).
+        """
+        self.transport.registerProducer(_RequestFeed(self, producer), True)  # type: ignore[union-attr]
+
+    def unthrottle(self) -> None:
+        """The request body is all queued (or abandoned): C{throttle} no more."""
+        transport = self.transport
+        if transport is not None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        if self._timing == "write":
+            self._retime()
 
     def backlogged(self) -> bool:
         """Whether request bytes are queued: then the request body needs flow control."""
@@ -224,11 +317,14 @@ class UpstreamConnection(TwistedProtocol):
         if trailer:
             self._write(trailer)
         self.request_sent = True
+        if not self._head_seen and self._timing != "write":
+            self._time("response", self._response_timeout)
 
     def usable(self, now: float, margin: float) -> bool:
         """
         Whether the pool may hand this idle connection out without racing the origin's
-        own keep-alive timeout.
+        own keep-alive timeout (the margin counts for at most half of it: C{math.inf} asks
+        for the first half).
         """
         if self.state != "IDLE":
             return False
@@ -252,11 +348,16 @@ class UpstreamConnection(TwistedProtocol):
         if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if self._timing == "read":
+                # We stopped reading for the client's sake: not the origin's silence.
+                self._timer.cancel()
 
     def resumeProducing(self) -> None:
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+            if self._timing == "read" and not self._done:
+                self._timer.arm(self.read_timeout)
 
     def stopProducing(self) -> None:
         """The client went away; the exchange deals with that."""
@@ -269,6 +370,9 @@ class UpstreamConnection(TwistedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.state != "ACTIVE":
+            if self.tunnel is not None:
+                self.tunnel.received(data)
+                return
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self.abort()
             return
@@ -279,7 +383,12 @@ class UpstreamConnection(TwistedProtocol):
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Stop):
                 raise
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as e:
+            if self._switching is not None:
+                self._feeding = False
+                offset = e.args[0] if e.args and isinstance(e.args[0], int) else len(data)
+                self._switch(data[offset:])
+                return
             if self._completion is None:
                 self._fail("origin switched protocols unasked", False)
         except httptools.HttpParserError as e:
@@ -299,7 +408,10 @@ class UpstreamConnection(TwistedProtocol):
             # Bytes after the end of the response, in the same read: whatever they are, they
             # answer nothing we sent. Never let them reach the next request.
             self._complete(sink, reusable and not self._extra)
-        elif self._parts:
+            return
+        if self._timing == "read" and not self._paused:
+            self._timer.arm(self.read_timeout)  # lazily: no reactor call per read
+        if self._parts:
             self._quiet = 0
             self._relay_body()
         elif self._sink is not None:
@@ -319,10 +431,13 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._timer.stop()
+        self._timing = ""
         was = self.state
         self.state = "CLOSED"
         sink = self._sink
-        if was == "ACTIVE" and sink is not None:
+        if was == "TUNNEL" and self.tunnel is not None:
+            self.tunnel.lost(reason)
+        elif was == "ACTIVE" and sink is not None:
             if self._head_seen and not self._length and not self._chunked and not self._done:
                 # Close-delimited body: the end of the connection is the end of the body.
                 self._sink = None
@@ -352,6 +467,8 @@ class UpstreamConnection(TwistedProtocol):
             elif lower == b"transfer-encoding":
                 self._te = True
                 self._codings.extend(t.strip().lower() for t in value.split(b","))
+            elif lower == b"upgrade" and self._upgrade is not None:
+                self._upgrade = value if not self._upgrade else self._upgrade + b", " + value
             elif lower == b"keep-alive":
                 seconds = keepalive_timeout_param(value)
                 if seconds is not None:
@@ -384,8 +501,19 @@ class UpstreamConnection(TwistedProtocol):
             self._fail(f"response head has more than {self._max_fields} header fields", False)
             raise _Stop()
         if status == 101:
-            self._fail("origin switched protocols unasked", False)
-            raise _Stop()
+            if self._upgrade is None:
+                self._fail("origin switched protocols unasked", False)
+                raise _Stop()
+            if not self._upgrade:
+                self._fail("origin switched protocols without saying to what (Upgrade)", False)
+                raise _Stop()
+            # llhttp completes the message and stops after this head: the bytes after it are
+            # the new protocol's, handed over in dataReceived.
+            self._time("", 0)
+            self._switching = (sink, self._reason, headers)
+            self._sink = None
+            self._done = True
+            return
         if self._te:
             if self._codings != [b"chunked"]:
                 # A coding we would have to pass on undecoded to a client we re-chunk for.
@@ -401,8 +529,12 @@ class UpstreamConnection(TwistedProtocol):
             self._hops = 0
             self._tokens = set()
             return
-        self._timer.cancel()
         self._head_seen = True
+        if self._timing != "write":
+            # From now on the response is timed read by read: armed at the end of this read
+            # if the response goes on (most end in it, and are never timed at all).
+            self._timing = "read" if self.read_timeout else ""
+            self._timer.cancel()
         if self._is_head or status in (204, 304):
             framing = FRAMING_NONE
             if status in (204, 304) and self._length:
@@ -415,6 +547,7 @@ class UpstreamConnection(TwistedProtocol):
             framing = FRAMING_LENGTH
         else:
             framing = FRAMING_CLOSE
+        self._head_fields = len(self._headers)
         sink.response_head(status, self._reason, headers, framing)
         if self._is_head:
             # llhttp cannot be told that a HEAD response has no body; finish here and give
@@ -456,10 +589,16 @@ class UpstreamConnection(TwistedProtocol):
 
     def _finish(self) -> None:
         self._done = True
+        self._timing = ""
+        self._timer.cancel()
         if self._parts:
             self._relay_body()  # the chunk data of this read goes before the completion
         sink = self._sink
         self._sink = None
+        fields = self._headers
+        if self._chunked and len(fields) > self._head_fields and sink is not None:
+            # Trailer fields came through on_header after the head (hop-by-hop ones dropped).
+            sink.response_trailers(fields[self._head_fields :])
         reusable = bool(
             self.request_sent
             and b"close" not in self._tokens
@@ -484,17 +623,105 @@ class UpstreamConnection(TwistedProtocol):
         if not reusable and self.state == "IDLE":
             self.close()
 
-    def _fail(self, reason: str, timeout: bool) -> None:
+    def _switch(self, rest: bytes) -> None:
+        """
+        Become one side of a byte relay: the bytes after the 101 head are held by the side
+        (its transport paused) until the relay joins it to the client's.
+        """
+        switching = self._switching
+        assert switching is not None and self._upgrade
+        self._switching = None
+        sink, reason, headers = switching
+        self.state = "TUNNEL"
+        self._paused = False  # the relay drives the transport's flow control from now on
+        side = self.tunnel = RelaySide(self.transport, "upstream")
+        if rest:
+            side.received(rest)
+        upgrade = [(b"Connection", b"upgrade"), (b"Upgrade", self._upgrade)]
+        sink.response_upgraded(self, reason, [*headers, *upgrade])
+
+    def _fail(self, reason: str, timeout: bool, which: str = "") -> None:
+        self._time("", 0)
         self._parts.clear()
         sink = self._sink
         self._sink = None
         self.abort()
         if sink is not None:
-            sink.upstream_failed(reason, timeout)
+            sink.upstream_failed(reason, timeout, which)
+
+    def _time(self, timing: str, seconds: float) -> None:
+        """Time C{timing} from now, for C{seconds} (0: not at all)."""
+        if seconds:
+            self._timing = timing
+            self._timer.arm(seconds)
+        else:
+            self._timing = ""
+            self._timer.cancel()
+
+    def _retime(self) -> None:
+        """A write stall is over: time whatever the exchange waits for now."""
+        if self.state != "ACTIVE" or self._done:
+            self._time("", 0)
+        elif self._head_seen:
+            self._time("read", self.read_timeout)
+            if self._paused:
+                self._timer.cancel()  # the client holds the response back
+        elif self.request_sent:
+            self._time("response", self._response_timeout)
+        else:
+            self._time("", 0)
+
+    def _write_stalled(self) -> None:
+        """Our transport's buffer is full: the origin is not taking the request body."""
+        if self.state == "ACTIVE" and self.write_timeout:
+            self._time("write", self.write_timeout)
+
+    def _write_flowing(self) -> None:
+        if self._timing == "write":
+            self._retime()
 
     def _timed_out(self) -> None:
-        if self.state == "ACTIVE":
-            self._fail(f"no response head within {self._response_timeout:g}s", True)
+        if self.state != "ACTIVE":
+            return
+        timing = self._timing
+        self._timing = ""
+        if timing == "read":
+            self._fail(
+                f"no response bytes for {self.read_timeout:g}s"
+                f" ({self.bytes_received} bytes received)",
+                True,
+                "read",
+            )
+        elif timing == "write":
+            self._fail(f"origin read no request body for {self.write_timeout:g}s", True, "write")
+        else:
+            self._fail(f"no response head within {self._response_timeout:g}s", True, "response")
+
+
+@implementer(IPushProducer)
+class _RequestFeed:
+    """
+    The producer an upstream transport pauses while the origin does not take the request
+    body: the client connection's reading, and the connection's C{write_timeout}. Made only
+    for a body that outruns its origin (see L{UpstreamConnection.throttle}).
+    """
+
+    __slots__ = ("_connection", "_producer")
+
+    def __init__(self, connection: UpstreamConnection, producer: BodyProducer) -> None:
+        self._connection = connection
+        self._producer = producer
+
+    def pauseProducing(self) -> None:
+        self._producer.pauseProducing()
+        self._connection._write_stalled()
+
+    def resumeProducing(self) -> None:
+        self._connection._write_flowing()
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
 
 
 class _UpstreamFactory(Factory):
@@ -510,6 +737,8 @@ class _UpstreamFactory(Factory):
             self._config.response_timeout,
             self._config.max_requests,
             self._config.max_header_count,
+            self._config.read_timeout,
+            self._config.write_timeout,
         )
 
 

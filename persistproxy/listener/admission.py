@@ -37,23 +37,29 @@ __all__ = ["Admitted", "ConnectionRegistry", "ListenerFactory"]
 
 class ConnectionRegistry:
     """
-    The open connections of every listener, for the graceful drain: admitted ones, and those
-    whose PROXY protocol header is still awaited.
+    The open connections of every listener, for the graceful drain (admitted ones, and those
+    whose PROXY protocol header is still awaited); or of one listener, whose C{parent} is the
+    registry of all (a listener a reload removes drains alone).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: ConnectionRegistry | None = None) -> None:
         self._open: set[DrainAware] = set()
+        self._parent = parent
         #: Called when the last registered connection closes (the drain waits on it).
         self.on_empty: Any = None
 
     def add(self, connection: DrainAware) -> None:
         self._open.add(connection)
+        if self._parent is not None:
+            self._parent.add(connection)
 
     def discard(self, connection: DrainAware) -> None:
         self._open.discard(connection)
         if not self._open and self.on_empty is not None:
             on_empty, self.on_empty = self.on_empty, None
             on_empty()
+        if self._parent is not None:
+            self._parent.discard(connection)
 
     def __len__(self) -> int:
         return len(self._open)

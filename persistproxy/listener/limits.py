@@ -87,6 +87,23 @@ class ConnectionLimits:
         self._budget = budget if budget is not None else DescriptorBudget()
         self._budget.add_listener(self)
 
+    def update(self, max_connections: int, per_client: int, idle_per_client: int) -> None:
+        """
+        A reload changed the limits: they apply from the next decision on, to the
+        connections already counted too (a lower C{max_connections} holds new ones until
+        enough of those close; a higher one serves held ones at once).
+        """
+        self.max_connections = max_connections
+        if not per_client:
+            self._clients.clear()
+        self.per_client = per_client
+        if not idle_per_client:
+            self._idle.clear()
+        self.idle_per_client = idle_per_client
+        self.budget_freed()  # serves held connections and reads the port, if there is room
+        if self._accepting and not self._has_room():
+            self._set_accepting(False)
+
     def admit(self, host: str | None) -> str | None:
         """
         Count a new connection from C{host}, or say why it is refused.

@@ -21,7 +21,10 @@ used.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any
 
 from twisted.internet import tcp
@@ -31,15 +34,20 @@ from persistproxy.net.selfcheck import usable
 __all__ = [
     "MSG_MORE",
     "backlogged",
+    "buffered",
     "can_write_directly",
     "fin_can_follow",
     "lose_write_directly",
+    "queued",
     "write_directly",
 ]
 
 
 #: Linux's "more data follows" send flag, for the last bytes before a FIN (0 elsewhere).
 MSG_MORE: int = getattr(socket, "MSG_MORE", 0)
+
+#: The ioctl that tells the bytes of a socket's send queue (SIOCOUTQ on Linux).
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 
 def can_write_directly(transport: Any) -> bool:
@@ -91,6 +99,40 @@ def backlogged(transport: Any, direct: bool) -> bool:
         check = getattr(transport, "backlogged", None)
         return True if check is None else bool(check())
     return bool(transport._tempDataLen or transport.dataBuffer)
+
+
+def queued(transport: Any) -> int | None:
+    """
+    Bytes written to C{transport} that the peer has not acknowledged yet: those in its
+    buffer and in its socket's send queue (C{SIOCOUTQ}: unsent and unacknowledged). For our
+    TLS transport, those of the TCP transport under it (encryption is synchronous, so that is
+    the only place bytes wait; they are ciphertext, a little more than what was written).
+    L{None} for a transport we do not see into.
+
+    The kernel's queue matters: on a slow reader it holds far more than our buffer (loopback
+    grows it to about a megabyte), and our buffer drains only when the kernel wakes us, after
+    much of it has gone; the buffer alone would say "nothing taken" for seconds on end.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if isinstance(candidate, tcp.Connection) and usable("fastwrite"):
+            return buffered(candidate) + _kernel_queued(candidate.socket)
+    return None
+
+
+def buffered(transport: Any) -> int:
+    """The bytes waiting in a TCP transport's own buffer (see L{queued})."""
+    return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+
+
+def _kernel_queued(sock: Any) -> int:
+    """The bytes of C{sock}'s send queue; 0 if the system does not say."""
+    if sock is None or _OUTQ is None:
+        return 0
+    try:
+        answer = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", answer)[0])
 
 
 def fin_can_follow(transport: Any) -> bool:

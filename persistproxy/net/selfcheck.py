@@ -121,6 +121,7 @@ def _nothing_waiting(sock: socket.socket) -> bool:
 _TCP_ATTRIBUTES = (
     "_tempDataLen",
     "dataBuffer",
+    "offset",
     "_writeDisconnecting",
     "_writeDisconnected",
     "_closeWriteConnection",
@@ -149,6 +150,10 @@ def _probe_fastwrite() -> None:
         expect(
             fastwrite.backlogged(transport, True),
             "bytes queued by write() are not seen in _tempDataLen or dataBuffer",
+        )
+        expect(
+            fastwrite.buffered(transport) == 1,
+            "bytes queued by write() are not counted by _tempDataLen + dataBuffer - offset",
         )
         fastwrite.write_directly(transport, b"c")
         expect(_nothing_waiting(peer), "a direct send overtook bytes queued by write()")
@@ -363,9 +368,9 @@ INTERNALS: dict[str, Internal] = {
         Internal(
             "fastwrite",
             "persistproxy.net.fastwrite",
-            "tcp.Connection._tempDataLen, dataBuffer, _writeDisconnecting, _writeDisconnected, "
-            "_aborting, TLS, _closeWriteConnection()",
-            "Twisted's transport.write() and loseWriteConnection()",
+            "tcp.Connection._tempDataLen, dataBuffer, offset, _writeDisconnecting, "
+            "_writeDisconnected, _aborting, TLS, _closeWriteConnection()",
+            "Twisted's transport.write() and loseWriteConnection(); min_send_rate not enforced",
             _probe_fastwrite,
         ),
         Internal(

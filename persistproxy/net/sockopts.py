@@ -15,7 +15,41 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["configure_listening_socket", "set_tcp_keepalive"]
+from persistproxy.net.endpoints import EndpointError, split_description
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "configure_listening_socket",
+    "set_tcp_keepalive",
+    "with_default_backlog",
+]
+
+#: The listen() backlog when a listener's endpoint string does not say C{backlog=}: nginx's
+#: 511, not Twisted's 50, which under a burst of connections (or while admissions are held
+#: at C{max_connections}) makes the kernel drop SYNs, and clients retry only after 1 s, 3 s...
+#: The kernel caps it at C{net.core.somaxconn} (4096 on current kernels).
+DEFAULT_BACKLOG = 511
+
+#: Endpoint types whose listen() takes a C{backlog=} argument.
+_BACKLOG_TYPES = frozenset(("tcp", "tcp6", "unix", "ssl"))
+
+
+def with_default_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    C{description} (a Twisted server endpoint string) with C{:backlog=N} added when it is a
+    TCP, UNIX or SSL endpoint that names no backlog of its own; any other, unchanged (a
+    C{systemd:} socket's backlog is systemd's C{Backlog=}).
+    """
+    try:
+        arguments, options = split_description(description)
+    except EndpointError:
+        return description  # the configuration check says what is wrong with it
+    if not arguments or arguments[0].strip().lower() not in _BACKLOG_TYPES:
+        return description
+    if "backlog" in options or len(arguments) > 2:
+        return description  # its own, or positional arguments past the port or path
+    return f"{description}:backlog={backlog}"
+
 
 _KEEPALIVE_TIMERS = (
     (getattr(socket, "TCP_KEEPIDLE", None), "idle"),

@@ -1,17 +1,15 @@
 # -*- test-case-name: tests.unit.test_tls_reload -*-
 """
-Certificate reload on SIGHUP, all or nothing: the certificate contexts of every TLS listener
-are rebuilt from their files; the session contexts (cache, ticket keys) and established
-connections are kept, and a bad file keeps the old certificates and says why.
+Certificate reload, all or nothing per listener: the certificate contexts of every TLS listener
+a configuration reload keeps are rebuilt from their files; the session contexts (cache, ticket
+keys) and established connections are kept, and a bad file keeps the old certificates and says
+why. SIGHUP itself is L{persistproxy.reload.ConfigReloader}'s: one signal, one reload path.
 """
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import FrameType
-from typing import Any
 
 from twisted.application.service import Service
 
@@ -23,56 +21,41 @@ __all__ = ["CertificateReloader"]
 
 class CertificateReloader(Service):
     """
-    Re-reads the certificates and keys of every TLS listener on SIGHUP.
+    Re-reads the certificates and keys of TLS listeners, when the configuration reloader
+    asks, and warns about expired ones at start and at every reload.
 
-    The signal handler only schedules the reload on the reactor; the reload itself reads a
-    few small files synchronously, which is acceptable once per signal. A listener whose new
-    files cannot be used keeps its current certificates and says why.
+    The reload reads a few small files synchronously, in the reactor thread, which is
+    acceptable once per reload.
     """
 
     name = "tls-reloader"
 
-    def __init__(
-        self, reactor: Any, listeners: Sequence[ServerTLS], log: EventLog, signum: int = 0
-    ) -> None:
-        self._reactor = reactor
+    def __init__(self, listeners: Sequence[ServerTLS], log: EventLog) -> None:
         self._listeners = list(listeners)
         self._log = log
-        self._signum = signum or signal.SIGHUP
-        self._previous: Any = None
-
-    def privilegedStartService(self) -> None:
-        # Before the listeners bind (this service comes first): from the moment a listener
-        # is announced, a SIGHUP must reload, not kill with the default action.
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-        if self._previous is None:
-            self._previous = signal.signal(self._signum, self._on_signal)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        if self._previous is None:
-            self._previous = signal.signal(self._signum, self._on_signal)
         # An expired certificate still loads (clients refuse it, not OpenSSL): say so at
         # start as at every reload, rather than only in the clients' errors.
         for tls in self._listeners:
             self._warn_expired(tls, tls.certificates)
 
-    def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
-        if self._previous is not None:
-            signal.signal(self._signum, self._previous)
-            self._previous = None
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self.reload)
-
-    def reload(self) -> bool:
+    def reload(
+        self, listeners: Sequence[ServerTLS] | None = None, new: Sequence[ServerTLS] = ()
+    ) -> bool:
         """
-        Reload every listener's certificates; L{True} when all of them succeeded.
+        Reload the certificates of C{listeners} (by default those given last); L{True} when
+        all of them succeeded. C{new} are contexts a reload just built from the files: only
+        checked for expired certificates.
         """
+        if listeners is not None:
+            self._listeners = [*listeners, *new]
+            reloaded: Sequence[ServerTLS] = listeners
+        else:
+            reloaded = self._listeners
         ok = True
-        self._log.info("reload", tls_listeners=[tls.listener for tls in self._listeners])
-        for tls in self._listeners:
+        for tls in reloaded:
             try:
                 certificates = tls.reload()
             except TLSLoadError as e:
@@ -91,6 +74,8 @@ class CertificateReloader(Service):
                 certificates=[c.cert_path for c in certificates],
             )
             self._warn_expired(tls, certificates)
+        for tls in new:
+            self._warn_expired(tls, tls.certificates)
         return ok
 
     def _warn_expired(self, tls: ServerTLS, certificates: Sequence[_Certificate]) -> None:

@@ -80,8 +80,9 @@ _OPTIONS = (
     | OP_IGNORE_UNEXPECTED_EOF
 )
 
-#: ALPN names an HTTP/1.x listener must not offer: the client would then speak that protocol.
-_NOT_HTTP1 = {"h2", "h2c", "h3"}
+#: ALPN names an HTTP listener must not offer: the client would then speak a protocol it does
+#: not (HTTP/2 is offered as "h2"; "h2c" is cleartext only, RFC 9113 3.1; h3 is QUIC's).
+_NOT_HTTP = {"h2c", "h3"}
 
 _SETTINGS_KEYS = {
     "certificates",
@@ -220,8 +221,8 @@ def parse_listener_tls(
     for name in alpn:
         if not isinstance(name, str) or not name or len(name.encode()) > 255:
             raise fail("alpn", f"expected protocol names such as 'http/1.1', got {name!r}")
-        if protocol == "http" and name in _NOT_HTTP1:
-            raise fail("alpn", f"{name!r} is not HTTP/1.x, which is all this listener speaks")
+        if protocol == "http" and name in _NOT_HTTP:
+            raise fail("alpn", f"{name!r} is not a protocol this listener speaks over TLS")
     timeout = typed(
         "session_timeout", (int,), "a whole number of seconds", _DEFAULTS["session_timeout"]
     )

@@ -42,6 +42,7 @@ has to wait for a handshake after the first.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 from OpenSSL import SSL
@@ -186,6 +187,7 @@ class TLSServerProtocol:
             # protocol's request (GET ...) sent to the TLS port by mistake.
             answer = self.factory.plaintext_answer
             if answer is not None and 65 <= data[0] <= 90:
+                self.factory.plaintext_received(self, data)
                 self._answer_plaintext(answer)
                 return
         calls = self.factory.calls
@@ -355,6 +357,18 @@ class TLSServerProtocol:
         tls = self._tls
         return tls.get_peer_certificate() if tls is not None else None
 
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        """
+        The ALPN protocol the handshake chose (C{b"h2"}, C{b"http/1.1"}), or L{None}: what a
+        protocol that speaks several decides on, once the first bytes arrive.
+        """
+        tls = self._tls
+        if tls is None or not self._handshake_done:
+            return None
+        name = tls.get_app_data()
+        return name if isinstance(name, bytes) else None
+
     def getHandle(self) -> SSL.Connection | None:
         """The OpenSSL connection (what L{tls_info} and pyOpenSSL callers expect)."""
         return self._tls
@@ -518,6 +532,8 @@ class TLSListenerFactory:
         self.plaintext_answer = plaintext_answer
         self._stats = stats
         self._log = log
+        #: The status of the plain-text answer, if it is an HTTP response (for its count).
+        self._plaintext_status = _http_status(plaintext_answer)
         #: Runs a function once the current I/O event is handled.
         self.after_event = after_event_caller(clock)
 
@@ -555,6 +571,32 @@ class TLSListenerFactory:
             if isinstance(wrapped, TLSAware):
                 wrapped.tls_established(connection_facts(connection))
 
+    def plaintext_received(self, protocol: TLSServerProtocol, data: bytes) -> None:
+        """
+        A client spoke plain text (HTTP, by its first letter) to the TLS port: it is counted
+        (C{tls_plaintext}, a bad request, and the answer's status class) and logged with
+        what its first line says, as a refused request is.
+        """
+        stats = self._stats
+        if stats is not None:
+            stats.tls_plaintext += 1
+            stats.bad_requests += 1
+            if self._plaintext_status:
+                stats.count_response(self._plaintext_status)
+        if self._log is not None:
+            peer = protocol.getPeer()
+            line = _PLAIN_REQUEST_LINE.match(data)
+            self._log.warning(
+                "tls.plaintext",
+                listener=self.tls.listener,
+                client=getattr(peer, "host", str(peer)),
+                status=self._plaintext_status,
+                method=line.group(1).decode("ascii") if line else None,
+                # The path without its query string, which may carry credentials.
+                path=line.group(2).partition(b"?")[0].decode("latin-1") if line else None,
+                reason="plain text sent to a TLS port",
+            )
+
     def handshake_failed(self, protocol: TLSServerProtocol, reason: Failure) -> None:
         if self._log is not None:
             peer = protocol.getPeer()
@@ -564,6 +606,17 @@ class TLSListenerFactory:
                 client=getattr(peer, "host", str(peer)),
                 reason=_reason_text(reason),
             )
+
+
+#: The method and target of a plain-text HTTP request line, bounded.
+_PLAIN_REQUEST_LINE = re.compile(rb"([A-Z][A-Z0-9_-]{0,31}) ([!-~]{1,2048})")
+
+
+def _http_status(answer: bytes | None) -> int | None:
+    """The status code of C{answer} if it is an HTTP/1.x status line, else None."""
+    if answer and answer.startswith(b"HTTP/1.") and answer[9:12].isdigit():
+        return int(answer[9:12])
+    return None
 
 
 def _reason_text(reason: Any) -> str:

@@ -30,7 +30,15 @@ from persistproxy.logs import EventLog
 from persistproxy.upstream.header import HeaderFirstEndpoint, header_for
 from persistproxy.upstream.pool import Connector, KeyedConnector, KeyedPool, ServerPool
 
-__all__ = ["EndpointWrapper", "Router", "Server", "UpstreamGroup", "tcp_endpoint"]
+__all__ = [
+    "EndpointWrapper",
+    "LiveUpstream",
+    "Router",
+    "RouterSwitch",
+    "Server",
+    "UpstreamGroup",
+    "tcp_endpoint",
+]
 
 #: Turns the plain TCP endpoint of a server into the one to dial (TLS wraps it here).
 EndpointWrapper = Callable[[IStreamClientEndpoint, str], IStreamClientEndpoint]
@@ -160,6 +168,14 @@ class UpstreamGroup(Generic[C]):
         for pool in self.pools:
             pool.close()
 
+    def retire(self) -> None:
+        """
+        A reload replaced this group: close its idle connections now and its lent ones as
+        they come back, while what is queued for a connection is still served.
+        """
+        for pool in self.pools:
+            pool.retire()
+
 
 class Router:
     """
@@ -173,17 +189,27 @@ class Router:
         log: EventLog,
         wrap: Callable[[UpstreamConfig], EndpointWrapper | None] = lambda config: None,
         budget: DescriptorBudget | None = None,
+        previous: Router | None = None,
     ) -> None:
         """
         @param wrap: gives the endpoint wrapper of an upstream (its TLS), if any.
         @param budget: the process's descriptor budget, shared by every pool.
+        @param previous: the router this one replaces on a reload: its groups whose
+            configuration is unchanged are taken over, warm pools and all.
         """
         self._reactor = reactor
         self._configs = dict(configs)
         self._log = log
         self._budget = budget
         self.servers: dict[str, list[Server]] = {}
+        self._groups: dict[tuple[str, UpstreamConnector[Any]], UpstreamGroup[Any]] = {}
+        #: The names whose groups were taken over from C{previous}.
+        self.kept: set[str] = set()
         for name, config in self._configs.items():
+            if previous is not None and previous._configs.get(name) == config:
+                self.kept.add(name)
+                self.servers[name] = previous.servers[name]
+                continue
             wrapper = wrap(config)
             servers = []
             for host, port in config.servers:
@@ -197,7 +223,13 @@ class Router:
                     )
                 servers.append(Server(host, port, endpoint, tcp))
             self.servers[name] = servers
-        self._groups: dict[tuple[str, UpstreamConnector[Any]], UpstreamGroup[Any]] = {}
+        if previous is not None:
+            for key, group in previous._groups.items():
+                if key[0] in self.kept:
+                    self._groups[key] = group
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._configs
 
     def group(self, name: str, connector: UpstreamConnector[C]) -> UpstreamGroup[C]:
         """
@@ -244,3 +276,85 @@ class Router:
     def close(self) -> None:
         for group in self.groups:
             group.close()
+
+    def retire_replaced(self, successor: Router) -> list[str]:
+        """
+        Retire the groups C{successor} did not take over (see L{UpstreamGroup.retire});
+        returns their names.
+        """
+        retired = set()
+        for (name, _), group in self._groups.items():
+            if name not in successor.kept:
+                group.retire()
+                retired.add(name)
+        return sorted(retired)
+
+
+class RouterSwitch:
+    """
+    The router in use now. A reload swaps it; every L{LiveUpstream} handed out follows.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        #: Changes with every swap, so a handle notices with one comparison.
+        self.generation = 0
+
+    def swap(self, router: Router) -> Router:
+        """Use C{router} for new requests from now on; returns the one it replaces."""
+        previous, self.router = self.router, router
+        self.generation += 1
+        return previous
+
+    def upstream(self, name: str, connector: UpstreamConnector[C]) -> LiveUpstream[C]:
+        return LiveUpstream(self, name, connector)
+
+
+class LiveUpstream(Generic[C]):
+    """
+    The upstream group C{name} as a protocol holds it for the life of a listener's factory:
+    whatever group the current router has under that name, so that after a reload the next
+    request (even on a connection accepted before it) goes to the new servers and pools,
+    while a request already lent a connection finishes on its old pool. If a reload removed
+    the name, the group it last had stays (retired: its connections close as they return).
+
+    Resolving costs one integer comparison per C{pick()} until a reload.
+    """
+
+    __slots__ = ("_connector", "_generation", "_group", "_name", "_switch")
+
+    def __init__(self, switch: RouterSwitch, name: str, connector: UpstreamConnector[C]) -> None:
+        self._switch = switch
+        self._name = name
+        self._connector = connector
+        self._group: UpstreamGroup[C] | None = None
+        self._generation = -1
+        if name in switch.router:
+            self._current()
+        # Otherwise a listener of a reload names an upstream that the reload adds: it is
+        # resolved at the first pick, after the new router is in use.
+
+    def _current(self) -> UpstreamGroup[C]:
+        switch = self._switch
+        group = self._group
+        if self._generation != switch.generation or group is None:
+            router = switch.router
+            if self._name in router or group is None:
+                group = self._group = router.group(self._name, self._connector)
+            self._generation = switch.generation
+        return group
+
+    @property
+    def config(self) -> UpstreamConfig:
+        return self._current().config
+
+    @property
+    def servers(self) -> list[Server]:
+        return self._current().servers
+
+    @property
+    def pools(self) -> list[ServerPool[C]]:
+        return self._current().pools
+
+    def pick(self, key: Hashable | None = None) -> ServerPool[C] | KeyedPool[C]:
+        return self._current().pick(key)

@@ -15,17 +15,36 @@ concurrent clients on this kind of machine). Instead, idle connections count aga
 process's descriptor budget (L{persistproxy.descriptors.DescriptorBudget}): when a client or
 another connect needs a descriptor, the oldest idle connection of all pools is closed first.
 
+The keep-alive race (a connection lent just as its server closes it) is avoided rather than
+recovered from, because a request that must not be replayed can only get a 502 from it:
+
+ - Every server's idle limit is known or learned: its C{Keep-Alive: timeout} (the connection's
+   C{usable}), our C{idle_timeout}, and the age at which it closes idle pooled connections
+   (L{persistproxy.upstream.idle_estimate}). A connection within C{keepalive_margin} of the
+   limit (at most half of it) is not lent.
+ - A request that must not be replayed takes only the most recently used connection, and
+   only if it has been idle for at most L{SAFE_SHARE} of the limit; otherwise a new one.
+   Until the server has closed an idle connection (so nothing is learned), its limit for such
+   a request is what it has shown it tolerates: the longest the pool has seen it keep an idle
+   connection open, or C{assumed_idle_limit} if that is more. So even the first time a server
+   closes idle connections, a POST cannot be on one of them.
+ - Connections too old under the learned limit are left in the pool, not closed: the server
+   closes them, which is how the pool keeps learning (and corrects an estimate that relaxed
+   too far); the reaper takes those it never closes at C{idle_timeout}.
+
 Connections can also be lent by key (L{ServerPool.keyed}): a connection opened for a key is
 only ever lent again for that key, as when it started with a PROXY protocol header naming one
 client (a forward proxy would key on the destination). Keyed idle connections are kept by key
-(the most recent first, as above) and, all keys together, in the order they went idle: the
-reaper and the budget see them as any idle connection, and when C{pool_size} idle connections
-are held, the one idle longest (the least recently used key's) is closed to keep the newest.
-So keys cost nothing past their idle connections, and at most C{pool_size} are remembered.
+(the most recent first, under the same rules as above) and, all keys together, in the order
+they went idle: the reaper, the learning of the server's idle limit and the budget see them as
+any idle connection, and when C{pool_size} idle connections are held, the one idle longest
+(the least recently used key's) is closed to keep the newest. So keys cost nothing past their
+idle connections, and at most C{pool_size} are remembered.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -39,8 +58,16 @@ from persistproxy.descriptors import DescriptorBudget, out_of_descriptors
 from persistproxy.interfaces import C, ConnectionWaiter
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
+from persistproxy.upstream.idle_estimate import IdleEstimate
 
-__all__ = ["Connector", "KeyedConnector", "KeyedPool", "ServerPool"]
+__all__ = ["SAFE_SHARE", "Connector", "KeyedConnector", "KeyedPool", "ServerPool"]
+
+#: The share of a server's known or learned idle limit that a request which must not be
+#: replayed may find a pooled connection idle for. The learned limit is the lowest age at
+#: which the server was seen to close: half of it keeps a margin for a server whose timer
+#: varies, for the time the proxy takes to notice a close, and for one relaxation step of
+#: the estimate (see L{persistproxy.upstream.idle_estimate}).
+SAFE_SHARE = 0.5
 
 T = TypeVar("T")
 #: Opens one connection to the pool's server.
@@ -53,6 +80,8 @@ class ServerPool(Generic[C]):
     whatever L{persistproxy.interfaces.PooledConnection} its connector makes.
 
     @ivar active: connections lent out or being opened; bounded by C{max_connections}.
+    @ivar connects: connections opened (the connect succeeded); C{connect_failures}, the
+        attempts that failed.
     """
 
     def __init__(
@@ -74,6 +103,7 @@ class ServerPool(Generic[C]):
         self.address = address
         self.active = 0
         self.connects = 0
+        self.connect_failures = 0
         self._clock = clock
         self._config = config
         self._connect = connector
@@ -85,37 +115,70 @@ class ServerPool(Generic[C]):
         #: they went idle (oldest first) with their key.
         self._by_key: dict[Hashable, list[C]] = {}
         self._keyed_idle: dict[C, Hashable] = {}
-        self._waiters: deque[tuple[ConnectionWaiter[C], Deadline | None, Hashable | None]] = (
-            deque()
-        )
+        #: Who waits for a connection: its deadline, whether its request may be replayed, and
+        #: the key it wants a connection for.
+        self._waiters: deque[
+            tuple[ConnectionWaiter[C], Deadline | None, bool, Hashable | None]
+        ] = deque()
         self._reaper = Deadline(clock, self._reap)
         self._closed = False
         self._budget = budget if budget is not None else DescriptorBudget()
         self._budget.add_pool(self)
+        self._estimate = IdleEstimate(clock, config.idle_learn_window, config.idle_timeout)
+        #: The longest the server has been seen to keep an idle pooled connection open.
+        self._tolerated = 0.0
 
     @property
     def idle(self) -> int:
         return self._idle_count
 
     @property
+    def learned_idle(self) -> float | None:
+        """
+        Seconds this server is believed to keep an idle connection open, learned from its
+        closes of idle pooled connections; C{None} when nothing is learned (yet, or any more).
+        """
+        return self._estimate.limit()
+
+    @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def idle_ages(self) -> list[float]:
+        """
+        How long each idle connection has been idle, in seconds: for the status page, at
+        request time (a walk of at most C{pool_size} entries, never on the hot path).
+        """
+        now = self._clock.seconds()
+        ages = [now - c.idle_since for c in self._idle if c.in_pool]
+        return ages + [now - c.idle_since for c in self._keyed_idle]
 
     def keyed(self, key: Hashable) -> KeyedPool[C]:
         """The pool as one key sees it: connections opened for C{key}, lent only to it."""
         return KeyedPool(self, key)
 
     def acquire(
-        self, waiter: ConnectionWaiter[C], fresh: bool = False, key: Hashable | None = None
+        self,
+        waiter: ConnectionWaiter[C],
+        fresh: bool = False,
+        replayable: bool = True,
+        key: Hashable | None = None,
     ) -> None:
         """
         Lend a connection to C{waiter}: a pooled one unless C{fresh}, else a new one, else a
         place in the wait queue when C{max_connections} are already out.
 
+        @param replayable: whether the request may be sent again if the connection turns out
+            to be closed (the protocol's retry rules say); one that may not is lent only the
+            most recently used connection, idle for at most L{SAFE_SHARE} of the server's
+            limit, or else a new one.
         @param key: lend only a connection opened for this key (and open one for it).
         """
         if not fresh:
-            connection = self._pop_idle() if key is None else self._pop_keyed(key)
+            if key is None:
+                connection = self._pop_idle(replayable)
+            else:
+                connection = self._pop_keyed(key, replayable)
             if connection is not None:
                 self.active += 1
                 waiter.connection_ready(connection, True)
@@ -129,7 +192,7 @@ class ServerPool(Generic[C]):
             if self._config.queue_timeout:
                 deadline = Deadline(self._clock, lambda: self._queue_timeout(waiter))
                 deadline.arm(self._config.queue_timeout)
-            self._waiters.append((waiter, deadline, key))
+            self._waiters.append((waiter, deadline, replayable, key))
             return
         self._open(waiter, key)
 
@@ -143,7 +206,7 @@ class ServerPool(Generic[C]):
         now = self._clock.seconds()
         if (
             not reusable
-            or self._closed
+            or (self._closed and not self._waiters)
             or not connection.usable(now, 0.0)
             or self._budget.pressed()
         ):
@@ -152,7 +215,7 @@ class ServerPool(Generic[C]):
             return
         waiters = self._waiters
         while waiters:
-            waiter, deadline, wanted = waiters[0]
+            waiter, deadline, _, wanted = waiters[0]
             if waiter.cancelled:
                 waiters.popleft()
                 if deadline is not None:
@@ -163,22 +226,38 @@ class ServerPool(Generic[C]):
             waiters.popleft()
             if deadline is not None:
                 deadline.stop()
+            # Idle for no time at all: safe for any request.
             self.active += 1
             waiter.connection_ready(connection, True)
             return
+        if self._closed:
+            connection.close()
+            self._wake_waiter()
+            return
         if key is not None:
             self._push_keyed(connection, key, now)
-        elif self._idle_count >= self._config.pool_size:
-            connection.close()
-        else:
-            connection.idle_since = now
-            connection.in_pool = True
-            self._idle.append(connection)
-            self._idle_count += 1
-            if not self._reaper.armed:
-                self._reaper.arm(self._config.idle_timeout)
+            if waiters:
+                self._wake_waiter()  # the first waiter wants another key: the slot is its
+            return
+        if self._idle_count >= self._config.pool_size:
+            oldest = self._bottom()
+            if oldest is None:  # pool_size = 0
+                connection.close()
+                return
+            # Keep the young one: the oldest would be lent last, and if it is past the learned
+            # limit, never (it waits for the server's close).
+            self._idle.popleft()
+            oldest.in_pool = False
+            self._idle_count -= 1
+            oldest.close()
+        connection.idle_since = now
+        connection.in_pool = True
+        self._idle.append(connection)
+        self._idle_count += 1
+        if not self._reaper.armed:
+            self._reaper.arm(self._config.idle_timeout)
         if waiters:
-            self._wake_waiter()  # the first waiter wants another key: the freed slot is its
+            self._wake_waiter()  # the first waiter wants a key: the slot is its
 
     def forget(self) -> None:
         """
@@ -189,118 +268,70 @@ class ServerPool(Generic[C]):
 
     def close(self) -> None:
         """
-        Close idle connections now and lent ones as they come back.
+        Close idle connections now and lent ones as they come back; what waits for a
+        connection is refused.
         """
-        self._closed = True
-        self._reaper.stop()
-        for connection in list(self._keyed_idle):
-            self._drop_keyed(connection)
-            connection.close()
-        while self._idle:
-            connection = self._idle.pop()
-            connection.in_pool = False
-            connection.close()
-        self._idle_count = 0
+        self.retire()
         while self._waiters:
-            waiter, deadline, _ = self._waiters.popleft()
+            waiter, deadline, _, _ = self._waiters.popleft()
             if deadline is not None:
                 deadline.stop()
             if not waiter.cancelled:
                 waiter.connection_failed("shutting down", 503)
 
+    def retire(self) -> None:
+        """
+        A reload replaced the pool: close idle connections now and lent ones as they come
+        back, except that each one returned goes to the next request still waiting here
+        (those were admitted before the reload, and must not fail because of it).
+        """
+        self._closed = True
+        self._reaper.stop()
+        for keyed in list(self._keyed_idle):
+            self._drop_keyed(keyed)
+            keyed.close()
+        while self._idle:
+            connection = self._idle.pop()
+            connection.in_pool = False
+            connection.close()
+        self._idle_count = 0
+        # It never holds an idle connection again: nothing for the budget to shed here.
+        self._budget.remove_pool(self)
+
     # -- what the descriptor budget calls ------------------------------------------------------
 
     def oldest_idle_since(self) -> float | None:
-        idle = self._idle
-        while idle and not idle[0].in_pool:
-            idle.popleft()  # closed while idle; already uncounted
-        oldest = idle[0].idle_since if idle else None
-        keyed = self._oldest_keyed()
-        if keyed is not None and (oldest is None or keyed.idle_since < oldest):
-            return keyed.idle_since
-        return oldest
+        oldest = self._oldest()
+        return oldest.idle_since if oldest is not None else None
 
     def shed_oldest_idle(self) -> None:
-        keyed = self._oldest_keyed()
-        idle = self._idle
-        if keyed is not None and (not idle or keyed.idle_since < idle[0].idle_since):
-            self._drop_keyed(keyed)
-            keyed.close()
+        oldest = self._oldest()
+        if oldest is None:
             return
-        connection = idle.popleft()
-        connection.in_pool = False
-        self._idle_count -= 1
-        connection.close()
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _pop_idle(self) -> C | None:
-        now = self._clock.seconds()
-        margin = self._config.keepalive_margin
-        timeout = self._config.idle_timeout
-        # The margin never eats more than half of a short timeout, or nothing would be reused.
-        horizon = now - timeout + min(margin, timeout / 2)
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.in_pool:
-                continue  # closed while idle; already uncounted
-            connection.in_pool = False
-            self._idle_count -= 1
-            if connection.usable(now, margin) and connection.idle_since > horizon:
-                return connection
-            connection.close()
-        return None
-
-    def _reap(self) -> None:
-        now = self._clock.seconds()
-        timeout = self._config.idle_timeout
-        due: float | None = None
-        idle = self._idle
-        while idle:
-            oldest = idle[0]
-            if not oldest.in_pool:
-                idle.popleft()
-                continue
-            if oldest.idle_since + timeout > now:
-                due = oldest.idle_since + timeout
-                break
-            idle.popleft()
+        if oldest in self._keyed_idle:
+            self._drop_keyed(oldest)
+        else:
+            self._idle.popleft()
             oldest.in_pool = False
             self._idle_count -= 1
-            oldest.close()
-        while (keyed := self._oldest_keyed()) is not None:
-            if keyed.idle_since + timeout > now:
-                expires = keyed.idle_since + timeout
-                due = expires if due is None else min(due, expires)
-                break
-            self._drop_keyed(keyed)
-            keyed.close()
-        if due is not None:
-            self._reaper.arm(due - now)
-
-    def _on_lost(self, connection: C) -> None:
-        self._budget.upstream_closed()
-        # An idle connection that the origin closed stays in the deque, marked CLOSED, and is
-        # skipped later: removing it from the middle would be a linear search. A keyed one is
-        # found by its key, and leaves at once.
-        if connection.in_pool:
-            if connection in self._keyed_idle:
-                self._drop_keyed(connection)
-                return
-            connection.in_pool = False
-            self._idle_count -= 1
+        oldest.close()
 
     # -- keyed idle connections ---------------------------------------------------------------
 
     def _push_keyed(self, connection: C, key: Hashable, now: float) -> None:
         if self._idle_count >= self._config.pool_size:
-            # Full: the least recently used key's connection makes room for this one (that
-            # client is active now), or, with none keyed, this one is closed.
-            oldest = self._oldest_keyed()
-            if oldest is None:
+            # Full: the connection idle longest (the least recently used key's, or one lent to
+            # anyone) makes room for this one, whose client is active now.
+            oldest = self._oldest()
+            if oldest is None:  # pool_size = 0
                 connection.close()
                 return
-            self._drop_keyed(oldest)
+            if oldest in self._keyed_idle:
+                self._drop_keyed(oldest)
+            else:
+                self._idle.popleft()
+                oldest.in_pool = False
+                self._idle_count -= 1
             oldest.close()
         connection.idle_since = now
         connection.in_pool = True
@@ -314,26 +345,28 @@ class ServerPool(Generic[C]):
         if not self._reaper.armed:
             self._reaper.arm(self._config.idle_timeout)
 
-    def _pop_keyed(self, key: Hashable) -> C | None:
+    def _pop_keyed(self, key: Hashable, replayable: bool) -> C | None:
+        """L{_pop_idle} among C{key}'s own connections."""
         stack = self._by_key.get(key)
         if stack is None:
             return None
         now = self._clock.seconds()
         margin = self._config.keepalive_margin
-        timeout = self._config.idle_timeout
-        horizon = now - timeout + min(margin, timeout / 2)
+        horizon, keep_after = self._bounds(now, replayable)
         found = None
         while stack:
-            connection = stack.pop()
-            del self._keyed_idle[connection]
-            connection.in_pool = False
-            self._idle_count -= 1
-            if connection.usable(now, margin) and connection.idle_since > horizon:
-                found = connection
+            connection = stack[-1]
+            if connection.idle_since <= horizon or not connection.usable(now, margin):
+                self._drop_keyed(connection)
+                connection.close()
+                continue
+            if connection.idle_since <= keep_after or (
+                not replayable and not connection.usable(now, math.inf)
+            ):
                 break
-            connection.close()
-        if not stack:
-            del self._by_key[key]
+            self._drop_keyed(connection)
+            found = connection
+            break
         return found
 
     def _oldest_keyed(self) -> C | None:
@@ -352,14 +385,147 @@ class ServerPool(Generic[C]):
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _pop_idle(self, replayable: bool) -> C | None:
+        now = self._clock.seconds()
+        margin = self._config.keepalive_margin
+        horizon, keep_after = self._bounds(now, replayable)
+        idle = self._idle
+        while idle:
+            connection = idle[-1]
+            if not connection.in_pool:
+                idle.pop()
+                continue  # closed while idle; already uncounted
+            if connection.idle_since <= horizon or not connection.usable(now, margin):
+                # Too old for any request, and soon reaped anyway (or the server announced
+                # its close): close it now.
+                idle.pop()
+                connection.in_pool = False
+                self._idle_count -= 1
+                connection.close()
+                continue
+            if connection.idle_since <= keep_after or (
+                # Within the safe share of the limit the server announced, if any.
+                not replayable and not connection.usable(now, math.inf)
+            ):
+                return None
+            idle.pop()
+            connection.in_pool = False
+            self._idle_count -= 1
+            return connection
+        return None
+
+    def _bounds(self, now: float, replayable: bool) -> tuple[float, float]:
+        """
+        Idle since before the first, a connection is closed rather than lent; since before
+        the second, it is left in the pool (see the module docstring).
+        """
+        margin = self._config.keepalive_margin
+        timeout = self._config.idle_timeout
+        # The margin never eats more than half of a short timeout, or nothing would be reused.
+        horizon = now - timeout + min(margin, timeout / 2)
+        learned = self._estimate.limit()
+        # Idle since before these, a connection is left in the pool for another request (or
+        # for the server to close, which it learns from); the stack is ordered by idle_since,
+        # so the top one is the youngest and, when it is too old, so are all the others.
+        keep_after = -math.inf
+        if learned is not None:
+            keep_after = now - learned + min(margin, learned / 2)
+        if not replayable:
+            limit = learned
+            if limit is None:
+                limit = max(self._config.assumed_idle_limit, self._tolerated_now(now))
+            keep_after = max(keep_after, now - min(timeout, limit) * SAFE_SHARE)
+        return horizon, keep_after
+
+    def _tolerated_now(self, now: float) -> float:
+        """
+        The longest the server has kept an idle pooled connection open, counting the oldest
+        one open now. (A close it sent that the reactor has not read yet can make that a few
+        milliseconds too long; the safe share absorbs it.)
+        """
+        oldest = self._oldest()
+        if oldest is not None and now - oldest.idle_since > self._tolerated:
+            self._tolerated = now - oldest.idle_since
+        return self._tolerated
+
+    def _bottom(self) -> C | None:
+        """The oldest idle connection still open, if any, of those lent to anyone."""
+        idle = self._idle
+        while idle and not idle[0].in_pool:
+            idle.popleft()  # closed while idle; already uncounted
+        return idle[0] if idle else None
+
+    def _oldest(self) -> C | None:
+        """The oldest idle connection still open, keyed or not."""
+        bottom = self._bottom()
+        keyed = self._oldest_keyed()
+        if keyed is not None and (bottom is None or keyed.idle_since < bottom.idle_since):
+            return keyed
+        return bottom
+
+    def _reap(self) -> None:
+        now = self._clock.seconds()
+        timeout = self._config.idle_timeout
+        due: float | None = None
+        idle = self._idle
+        while idle:
+            oldest = idle[0]
+            if not oldest.in_pool:
+                idle.popleft()
+                continue
+            if oldest.idle_since + timeout > now:
+                due = oldest.idle_since + timeout
+                break
+            idle.popleft()
+            oldest.in_pool = False
+            self._idle_count -= 1
+            self._tolerated = max(self._tolerated, now - oldest.idle_since)
+            oldest.close()
+        while (keyed := self._oldest_keyed()) is not None:
+            expires = keyed.idle_since + timeout
+            if expires > now:
+                due = expires if due is None else min(due, expires)
+                break
+            self._drop_keyed(keyed)
+            self._tolerated = max(self._tolerated, now - keyed.idle_since)
+            keyed.close()
+        if due is not None:
+            self._reaper.arm(due - now)
+
+    def _on_lost(self, connection: C) -> None:
+        self._budget.upstream_closed()
+        # An idle connection that the origin closed stays in the deque, marked CLOSED, and is
+        # skipped later: removing it from the middle would be a linear search. A keyed one is
+        # found by its key, and leaves at once.
+        if connection.in_pool:
+            if connection in self._keyed_idle:
+                self._drop_keyed(connection)
+            else:
+                connection.in_pool = False
+                self._idle_count -= 1
+            if not self._closed:
+                self._learn(self._clock.seconds() - connection.idle_since)
+
+    def _learn(self, age: float) -> None:
+        """The server closed a connection idle for C{age} seconds: its limit is no more."""
+        before = self._estimate.observe(age)
+        after = self._estimate.limit()
+        if after is not None and (before is None or after < before * 0.9):
+            self._log.info(
+                "upstream.idle_limit_learned",
+                server=self.address,
+                seconds=round(after, 3),
+                before=None if before is None else round(before, 3),
+            )
+
     def _open(self, waiter: ConnectionWaiter[C], key: Hashable | None = None) -> None:
         self.active += 1
-        self.connects += 1
         self._budget.upstream_opening()
         keyed = self._keyed_connect
         d = self._connect() if key is None or keyed is None else keyed(key)
 
         def connected(connection: C) -> None:
+            self.connects += 1
             connection.on_lost = self._on_lost
             if waiter.cancelled:
                 self.release(connection, True, key)
@@ -368,6 +534,7 @@ class ServerPool(Generic[C]):
 
         def failed(failure: Failure) -> None:
             self.active -= 1
+            self.connect_failures += 1
             self._budget.upstream_closed()
             reason = failure.getErrorMessage() or repr(failure.value)
             # Out of descriptors is our state, not the origin's: 503 with Retry-After (the
@@ -392,15 +559,15 @@ class ServerPool(Generic[C]):
     def _wake_waiter(self) -> None:
         limit = self._config.max_connections
         while self._waiters and (not limit or self.active < limit):
-            waiter, deadline, key = self._waiters.popleft()
+            waiter, deadline, replayable, key = self._waiters.popleft()
             if deadline is not None:
                 deadline.stop()
             if not waiter.cancelled:
-                self.acquire(waiter, key=key)
+                self.acquire(waiter, replayable=replayable, key=key)
                 return
 
     def _queue_timeout(self, waiter: ConnectionWaiter[C]) -> None:
-        for i, (queued, _, _) in enumerate(self._waiters):
+        for i, (queued, _, _, _) in enumerate(self._waiters):
             if queued is waiter:
                 del self._waiters[i]
                 break
@@ -411,7 +578,7 @@ class ServerPool(Generic[C]):
 class KeyedPool(Generic[C]):
     """
     What C{pick(key)} gives a protocol (an L{persistproxy.interfaces.Pool}): one key's share
-    of a L{ServerPool}, whose limits, queue and idle timeout it shares.
+    of a L{ServerPool}, whose limits, queue, idle timeout and learning it shares.
     """
 
     __slots__ = ("_pool", "address", "key")
@@ -421,8 +588,10 @@ class KeyedPool(Generic[C]):
         self.key = key
         self.address = pool.address
 
-    def acquire(self, waiter: ConnectionWaiter[C], fresh: bool = False) -> None:
-        self._pool.acquire(waiter, fresh, self.key)
+    def acquire(
+        self, waiter: ConnectionWaiter[C], fresh: bool = False, replayable: bool = True
+    ) -> None:
+        self._pool.acquire(waiter, fresh, replayable, self.key)
 
     def release(self, connection: C, reusable: bool) -> None:
         self._pool.release(connection, reusable, self.key)

@@ -32,6 +32,13 @@ keep-alive, pipelining) and behaves by path:
                            values) and ``int(VALUE)`` bytes of body if under 1 MiB
 ``/many-headers/N``        200 with N extra header fields ``X-H<i>: <i>``
 ``/tiny-chunks/N``         chunked 200 of N 1-byte chunks, in one write
+``/stall/N``               200 announcing 2N bytes (Content-Length), sends N of them, then goes
+                           silent until the peer closes (60 s at most); the stats count such
+                           responses in ``stalls`` and those whose peer closed in ``stalls_cut``
+``/unread``                reads the request head and never its body, and answers nothing
+                           (60 s at most, then closes); counted in ``unread``
+``/page/N``                an HTML page with N images ``/bytes/N?i=<k>`` (a browser's page load)
+``/trailers``              chunked 200 ``hello`` with the trailer ``X-Checksum: 42``
 =========================  ==================================================================
 
 The stats also count the chunks of all chunked request bodies read (``chunks``), and
@@ -94,12 +101,16 @@ class Stats:
         self.paths: dict[str, int] = {}
         self.chunks = 0
         self.endless_trailer_bytes = 0
+        self.stalls = 0
+        self.stalls_cut = 0
+        self.unread = 0
 
     def as_json(self) -> bytes:
         return json.dumps({
             "accepts": self.accepts, "requests": self.requests, "open": self.open,
             "bad": self.bad, "ids": self.ids, "paths": self.paths, "chunks": self.chunks,
             "endless_trailer_bytes": self.endless_trailer_bytes,
+            "stalls": self.stalls, "stalls_cut": self.stalls_cut, "unread": self.unread,
         }).encode()
 
 
@@ -354,6 +365,15 @@ class Connection:
                 await self.send_simple(req, 404, b"unknown control path\n", conn_hdr)
             return keep
 
+        if path == "/unread":
+            # An origin that stops reading: the body stays in the kernel's buffers (and the
+            # StreamReader's, 2 * MAX_HEAD at most) until the peer gives up.
+            self.count(req)
+            STATS.unread += 1
+            log(f"conn {self.serial}: /unread, not reading the body")
+            await asyncio.sleep(60)
+            return False
+
         if path == "/continue" and "100-continue" in (req.get("expect") or "").lower():
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await self.writer.drain()
@@ -460,6 +480,22 @@ class Connection:
             await self.writer.drain()
             return keep
 
+        if len(parts) == 2 and parts[0] == "stall" and parts[1].isdigit():
+            n = int(parts[1])
+            await self.send_head(200, [("Content-Type", "application/octet-stream"),
+                                       ("Content-Length", str(2 * n))])
+            await self.send_pattern(n, chunked=False)
+            STATS.stalls += 1
+            try:  # silent; whatever the peer sends, it gets nothing more
+                while await asyncio.wait_for(self.reader.read(65536), 60):
+                    pass
+                STATS.stalls_cut += 1
+            except ConnectionError:
+                STATS.stalls_cut += 1
+            except TimeoutError:
+                pass
+            return False
+
         if path == "/close":
             await self.send_simple(req, 200, b"closing\n", [("Connection", "close")])
             return False
@@ -469,6 +505,20 @@ class Connection:
             await self.send_simple(req, 200, b"keep-alive timeout\n",
                                    [("Keep-Alive", f"timeout={parts[1]}"), *conn_hdr])
             self.idle_timeout = timeout
+            return keep
+
+        if len(parts) == 2 and parts[0] == "page" and parts[1].isdigit():
+            n = int(parts[1])
+            images = "".join(f'<img src="/bytes/{100 + i}?i={i}">' for i in range(n))
+            body = f"<!doctype html><html><body><p>page</p>{images}</body></html>".encode()
+            await self.send_simple(req, 200, body, conn_hdr, "text/html")
+            return keep
+
+        if path == "/trailers":
+            await self.send_head(200, [("Content-Type", "text/plain"),
+                                       ("Transfer-Encoding", "chunked"), *conn_hdr])
+            self.writer.write(b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n")
+            await self.writer.drain()
             return keep
 
         if path == "/hop":

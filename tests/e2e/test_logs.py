@@ -276,5 +276,5 @@ def test_an_access_log_file_that_cannot_be_opened_stops_the_start(
         cwd=directory, capture_output=True, timeout=60, check=False)
     assert result.returncode == 1
     assert result.stderr.decode().strip().splitlines()[-1] == (
-        f"persistproxy: [log] access_log: cannot open {directory / 'access.log'}: "
+        f"persistproxy: persistproxy.toml: log.access_log: cannot open {directory / 'access.log'}: "
         "No such device or address")

@@ -355,13 +355,14 @@ def test_sighup_reloads_certificates_and_keeps_established_connections(
         assert roundtrip(kept)[0] == 200
         assert peer_names(kept) == ["site.test", "localhost"]
 
-        # A bad file at reload: the current certificates stay, and the log says why.
+        # A bad file at reload makes the configuration invalid, as --check would say: it is
+        # kept out whole, the current certificates stay, and the log says why.
         cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
         os.kill(proxy.pid, signal.SIGHUP)
-        failed = proxy.wait_event("tls.reload_failed", 5)
+        failed = proxy.wait_event("config.reload_failed", 5)
         assert failed is not None
-        assert failed["file"] == str(cert)
-        assert "not a PEM certificate" in failed["reason"]
+        assert f"listener.web.tls.certificates[0].cert: cannot load {cert}" in failed["error"]
+        assert "not a PEM certificate" in failed["error"]
         with tls_connect(proxy.port, pki) as fresh:
             assert peer_names(fresh) == ["site.test", "renewed.test"]
         assert roundtrip(kept)[0] == 200

@@ -56,6 +56,8 @@ class FakeOrigin:
                 self.config.response_timeout,
                 self.config.max_requests,
                 self.config.max_header_count,
+                self.config.read_timeout,
+                self.config.write_timeout,
             )
             connection.makeConnection(StringTransport())
             self.connections.append(connection)

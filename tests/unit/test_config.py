@@ -55,6 +55,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
     assert up.servers == (("127.0.0.1", 8081), ("::1", 8082))
     assert (up.pool_size, up.idle_timeout, up.max_requests) == (256, 60, 1000)
     assert (up.connect_timeout, up.response_timeout) == (5, 60)
+    assert (up.keepalive_margin, up.idle_learn_window, up.assumed_idle_limit) == (1, 60, 1)
 
 
 def test_every_documented_key_in_the_sample_file_is_accepted() -> None:
@@ -80,6 +81,16 @@ def test_wrong_type(tmp_path: Path) -> None:
     assert "listener.web.max_requests: expected an integer" in _error(tmp_path, text)
     text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nheader_timeout = -1\n', 1)
     assert "listener.web.header_timeout: must be >= 0" in _error(tmp_path, text)
+
+
+def test_idle_limit_keys_are_validated(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD + "idle_learn_window = -1\n")
+    assert "upstream.app.idle_learn_window: must be >= 0, got -1" in message
+    message = _error(tmp_path, GOOD + 'assumed_idle_limit = "1s"\n')
+    assert "upstream.app.assumed_idle_limit: expected a number of seconds" in message
+    config = _load(tmp_path, GOOD + "idle_learn_window = 0\nassumed_idle_limit = 2.5\n")
+    up = config.upstreams["app"]  # type: ignore[attr-defined]
+    assert (up.idle_learn_window, up.assumed_idle_limit) == (0, 2.5)
 
 
 def test_undefined_upstream_and_bad_servers(tmp_path: Path) -> None:
@@ -135,9 +146,11 @@ def test_log_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.access_log_file, config.log_buffer_size) == ("", 1048576)
     config = _load(tmp_path, '[log]\naccess_log = "stdout"\nbuffer_size = 65536\n' + GOOD)
     assert (config.access_log_file, config.log_buffer_size) == ("", 65536)
-    # A relative file is relative to where twistd starts (made absolute before any chdir).
+    # A relative file is relative to the configuration file's directory, wherever twistd
+    # starts (made absolute before any chdir).
     (tmp_path / "logs").mkdir()
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     config = _load(tmp_path, '[log]\naccess_log = "logs/access.log"\n' + GOOD)
     assert config.access_log_file == str(tmp_path / "logs" / "access.log")
 
@@ -244,6 +257,66 @@ def test_systemd_endpoints_are_checked_by_hand_without_their_sockets(
         assert problem in message, (bind, message)
 
 
+def test_stall_timeouts_and_minimum_rates(tmp_path: Path) -> None:
+    config: Any = _load(tmp_path, GOOD)
+    up = config.upstreams["app"]
+    assert (up.read_timeout, up.write_timeout) == (60, 60)
+    listener = config.listeners[0]
+    assert (listener.min_body_rate, listener.min_body_rate_window) == (0, 10)
+    assert (listener.min_send_rate, listener.min_send_rate_window) == (0, 10)
+
+    def listener_error(line: str) -> str:
+        text = GOOD.replace('upstream = "app"\n', f'upstream = "app"\n{line}\n', 1)
+        return _error(tmp_path, text)
+
+    assert "listener.web.min_body_rate: must be >= 0, got -1" in listener_error(
+        "min_body_rate = -1"
+    )
+    assert "listener.web.min_send_rate: expected an integer, got 1.5" in listener_error(
+        "min_send_rate = 1.5"
+    )
+    assert "listener.web.min_body_rate_window: must be > 0, got 0" in listener_error(
+        "min_body_rate_window = 0"
+    )
+    assert "listener.web.min_send_rate_window: must be >= 0, got -2" in listener_error(
+        "min_send_rate_window = -2"
+    )
+    assert "upstream.app.read_timeout: must be >= 0, got -1" in _error(
+        tmp_path, GOOD + "read_timeout = -1\n"
+    )
+    assert "upstream.app.write_timeout: expected a number of seconds" in _error(
+        tmp_path, GOOD + 'write_timeout = "60"\n'
+    )
+    text = GOOD.replace(
+        'upstream = "app"\n', 'upstream = "app"\nmin_body_rate = 1024\nmin_send_rate = 4096\n', 1
+    )
+    listener = _load(tmp_path, text).listeners[0]  # type: ignore[attr-defined]
+    assert (listener.min_body_rate, listener.min_send_rate) == (1024, 4096)
+
+
+def test_a_minimal_file_gets_every_default_of_the_config_classes() -> None:
+    """Defaults are written once, as the config dataclasses' field defaults: a file that sets
+    nothing but the required keys gets exactly those."""
+    import dataclasses
+
+    from persistproxy.config import ListenerConfig, ProxyConfig, UpstreamConfig
+
+    doc = {
+        "listener": [{"name": "web", "bind": "tcp:0", "upstream": "app"}],
+        "upstream": [{"name": "app", "servers": ["127.0.0.1:1"]}],
+    }
+    config = parse_config(doc, "<test>")
+    for cls, value in (
+        (ListenerConfig, config.listeners[0]),
+        (UpstreamConfig, config.upstreams["app"]),
+        (ProxyConfig, config),
+    ):
+        for f in dataclasses.fields(cls):
+            skip = ("source", "base", "upstream")  # what the file itself sets
+            if f.default is not dataclasses.MISSING and f.name not in skip:
+                assert getattr(value, f.name) == f.default, (cls.__name__, f.name)
+
+
 # -- the PROXY protocol ----------------------------------------------------------------------
 
 
@@ -276,6 +349,10 @@ def test_proxy_protocol_keys_are_read_and_checked(tmp_path: Path) -> None:
     assert config.upstreams["app"].send_proxy_protocol == "v2"
     off: Any = _load(tmp_path, GOOD + "send_proxy_protocol = false\n")
     assert off.upstreams["app"].send_proxy_protocol == ""
+    off = _load(tmp_path, GOOD + 'send_proxy_protocol = ""\n')  # as --check --verbose says it
+    assert off.upstreams["app"].send_proxy_protocol == ""
+    default = 'upstream = "app"\nproxy_protocol_from = ["127.0.0.0/8", "::1/128"]\n'
+    assert _load(tmp_path, GOOD.replace('upstream = "app"\n', default, 1))
 
 
 SEND = 'upstream.app.send_proxy_protocol: expected "v1" or "v2", '
@@ -312,7 +389,6 @@ SEND = 'upstream.app.send_proxy_protocol: expected "v1" or "v2", '
         ),
         ("", 'send_proxy_protocol = "v3"', SEND + "got 'v3'"),
         ("", "send_proxy_protocol = true", SEND + "got True"),
-        ("", 'send_proxy_protocol = ""', SEND + "got ''"),
     ],
 )
 def test_proxy_protocol_mistakes_are_one_line(

@@ -66,6 +66,34 @@ def test_the_tcp_plugin_is_written_against_the_interfaces_only() -> None:
     ), used
 
 
+EXAMPLE = PACKAGE.parent / "examples" / "redis"
+
+
+def test_the_redis_example_is_written_against_the_interfaces_only() -> None:
+    """The Redis plugin, a separate distribution, imports of persistproxy what any third
+    party may: the plugin interface (and the public byte relay, which it does not need)."""
+    files = [
+        *sorted((EXAMPLE / "persistproxy_redis").rglob("*.py")),
+        EXAMPLE / "persistproxy" / "plugins" / "redis_proxy.py",
+    ]
+    used = {
+        (path.name, m)
+        for path in files
+        for m in _imports(path)
+        if m.split(".")[0] == "persistproxy"
+    }
+    assert len(files) > 4 and used
+    assert all(m in ("persistproxy.interfaces", "persistproxy.relay") for _, m in used), used
+
+
+def test_the_redis_example_ships_no_package_of_persistproxys() -> None:
+    """Its plugin module sits in persistproxy/plugins/ with no __init__.py above it, so
+    installing it adds one file to persistproxy's plugin directory and replaces nothing."""
+    assert (EXAMPLE / "persistproxy" / "plugins" / "redis_proxy.py").exists()
+    assert not (EXAMPLE / "persistproxy" / "__init__.py").exists()
+    assert not (EXAMPLE / "persistproxy" / "plugins" / "__init__.py").exists()
+
+
 def test_only_net_and_tls_reach_into_twisted_and_pyopenssl_internals() -> None:
     """Private modules of Twisted and pyOpenSSL (C{_sslverify}, C{_util}) are imported only
     inside net/ and tls/, where the start-up self-check fences them."""

@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 
 from persistproxy.config import ListenerConfig
+from persistproxy.errors import StartupError
 from persistproxy.http.plugin import HTTPProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
@@ -61,7 +62,8 @@ def test_it_binds_before_privileges_are_dropped_and_says_where(
     listener = _Listener(memory_reactor)
     assert memory_reactor.tcpServers == []
     listener.service.privilegedStartService()
-    [(port, factory, _, interface)] = memory_reactor.tcpServers
+    [(port, behind_the_port, _, interface)] = memory_reactor.tcpServers
+    factory = behind_the_port.current  # what a reload may replace without rebinding
     assert (port, interface) == (0, "127.0.0.1")
     assert isinstance(factory, ListenerFactory), "every connection is admitted first"
     assert factory.wrappedFactory is listener.plugin_factory
@@ -81,7 +83,8 @@ def test_a_tls_listener_terminates_tls_around_the_admitted_connections(
     listener = _Listener(memory_reactor, tls=tls, access_log=False)
     assert isinstance(listener.service.tls, ServerTLS), "contexts built once, here"
     listener.service.privilegedStartService()
-    [(_, factory, _, _)] = memory_reactor.tcpServers
+    [(_, behind_the_port, _, _)] = memory_reactor.tcpServers
+    factory = behind_the_port.current
     assert isinstance(factory, TLSListenerFactory)
     assert isinstance(factory.wrappedFactory, ListenerFactory)
     assert factory.plaintext_answer == HTTPProtocolPlugin.plaintext_answer
@@ -101,21 +104,23 @@ class _Busy(MemoryReactorClock):
         (MemoryReactorClock(), "systemd:domain=INET:name=web", "no inherited socket named"),
     ],
 )
-def test_a_bind_failure_is_one_line_and_exit_status_1(
+def test_a_bind_failure_is_one_line_naming_the_key(
     reactor: MemoryReactorClock,
     bind: str,
     reason: str,
-    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """
+    The line the twistd plugin prints on stderr, after the file's name, before exiting 1
+    (tests/unit/test_tap.py, tests/e2e/test_operations.py).
+    """
     monkeypatch.delenv("LISTEN_FDS", raising=False)
     monkeypatch.delenv("LISTEN_FDNAMES", raising=False)
     listener = _Listener(reactor, bind=bind)
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(StartupError) as error:
         listener.service.privilegedStartService()
-    assert exit_.value.code == 1
-    [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"persistproxy: listener web: cannot listen on {bind!r}: "), line
+    [line] = str(error.value).splitlines()
+    assert line.startswith(f"listener.web.bind: cannot listen on {bind!r}: "), line
     assert reason in line, line
     assert not [e for e in listener.events() if e["event"] == "listener.started"]
 
@@ -141,7 +146,8 @@ def test_the_proxy_protocol_header_is_read_before_tls_and_admission(
     tls = {"certificates": [{"cert": pki.site[0], "key": pki.site[1]}]}
     listener = _Listener(memory_reactor, tls=tls, proxy_protocol=True, header_timeout=4.0)
     listener.service.privilegedStartService()
-    [(_, factory, _, _)] = memory_reactor.tcpServers
+    [(_, behind_the_port, _, _)] = memory_reactor.tcpServers
+    factory = behind_the_port.current
     assert isinstance(factory, ProxyHeaderFactory), "the header comes in clear, first"
     assert factory.timeout == 4.0 and factory.limits is listener.limits
     assert isinstance(factory.wrappedFactory, TLSListenerFactory)
@@ -152,9 +158,7 @@ def test_the_proxy_protocol_header_is_read_before_tls_and_admission(
 
 
 def test_without_usable_twisted_parsers_a_proxy_protocol_listener_does_not_start(
-    memory_reactor: MemoryReactorClock,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    memory_reactor: MemoryReactorClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fakes import force_fallback
 
@@ -165,14 +169,12 @@ def test_without_usable_twisted_parsers_a_proxy_protocol_listener_does_not_start
         plain = _Listener(memory_reactor)
         plain.service.privilegedStartService()  # a listener without it is not affected
         listener = _Listener(memory_reactor, proxy_protocol=True)
-        with pytest.raises(SystemExit) as exit_:
+        with pytest.raises(StartupError) as error:
             listener.service.privilegedStartService()
     finally:
         monkeypatch.undo()
         problem.cache_clear()
-    assert exit_.value.code == 1
-    [line] = capsys.readouterr().err.splitlines()
-    assert line == (
-        "persistproxy: listener web: proxy_protocol: Twisted's PROXY protocol parsers are "
-        "not usable: no V1Parser"
+    assert str(error.value) == (
+        "listener.web.proxy_protocol: Twisted's PROXY protocol parsers are not usable: "
+        "no V1Parser"
     )

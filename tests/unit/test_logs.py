@@ -30,16 +30,8 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from persistproxy.logs import (
-    AccessLog,
-    FdSink,
-    FileSink,
-    LogOutput,
-    LogReopener,
-    _Pending,
-    make_event_log,
-    twisted_observer,
-)
+from persistproxy.log_output import FdSink, FileSink, LogOutput, LogReopener, _Pending
+from persistproxy.logs import AccessLog, make_event_log, twisted_observer
 from persistproxy.metrics import ProxyStats, StatsCollector
 
 WAIT = 10.0
@@ -416,7 +408,7 @@ def test_a_line_logged_by_a_signal_handler_inside_write_does_not_deadlock() -> N
     process, whose hang would be a timeout here rather than a hung test run."""
     script = """
 import os, signal
-from persistproxy.logs import FdSink, LogOutput
+from persistproxy.log_output import FdSink, LogOutput
 out = LogOutput("stdout", FdSink(1))
 signal.signal(signal.SIGUSR2, lambda *args: out.write("from the handler\\n"))
 with out._lock:  # as if the main thread were inside write() when the signal came

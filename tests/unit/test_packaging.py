@@ -41,5 +41,5 @@ def _pins() -> dict[str, Version]:
 
 def test_the_oldest_constraints_pin_every_lower_bound_of_setup_cfg() -> None:
     bounds = _lower_bounds()
-    assert len(bounds) == 6, "every run-time dependency has a lower bound"
+    assert len(bounds) == 8, "every run-time dependency has a lower bound"
     assert _pins() == bounds

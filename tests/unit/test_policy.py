@@ -50,6 +50,15 @@ def test_only_idempotent_methods_without_a_body_and_without_a_response_are_retri
     assert not policy.may_retry(b"GET", False, True, True, 0, 0)
 
 
+def test_replayable_is_what_the_retry_rules_could_ever_send_again() -> None:
+    """What the pool is told when it lends a connection (the keep-alive race)."""
+    for method in IDEMPOTENT_METHODS:
+        assert RetryPolicy.replayable(method, has_body=False)
+        assert not RetryPolicy.replayable(method, has_body=True)
+    for method in (b"POST", b"PATCH", b"CONNECT", b"PROPFIND"):
+        assert not RetryPolicy.replayable(method, has_body=False)
+
+
 def test_a_fresh_connection_spends_the_retry_budget_a_pooled_one_the_stale_budget() -> None:
     policy = RetryPolicy(retries=1, max_stale=3)
     assert policy.may_retry(b"GET", False, False, reused=False, retries_done=0, stale_done=5)

@@ -21,7 +21,7 @@ from pki import PKI, make_pki
 from tlsfakes import Link, Sink, Upstream, client_context, listener
 from twisted.internet import abstract, interfaces, tcp
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from persistproxy.errors import StartupError
 from persistproxy.http.client_connection import ClientConnection
 from persistproxy.logs import make_event_log
 from persistproxy.net import fastwrite
@@ -95,7 +96,7 @@ def test_makeservice_logs_each_failed_probe_once_before_anything_listens(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     from persistproxy import tap
-    from persistproxy.logs import FileSink, LogOutput
+    from persistproxy.log_output import FileSink, LogOutput
 
     output = LogOutput("stdout", FileSink(str(tmp_path / "stdout.log")))
     monkeypatch.setattr(tap, "stdout_output", lambda: output)
@@ -182,7 +183,9 @@ def test_a_twisted_buffering_elsewhere_turns_direct_writes_off_and_responses_sti
     assert finding == "a twisted.internet.tcp.Connection has no _tempDataLen"
     line = _logged_once("fastwrite")
     assert "_tempDataLen" in line["attribute"]
-    assert line["fallback"] == "Twisted's transport.write() and loseWriteConnection()"
+    assert line["fallback"] == (
+        "Twisted's transport.write() and loseWriteConnection(); min_send_rate not enforced"
+    )
     h = Harness()
     for _ in range(3):  # the probe ran once; connections only consult its result
         client, transport, peer = _socket_client(h)
@@ -530,8 +533,13 @@ def test_a_drain_clears_the_exit_signal_where_the_reactor_has_one_and_is_fine_wi
 def _metrics(endpoint: Any) -> tuple[Any, _Log]:
     from persistproxy.metrics_service import _MetricsService
 
+    class Drained:
+        def when_drained(self) -> Deferred[None]:
+            return succeed(None)
+
     log = _Log()
-    return _MetricsService(endpoint, Site(Resource()), log.log), log
+    service = _MetricsService(endpoint, Site(Resource()), log.log, "tcp:9100", Drained())
+    return service, log
 
 
 def test_the_metrics_listener_listens_before_privileges_drop_logs_and_stops() -> None:
@@ -545,7 +553,7 @@ def test_the_metrics_listener_listens_before_privileges_drop_logs_and_stops() ->
         (9100, "127.0.0.1")
     ]
     started = [json.loads(line) for line in log.stream.getvalue().splitlines()]
-    assert [(e["event"], e["path"]) for e in started] == [("metrics.started", "/metrics")]
+    assert [(e["event"], e["paths"][0]) for e in started] == [("metrics.started", "/metrics")]
     stopped: list[Any] = []
     service.stopService().addBoth(stopped.append)
     assert stopped == [None]
@@ -557,7 +565,7 @@ def test_a_metrics_port_that_cannot_be_bound_stops_start_up() -> None:
             return fail(CannotListenError("127.0.0.1", 9100, OSError("address in use")))
 
     service, _ = _metrics(Taken())
-    with pytest.raises(CannotListenError):
+    with pytest.raises(StartupError, match=r"^metrics\.bind: cannot listen on 'tcp:9100': "):
         service.privilegedStartService()
 
 

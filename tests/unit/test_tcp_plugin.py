@@ -179,6 +179,9 @@ def test_config_unknown_keys_and_http_settings_are_rejected() -> None:
         ConfigError, match=r"listener.relay.keepalive_timeout: an HTTP setting, not used by"
     ):
         _parse('upstream = "app"\nkeepalive_timeout = 5')
+    for key in ("min_body_rate", "min_send_rate", "min_body_rate_window", "min_send_rate_window"):
+        with pytest.raises(ConfigError, match=rf"listener.relay.{key}: an HTTP setting"):
+            _parse(f'upstream = "app"\n{key} = 5')
 
 
 # -- a relayed connection --------------------------------------------------------------------

@@ -291,7 +291,9 @@ def test_config_errors_name_the_key_and_the_file(pki: PKI, tmp_path: Path) -> No
         {"certificates": [site], "session_cache": "yes"}
     )
     assert "session_timeout: must be >= 1" in _error({"certificates": [site], "session_timeout": 0})
-    assert "alpn: 'h2' is not HTTP/1.x" in _error({"certificates": [site], "alpn": ["h2"]})
+    assert "alpn: 'h2c' is not a protocol this listener speaks over TLS" in _error(
+        {"certificates": [site], "alpn": ["h2c", "http/1.1"]}
+    )
     missing = str(tmp_path / "missing.pem")
     message = _error({"certificates": [{"cert": missing, "key": pki.site[1]}]})
     assert message.endswith(

@@ -1,15 +1,14 @@
 """
-Certificate reload (tls/reload.py): SIGHUP schedules the reload on the reactor; new files are
-served to new connections while the session context and the connections already made are
-kept; a bad file keeps the old certificates and says why; an expired certificate is warned
-about at start and at every reload.
+Certificate reload (tls/reload.py), as a configuration reload asks for it (SIGHUP itself is
+tests/unit/test_reload.py's): new files are served to new connections while the session
+context and the connections already made are kept; a bad file keeps the old certificates and
+says why; an expired certificate is warned about at start and at every reload.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -68,7 +67,7 @@ def test_a_bad_file_at_reload_keeps_the_old_certificates(pki: PKI, tmp_path: Pat
     old = tls.context_for(None)
     cert.write_text("not a certificate\n")
     stream = io.StringIO()
-    reloader = CertificateReloader(Clock(), [tls], make_event_log(stream))
+    reloader = CertificateReloader([tls], make_event_log(stream))
     assert reloader.reload() is False
     assert tls.context_for(None) is old
     event = json.loads(stream.getvalue().splitlines()[-1])
@@ -77,32 +76,6 @@ def test_a_bad_file_at_reload_keeps_the_old_certificates(pki: PKI, tmp_path: Pat
     assert "not a PEM certificate" in event["reason"]
     with pytest.raises(TLSLoadError):
         tls.reload()
-
-
-class _CallFromThread:
-    def __init__(self) -> None:
-        self.calls: list[Any] = []
-
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        self.calls.append(f)
-
-
-def test_sighup_schedules_a_reload_on_the_reactor(pki: PKI) -> None:
-    tls = ServerTLS(settings(pki.site), "web")
-    reactor = _CallFromThread()
-    stream = io.StringIO()
-    reloader = CertificateReloader(reactor, [tls], make_event_log(stream))
-    previous = signal.getsignal(signal.SIGHUP)
-    reloader.startService()
-    try:
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert reactor.calls == [reloader.reload]
-        reactor.calls[0]()
-        events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
-        assert events == ["reload", "tls.reloaded"]
-    finally:
-        reloader.stopService()
-    assert signal.getsignal(signal.SIGHUP) == previous
 
 
 def test_an_expired_certificate_is_warned_about_at_start_and_at_reload(pki: PKI) -> None:
@@ -114,7 +87,7 @@ def test_an_expired_certificate_is_warned_about_at_start_and_at_reload(pki: PKI)
     )
     tls = ServerTLS(settings(pki.site, expired), "web")
     stream = io.StringIO()
-    reloader = CertificateReloader(_CallFromThread(), [tls], make_event_log(stream))
+    reloader = CertificateReloader([tls], make_event_log(stream))
 
     def warnings() -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in stream.getvalue().splitlines()]

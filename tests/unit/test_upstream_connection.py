@@ -37,6 +37,8 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
         self.body = b""
+        #: Which timeout each failure was, if one ("response", "read", "write").
+        self.which: list[str] = []
 
     def response_interim(self, status: int, reason: bytes, headers: list[Any]) -> None:
         self.events.append(("interim", status, headers))
@@ -50,8 +52,9 @@ class Sink:
     def response_complete(self, connection: UpstreamConnection, reusable: bool) -> None:
         self.events.append(("complete", reusable))
 
-    def upstream_failed(self, reason: str, timeout: bool) -> None:
+    def upstream_failed(self, reason: str, timeout: bool, which: str = "") -> None:
         self.events.append(("failed", reason, timeout))
+        self.which.append(which)
 
     def kinds(self) -> list[str]:
         return [e[0] for e in self.events]
@@ -252,6 +255,55 @@ def test_no_response_head_within_response_timeout_fails_with_a_timeout() -> None
     clock.advance(0.2)
     assert sink.events == [("failed", "no response head within 2s", True)]
     assert connection.transport.disconnecting  # type: ignore[union-attr]
+
+
+class _Producer:
+    """The client connection, as the request body's producer."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def test_each_timeout_says_which_it_was() -> None:
+    clock = Clock()
+    connection = _connection(clock, response_timeout=2)
+    sink = _request(connection)
+    clock.advance(2.1)
+    assert sink.which == ["response"]
+
+    connection = _connection(clock, read_timeout=3)
+    sink = _request(connection)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    clock.advance(2.9)
+    connection.dataReceived(b"de")
+    clock.advance(2.9)
+    assert sink.events[-1][0] == "head"
+    clock.advance(0.2)
+    assert sink.events[-1] == ("failed", "no response bytes for 3s (44 bytes received)", True)
+    assert sink.which == ["read"]
+
+    connection = _connection(clock, write_timeout=4)
+    sink = Sink()
+    connection.send_head(sink, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n",
+                         b"POST", False)
+    producer = _Producer()
+    connection.throttle(producer)
+    connection.transport.producer.pauseProducing()  # type: ignore[union-attr]
+    assert producer.paused
+    clock.advance(3.9)
+    assert sink.events == []
+    clock.advance(0.2)
+    assert sink.events == [("failed", "origin read no request body for 4s", True)]
+    assert sink.which == ["write"]
 
 
 def test_the_response_timeout_ends_with_the_head_and_is_stopped_on_close() -> None:
