@@ -214,9 +214,28 @@ def _listener_lines(lc: ListenerConfig) -> Iterator[str]:
 def _upstream_lines(up: UpstreamConfig) -> Iterator[str]:
     yield "[[upstream]]"
     for f in fields(UpstreamConfig):
+        if f.name in ("weights", "backups"):
+            continue  # part of servers
         value = getattr(up, f.name)
+        if f.name == "health_check":
+            if value is not None:
+                items = ", ".join(
+                    f"{k.name} = {_value(getattr(value, k.name))}" for k in fields(value)
+                )
+                yield f"health_check = {{ {items} }}"
+            continue
         if f.name == "servers":
-            value = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in value]
+            addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in value]
+            if up.weights or up.backups:
+                weights = up.weights or (1,) * len(addresses)
+                backups = up.backups or (False,) * len(addresses)
+                tables = [
+                    f"{{ address = {_value(a)}, weight = {w}, backup = {_value(b)} }}"
+                    for a, w, b in zip(addresses, weights, backups, strict=True)
+                ]
+                yield f"servers = [{', '.join(tables)}]"
+                continue
+            value = addresses
         yield f"{f.name} = {_value(value)}"
 
 

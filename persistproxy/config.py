@@ -24,13 +24,32 @@ from persistproxy.tls.server import parse_listener_tls
 from persistproxy.tls.trust import load_trust_root
 
 __all__ = [
+    "BALANCE_METHODS",
     "ConfigError",
+    "HealthCheckConfig",
     "ListenerConfig",
     "ProxyConfig",
     "UpstreamConfig",
     "load_config",
     "parse_config",
 ]
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """
+    An upstream's C{health_check} table: a probe every C{interval} seconds, failed if not
+    done within C{timeout}; C{rise} successes in a row bring a server that is down back,
+    C{fall} failures in a row take one that is up out. HTTP probes C{GET path} and want the
+    status C{expect}; a C{tcp} upstream's probe is a connect.
+    """
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    expect: int = 200
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,22 @@ class UpstreamConfig:
     #: "v1" or "v2": each connection starts with a PROXY protocol header naming the client it
     #: serves (and is then never lent to another client); "" sends none.
     send_proxy_protocol: str = ""
+    #: Passive health (nginx's meaning): this many failed connects within fail_timeout
+    #: seconds take a server out of the rotation for fail_timeout seconds; 0 = never.
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    #: How a server is chosen: one of L{BALANCE_METHODS}.
+    balance: str = "round_robin"
+    #: Each server's weight, in the order of C{servers}; empty means 1 each.
+    weights: tuple[int, ...] = ()
+    #: Whether each server is a backup (used only while no other is up); empty: none is.
+    backups: tuple[bool, ...] = ()
+    #: Active health checks; none unless the table is given.
+    health_check: HealthCheckConfig | None = None
 
+
+#: The values of an upstream's C{balance}.
+BALANCE_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
 
 #: Who may send a PROXY protocol header by default: this host only (see README, "PROXY
 #: protocol": HAProxy's accept-proxy trusts whoever connects; here the senders are named).
@@ -248,6 +282,65 @@ def _parse_hostport(section: _Section, key: str, text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _health_check(s: _Section) -> HealthCheckConfig | None:
+    table = s.table("health_check")
+    if table is None:
+        return None
+    t = _Section(s._source, f"{s._path}.health_check", table)
+    result = HealthCheckConfig(
+        path=t.string("path", "/healthz"),
+        interval=t.seconds("interval", 5.0),
+        timeout=t.seconds("timeout", 2.0),
+        rise=t.integer("rise", 2, 1),
+        fall=t.integer("fall", 3, 1),
+        expect=t.integer("expect", 200, 100),
+    )
+    t.reject_unknown()
+    if not result.path.startswith("/") or any(c in result.path for c in " \r\n"):
+        raise t.fail("path", f"expected an absolute path without spaces, got {result.path!r}")
+    if result.interval <= 0 or result.timeout <= 0:
+        key = "interval" if result.interval <= 0 else "timeout"
+        raise t.fail(key, "must be > 0")
+    if result.expect > 599:
+        raise t.fail("expect", f"expected an HTTP status (100-599), got {result.expect}")
+    return result
+
+
+def _servers(
+    s: _Section,
+) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...], tuple[bool, ...]]:
+    """
+    An upstream's C{servers}: each a C{"host:port"} string or a table
+    C{{ address = "host:port", weight = 1, backup = false }}; returns the addresses, the
+    weights and the backup flags, in order.
+    """
+    value = s._get("servers", (list,), "a list of servers", None)
+    if value is None:
+        raise s.fail("servers", "required key is missing")
+    if not value:
+        raise s.fail("servers", "expected a non-empty list of servers")
+    addresses = []
+    weights = []
+    backups = []
+    for i, entry in enumerate(value):
+        key = f"servers[{i}]"
+        if isinstance(entry, str):
+            addresses.append(_parse_hostport(s, "servers", entry))
+            weights.append(1)
+            backups.append(False)
+            continue
+        if not isinstance(entry, dict):
+            raise s.fail(key, f'expected "host:port" or a table with address, got {entry!r}')
+        t = _Section(s._source, f"{s._path}.{key}", entry)
+        addresses.append(_parse_hostport(t, "address", t.string("address")))
+        weights.append(t.integer("weight", 1, 1))
+        backups.append(t.boolean("backup", False))
+        t.reject_unknown()
+    if all(backups):
+        raise s.fail("servers", "every server is a backup: at least one must not be")
+    return tuple(addresses), tuple(weights), tuple(backups)
+
+
 def _check_endpoint(section: _Section, key: str, description: str) -> None:
     """
     Check a Twisted server endpoint string without binding it, so a typo is a config error
@@ -268,10 +361,16 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
     name = s.string("name")
     s = _Section(source, f"upstream.{name}", table, _defaults(UpstreamConfig))
     s.string("name")
-    servers = tuple(_parse_hostport(s, "servers", t) for t in s.string_list("servers"))
+    servers, weights, backups = _servers(s)
+    balance = s.string("balance", "round_robin")
+    if balance not in BALANCE_METHODS:
+        raise s.fail("balance", f"expected one of {', '.join(BALANCE_METHODS)}, got {balance!r}")
     result = UpstreamConfig(
         name=name,
         servers=servers,
+        balance=balance,
+        weights=weights if any(w != 1 for w in weights) else (),
+        backups=backups if any(backups) else (),
         pool_size=s.integer("pool_size"),
         idle_timeout=s.seconds("idle_timeout"),
         max_requests=s.integer("max_requests"),
@@ -291,6 +390,9 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
         send_proxy_protocol=_send_proxy_protocol(s),
+        max_fails=s.integer("max_fails"),
+        fail_timeout=s.seconds("fail_timeout"),
+        health_check=_health_check(s),
     )
     s.reject_unknown()
     if result.idle_timeout <= 0:

@@ -23,7 +23,7 @@ itself is a zope interface, as Twisted's plugin system wants.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -213,10 +213,20 @@ class Upstream(Protocol[C]):
     def pools(self) -> Sequence[Pool[C]]:
         """One per server, in the order of C{servers}."""
 
-    def pick(self, key: Hashable | None = None) -> Pool[C]:
+    def pick(
+        self,
+        client: str | None = None,
+        avoid: Collection[Pool[C]] = (),
+        key: Hashable | None = None,
+    ) -> Pool[C]:
         """
-        The pool of the server the next connection should go to (balancing).
+        The pool of the server the next connection should go to (balancing), skipping
+        servers that are down and the pools in C{avoid} (those this work already failed to
+        connect to) while another can be had.
 
+        @param client: the client's address (host), which some balancing methods use.
+        @param avoid: pools this work already failed to connect to, as C{pick} returned
+            them (a keyed pool stands for its server's pool).
         @param key: lend and open only connections for this key: a L{ClientAddresses} for a
             group with C{send_proxy_protocol}; anything hashable otherwise (connections
             opened for one key are never lent for another).

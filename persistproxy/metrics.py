@@ -174,6 +174,8 @@ class PoolState:
     idle_ages: tuple[float, ...] = ()
     #: The idle limit learned from the server's closes (None while nothing is learned).
     learned_idle: float | None = None
+    #: The server's health: "up", "down (check)" (active check) or "down (fails)" (passive).
+    health: str = "up"
 
 
 PoolGauges = Callable[[], Iterable[PoolState]]
@@ -340,11 +342,19 @@ class StatsCollector(Collector):
             "Upstream connection attempts that failed (refused, timed out, no descriptor)",
             labels=labels,
         )
+        up = GaugeMetricFamily(
+            "persistproxy_upstream_up",
+            "1 while the server is in the rotation, 0 while it is down (its active health"
+            " check failed, or max_fails connects failed within fail_timeout)",
+            labels=labels,
+        )
         # Pools are per server and protocol: a server's line sums its pools.
         sums: dict[tuple[str, str], list[int]] = {}
         limits: dict[tuple[str, str], float] = {}
+        health: dict[tuple[str, str], str] = {}
         for state in self._pools():
             key = (state.upstream, state.server)
+            health[key] = state.health
             if state.learned_idle is not None:
                 # The tightest any protocol's pool learned is what the server does.
                 limits[key] = min(limits.get(key, state.learned_idle), state.learned_idle)
@@ -361,7 +371,9 @@ class StatsCollector(Collector):
             failures.add_metric(list(key), n_failures)
         for key, limit in limits.items():
             learned.add_metric(list(key), limit)
-        yield from (active, idle, waiting, connects, failures, learned)
+        for key, condition in health.items():
+            up.add_metric(list(key), 1 if condition == "up" else 0)
+        yield from (active, idle, waiting, connects, failures, learned, up)
         per_server: dict[tuple[str, str], UpstreamStats] = {key: UpstreamStats() for key in sums}
         for ls in self._stats.listeners.values():
             for key, us in ls.upstreams.items():

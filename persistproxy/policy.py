@@ -68,6 +68,17 @@ class RetryPolicy:
         """
         return not has_body and method in IDEMPOTENT_METHODS
 
+    @staticmethod
+    def may_try_next_server(failed_servers: int, servers: int) -> bool:
+        """
+        Whether a request whose connect failed (to C{failed_servers} distinct servers so far,
+        of the group's C{servers}) goes to another server. A failed connect sent nothing, so
+        this holds for every method, with or without a body (the body is still buffered):
+        nginx's C{proxy_next_upstream error}, which passes even a non-idempotent request on
+        when it was not sent to any server. Each server is tried at most once per request.
+        """
+        return failed_servers < servers
+
     def may_retry(
         self,
         method: bytes,

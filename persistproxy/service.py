@@ -44,6 +44,21 @@ _RESTART_ONLY = {
 }
 
 
+def _check_kinds(config: ProxyConfig) -> Callable[[str], str]:
+    """
+    What each upstream's active health check is: a C{tcp} connect when only C{tcp}
+    listeners use it, an HTTP GET otherwise.
+    """
+    protocols: dict[str, set[str]] = {}
+    for listener in config.listeners:
+        protocols.setdefault(listener.upstream, set()).add(listener.protocol)
+
+    def kind(name: str) -> str:
+        return "tcp" if protocols.get(name) == {"tcp"} else "http"
+
+    return kind
+
+
 class ReloadError(Exception):
     """
     A configuration that validated but cannot be applied (a port that cannot be bound, a
@@ -126,7 +141,16 @@ class ProxyService(MultiService):
             if upstream_tls is not None
             else (lambda up: endpoint_wrapper(reactor, up, log))
         )
-        self._routes = RouterSwitch(Router(reactor, config.upstreams, log, self._wrap, self.budget))
+        self._routes = RouterSwitch(
+            Router(
+                reactor,
+                config.upstreams,
+                log,
+                self._wrap,
+                self.budget,
+                check_kind=_check_kinds(config),
+            )
+        )
         self.connections = ConnectionRegistry()
         self._limits: dict[str, ConnectionLimits] = {}
         self._slots: dict[str, _Slot] = {}
@@ -246,7 +270,13 @@ class ProxyService(MultiService):
         binds: list[tuple[ListenerService | None, ListenerService]] = []
         try:
             router = Router(
-                self.reactor, config.upstreams, self.log, self._wrap, self.budget, self.router
+                self.reactor,
+                config.upstreams,
+                self.log,
+                self._wrap,
+                self.budget,
+                self.router,
+                _check_kinds(config),
             )
             for listener in config.listeners:
                 service = current.get(listener.name)
@@ -309,6 +339,7 @@ class ProxyService(MultiService):
             n for n in config.upstreams if n in old.upstreams and n not in router.kept
         )
         old_router.retire_replaced(router)
+        router.start_checks()
         by_name = {service.config.name: service for service in self.listeners}
         for service, listener, factory, tls in switches:
             service.switch(listener, self._plugins[listener.protocol], factory, tls)
@@ -404,6 +435,7 @@ class ProxyService(MultiService):
             wanted = [lc.max_connections for lc in self.config.listeners]
             self.budget.start(self._process, None if 0 in wanted else sum(wanted))
         super().startService()  # type: ignore[no-untyped-call]
+        self.router.start_checks()
 
     # -- drain --------------------------------------------------------------------------------
 
@@ -418,6 +450,7 @@ class ProxyService(MultiService):
         @param with_ages: also walk the idle stacks for each connection's idle age (the
             status page).
         """
+        now = self.reactor.seconds()
         states = [
             PoolState(
                 group.config.name,
@@ -429,15 +462,16 @@ class ProxyService(MultiService):
                 pool.connect_failures,
                 tuple(pool.idle_ages()) if with_ages else (),
                 pool.learned_idle,
+                server.health.state(now),
             )
             for group in self.router.groups
-            for pool in group.pools
+            for server, pool in zip(group.servers, group.pools, strict=True)
         ]
         seen = {(state.upstream, state.server) for state in states}
         for name, servers in self.router.servers.items():
             for server in servers:
                 if (name, server.address) not in seen:
-                    states.append(PoolState(name, server.address))
+                    states.append(PoolState(name, server.address, health=server.health.state(now)))
         return states
 
     async def _drain(self) -> None:

@@ -90,6 +90,8 @@ class ServerRow:
     idle_ages: list[int]
     #: The idle limit learned from the server's closes, if any (see upstream/idle_estimate).
     learned_idle: float | None = None
+    #: "up", "down (check)" or "down (fails)" (see upstream/health).
+    health: str = "up"
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ def status_view(proxy: Any, started: float, now: float) -> StatusView:
                     (s.learned_idle for s in states if s.learned_idle is not None),
                     default=None,
                 ),
+                health=states[0].health if states else "up",
             )
         )
     return StatusView(
@@ -311,7 +314,8 @@ def _listeners_table(rows: Sequence[ListenerRow]) -> str:
 
 def _servers_table(rows: Sequence[ServerRow]) -> str:
     head = (
-        "<tr><th class=name>upstream</th><th class=name>server</th><th>open</th><th>lent</th>"
+        "<tr><th class=name>upstream</th><th class=name>server</th><th class=name>state</th>"
+        "<th>open</th><th>lent</th>"
         "<th>idle</th><th>queued</th><th>connects</th><th>failed</th><th>requests</th>"
         "<th>reused</th><th>req/conn</th><th>avg ms</th><th>p99 ms</th>"
         "<th>learned idle</th><th class=name>idle ages (&lt;1s &hellip; &ge;5m)</th></tr>"
@@ -321,6 +325,7 @@ def _servers_table(rows: Sequence[ServerRow]) -> str:
         body.append(
             "<tr>"
             f"<td class=name><b>{_e(r.upstream)}</b></td><td class=name>{_e(r.server)}</td>"
+            f'<td class="name{"" if r.health == "up" else " warn"}">{_e(r.health)}</td>'
             f"<td>{r.active + r.idle}</td><td>{r.active}</td><td>{r.idle}</td>"
             f"<td{' class=warn' if r.waiting else ''}>{r.waiting}</td>"
             f"<td>{r.connects}</td>"
@@ -333,7 +338,7 @@ def _servers_table(rows: Sequence[ServerRow]) -> str:
             "</tr>"
         )
     if not body:
-        body.append('<tr><td class="name muted" colspan=15>no upstream server</td></tr>')
+        body.append('<tr><td class="name muted" colspan=16>no upstream server</td></tr>')
     return f"<table id=servers>{head}{''.join(body)}</table>"
 
 

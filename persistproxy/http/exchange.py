@@ -46,6 +46,10 @@ class ExchangeOwner(Protocol):
     @property
     def upstream_key(self) -> Hashable | None: ...
 
+    @property
+    def peer(self) -> str:
+        """The client's address (host), which some balancing methods choose a server by."""
+
     def write(self, data: bytes) -> None: ...
 
     def backlogged(self) -> bool: ...
@@ -104,6 +108,7 @@ class Exchange:
         "_buffered",
         "_client",
         "_ctx",
+        "_failed_pools",
         "_feeding",
         "_framing",
         "_pool",
@@ -174,6 +179,8 @@ class Exchange:
         self._feeding = False  # the client's transport is the producer of the upstream's
         self._relaying = False  # the upstream's transport is the producer of the client's
         self._pool: Pool[UpstreamConnection] | None = None
+        #: The pools whose connect failed for this request (each tried once), if any.
+        self._failed_pools: list[Pool[UpstreamConnection]] | None = None
         self._framing = FRAMING_NONE
         self.upstream: UpstreamConnection | None = None
         self.cancelled = False
@@ -227,7 +234,8 @@ class Exchange:
             self._client.exchange_finished(self)
             return
         ctx = self._ctx
-        self._pool = ctx.group.pick(self._client.upstream_key) if ctx.keyed else ctx.group.pick()
+        key = self._client.upstream_key if ctx.keyed else None
+        self._pool = ctx.group.pick(self._client.peer, key=key)
         self._pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
@@ -306,6 +314,30 @@ class Exchange:
         # transport (see request_body and _relay): most exchanges never need it.
 
     def connection_failed(self, reason: str, status: int) -> None:
+        ctx = self._ctx
+        pool = self._pool
+        if status == 502 and pool is not None and not self.cancelled:
+            # The connect failed: nothing was sent, so the next server may have it.
+            failed = self._failed_pools
+            if failed is None:
+                failed = self._failed_pools = []
+            if pool not in failed:
+                failed.append(pool)
+            group = ctx.group
+            if ctx.retry.may_try_next_server(len(failed), len(group.pools)):
+                ctx.stats.retries += 1
+                ctx.log.info(
+                    "upstream.next_server",
+                    listener=ctx.name,
+                    server=pool.address,
+                    method=self.method.decode("latin-1"),
+                    path=ctx.log_path(self.target),
+                    reason=reason,
+                )
+                key = self._client.upstream_key if ctx.keyed else None
+                pool = self._pool = group.pick(self._client.peer, failed, key)
+                pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
+                return
         self._ctx.stats.upstream_errors += 1
         self._ctx.log.error(
             "upstream.error",
@@ -476,7 +508,7 @@ class Exchange:
             )
             if not self.reused:
                 key = self._client.upstream_key if ctx.keyed else None
-                pool = self._pool = ctx.group.pick(key)
+                pool = self._pool = ctx.group.pick(self._client.peer, key=key)
             pool.acquire(self, fresh=True)
             return
         ctx.stats.upstream_errors += 1

@@ -324,6 +324,11 @@ class H2Stream:
         """The exchange's consumer is the stream itself (see the module docstring)."""
         return self
 
+    @property
+    def peer(self) -> str:
+        """The client's address (its connection's)."""
+        return self._conn.peer
+
     def write(self, data: bytes) -> None:
         raise NotImplementedError("an HTTP/2 stream takes structured responses only")
 

@@ -184,6 +184,11 @@ class TCPConnection(TwistedProtocol):
         self.relay: Relay | None = None
         self.side: RelaySide | None = None
         self._pool: Pool[TCPUpstream] | None = None
+        #: The pools whose connect failed for this connection (each server is tried once).
+        self._failed: list[Pool[TCPUpstream]] = []
+        self._client_host: str | None = None
+        #: What upstream connections are picked for (its client, when the upstream is keyed).
+        self._key: ClientAddresses | None = None
         self._upstream: TCPUpstream | None = None
         self._started = 0.0
         self._reason: str | None = None
@@ -197,11 +202,11 @@ class TCPConnection(TwistedProtocol):
         transport.pauseProducing()
         self._started = self._listener.clock.seconds()
         self.side = RelaySide(transport, "client")
-        group = self._listener.group
+        peer = transport.getPeer()
+        self._client_host = getattr(peer, "host", None)
         if self._listener.keyed:
-            self._pool = group.pick(ClientAddresses(transport.getPeer(), transport.getHost()))
-        else:
-            self._pool = group.pick()
+            self._key = ClientAddresses(peer, transport.getHost())
+        self._pool = self._listener.group.pick(self._client_host, key=self._key)
         self._pool.acquire(self, fresh=True)
 
     # -- the pool's waiter --------------------------------------------------------------------
@@ -218,6 +223,22 @@ class TCPConnection(TwistedProtocol):
     def connection_failed(self, reason: str, status: int) -> None:
         if self.state != _CONNECTING:
             raise RuntimeError(f"a connect failure arrived in state {self.state}")
+        pool = self._pool
+        if status == 502 and pool is not None:
+            # Nothing was read from the client yet, so the next server may have it (each
+            # server once), as an HTTP request whose connect failed.
+            self._failed.append(pool)
+            group = self._listener.group
+            if len(self._failed) < len(group.pools):
+                self._listener.context.log.info(
+                    "upstream.next_server",
+                    listener=self._listener.name,
+                    server=pool.address,
+                    reason=reason,
+                )
+                self._pool = group.pick(self._client_host, self._failed, self._key)
+                self._pool.acquire(self, fresh=True)
+                return
         self.state = _CLOSING
         self._reason = CONNECT_FAILED
         self._error = reason

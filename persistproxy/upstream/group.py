@@ -15,7 +15,10 @@ only for the key it was opened for (L{persistproxy.upstream.pool.KeyedPool}).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+import hashlib
+import math
+import random
+from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, Generic
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -28,6 +31,7 @@ from persistproxy.descriptors import DescriptorBudget
 from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
 from persistproxy.upstream.header import HeaderFirstEndpoint, header_for
+from persistproxy.upstream.health import ActiveCheck, PassiveHealth
 from persistproxy.upstream.pool import Connector, KeyedConnector, KeyedPool, ServerPool
 
 __all__ = [
@@ -62,13 +66,28 @@ class Server:
     One server of an upstream group, shared by every protocol that dials it.
     """
 
-    __slots__ = ("address", "endpoint", "host", "port", "tcp")
+    __slots__ = (
+        "address",
+        "backup",
+        "endpoint",
+        "health",
+        "host",
+        "pools",
+        "port",
+        "tcp",
+        "weight",
+    )
 
     def __init__(
         self,
         host: str,
         port: int,
         endpoint: IStreamClientEndpoint,
+        max_fails: int = 1,
+        fail_timeout: float = 10.0,
+        log: EventLog | None = None,
+        weight: int = 1,
+        backup: bool = False,
         tcp: IStreamClientEndpoint | None = None,
     ) -> None:
         """
@@ -80,6 +99,15 @@ class Server:
         #: TCP, or TLS over TCP when the upstream says C{tls = true}.
         self.endpoint = endpoint
         self.tcp = tcp if tcp is not None else endpoint
+        #: Passive health, reported to by the server's pools of every protocol.
+        self.health = PassiveHealth(self.address, max_fails, fail_timeout, log)
+        #: Its share of the group's connections, relative to the others' (C{weight}).
+        self.weight = weight
+        #: Used only while no server that is not a backup is up.
+        self.backup = backup
+        #: Its pools, one per protocol (connector) that dials it: C{least_conn} and
+        #: C{random_two} count the connections in use over all of them.
+        self.pools: list[ServerPool[Any]] = []
 
     def with_header(self, header: bytes) -> IStreamClientEndpoint:
         """
@@ -91,6 +119,10 @@ class Server:
         if self.endpoint is self.tcp:
             return first
         return self.endpoint.over(first)  # type: ignore[attr-defined, no-any-return]
+
+    def active(self) -> int:
+        """Connections to the server in use or being opened, over every protocol."""
+        return sum(pool.active for pool in self.pools)
 
     def __repr__(self) -> str:
         return f"<Server {self.address}>"
@@ -130,8 +162,10 @@ class UpstreamGroup(Generic[C]):
         connect: Callable[[Server], Connector[C]],
         budget: DescriptorBudget | None = None,
         connect_keyed: Callable[[Server], KeyedConnector[C]] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """
+        @param rng: the random numbers C{random_two} draws (a seeded one in tests).
         @param connect: makes the function that opens a connection to a server; the
             connector's factory over the server's endpoint, or an in-memory one in tests.
         @param budget: the process's descriptor budget, which every pool reports to.
@@ -140,6 +174,7 @@ class UpstreamGroup(Generic[C]):
         """
         self.config = config
         self.servers = servers
+        self._clock = clock
         self.pools: list[ServerPool[C]] = [
             ServerPool(
                 clock,
@@ -149,30 +184,170 @@ class UpstreamGroup(Generic[C]):
                 log,
                 budget,
                 connect_keyed(server) if connect_keyed is not None else None,
+                server.health,
             )
             for server in servers
         ]
-        self._next = 0
+        for server, pool in zip(servers, self.pools, strict=True):
+            server.pools.append(pool)
+        #: Smooth weighted round-robin's running weights, one per server.
+        self._current_weights = [0] * len(servers)
+        self._random = rng if rng is not None else random.Random()
 
-    def pick(self, key: Hashable | None = None) -> ServerPool[C] | KeyedPool[C]:
+    def pick(
+        self,
+        client: str | None = None,
+        avoid: Collection[object] = (),
+        key: Hashable | None = None,
+    ) -> ServerPool[C] | KeyedPool[C]:
         """
-        The pool of the next server, round-robin; with C{key}, that pool's share for it
-        (connections opened for C{key}, lent only to it).
+        The pool of the server the next connection goes to, by the group's C{balance},
+        among the servers that are up (passive health) and not backups, skipping the pools
+        in C{avoid} (those a request already failed to connect to). Backups are used only
+        when no other server is up; when every server is down, they are all tried anyway
+        (in turn, as nginx does: refusing outright would make a group whose only server
+        restarted wait out C{fail_timeout}).
+
+        @param client: the client's address (host), which C{ip_hash} uses; without one it
+            balances round-robin.
+        @param avoid: pools as C{pick} returned them: a L{KeyedPool} stands for its server's
+            pool (a request that failed to connect for its key avoids the whole server).
+        @param key: give the chosen pool's share for it (connections opened for C{key}, lent
+            only to it; see L{ServerPool.keyed}).
         """
-        pools = self.pools
-        pool = pools[self._next % len(pools)]
-        self._next += 1
+        pool = self._choose(client, avoid)
         return pool if key is None else pool.keyed(key)
 
+    def _choose(self, client: str | None, avoid: Collection[object]) -> ServerPool[C]:
+        """The server pool L{pick} gives (or gives a key's share of)."""
+        pools = self.pools
+        if len(pools) == 1:
+            return pools[0]
+        avoided = [p.server_pool if isinstance(p, KeyedPool) else p for p in avoid]
+        servers = self.servers
+        now = self._clock.seconds()
+        # One pass over the servers (a handful): this runs for every request.
+        candidates: list[int] = []
+        backups: list[int] = []
+        allowed: list[int] = []
+        for i, server in enumerate(servers):
+            if avoided and pools[i] in avoided:
+                continue
+            allowed.append(i)
+            health = server.health
+            if health.checked_up and now >= health.down_until:
+                (backups if server.backup else candidates).append(i)
+        if not candidates:
+            # No other server is up: a backup that is, else any (every pool avoided: any).
+            candidates = backups or allowed or list(range(len(pools)))
+        if len(candidates) == 1:
+            return pools[candidates[0]]
+        method = self.config.balance
+        if method == "least_conn":
+            index = self._least_conn(candidates)
+        elif method == "ip_hash" and client is not None:
+            index = self._ip_hash(candidates, client)
+        elif method == "random_two":
+            index = self._random_two(candidates)
+        else:
+            index = self._round_robin(candidates)
+        return pools[index]
+
+    def _round_robin(self, candidates: list[int]) -> int:
+        """
+        nginx's smooth weighted round-robin: every candidate gains its weight, the one with
+        the most is chosen and loses the total. Weights 5, 1, 1 give a a b a c a a: the
+        heavy server's turns are spread out, not bunched.
+        """
+        current = self._current_weights
+        servers = self.servers
+        total = 0
+        best = candidates[0]
+        for i in candidates:
+            weight = servers[i].weight
+            current[i] += weight
+            total += weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        return best
+
+    def _load(self, index: int) -> tuple[int, int]:
+        """The server's connections in use (over its pools of every protocol), and weight."""
+        server = self.servers[index]
+        return server.active(), server.weight
+
+    def _least_conn(self, candidates: list[int]) -> int:
+        """
+        The server with the fewest connections in use for its weight (nginx's C{least_conn});
+        ties go round-robin among the tied.
+        """
+        best: list[int] = []
+        best_active, best_weight = 0, 1
+        for i in candidates:
+            active, weight = self._load(i)
+            if not best or active * best_weight < best_active * weight:
+                best = [i]
+                best_active, best_weight = active, weight
+            elif active * best_weight == best_active * weight:
+                best.append(i)
+        return best[0] if len(best) == 1 else self._round_robin(best)
+
+    def _ip_hash(self, candidates: list[int], client: str) -> int:
+        """
+        Rendezvous (highest random weight) hashing of the client's address over the
+        candidates: a client keeps its server while the set of servers that are up is
+        stable, and when one goes down only its own clients move (weighted: a server of
+        weight 2 gets about twice the clients).
+        """
+        servers = self.servers
+        key = client.encode("utf-8", "surrogateescape")
+        best = candidates[0]
+        best_score = -math.inf
+        for i in candidates:
+            digest = hashlib.blake2b(
+                b"%s\0%s" % (servers[i].address.encode("latin-1"), key), digest_size=8
+            ).digest()
+            # A uniform number in (0, 1), then the weighted score -weight / ln(u).
+            u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)
+            score = -servers[i].weight / math.log(u)
+            if score > best_score:
+                best, best_score = i, score
+        return best
+
+    def _random_two(self, candidates: list[int]) -> int:
+        """
+        The power of two choices: two different candidates drawn at random (by weight), and
+        the one with fewer connections in use for its weight; the first drawn on a tie.
+        """
+        rng = self._random
+        servers = self.servers
+        weights = [servers[i].weight for i in candidates]
+        first = rng.choices(range(len(candidates)), weights)[0]
+        rest = [j for j in range(len(candidates)) if j != first]
+        second = rng.choices(rest, [weights[j] for j in rest])[0]
+        a, b = candidates[first], candidates[second]
+        a_active, a_weight = self._load(a)
+        b_active, b_weight = self._load(b)
+        return b if b_active * a_weight < a_active * b_weight else a
+
     def close(self) -> None:
+        self._unregister()
         for pool in self.pools:
             pool.close()
+
+    def _unregister(self) -> None:
+        """The pools no longer count for their servers' balancing (a reload or the end)."""
+        for server, pool in zip(self.servers, self.pools, strict=True):
+            if pool in server.pools:
+                server.pools.remove(pool)
 
     def retire(self) -> None:
         """
         A reload replaced this group: close its idle connections now and its lent ones as
         they come back, while what is queued for a connection is still served.
         """
+        self._unregister()
         for pool in self.pools:
             pool.retire()
 
@@ -190,8 +365,11 @@ class Router:
         wrap: Callable[[UpstreamConfig], EndpointWrapper | None] = lambda config: None,
         budget: DescriptorBudget | None = None,
         previous: Router | None = None,
+        check_kind: Callable[[str], str] = lambda name: "http",
     ) -> None:
         """
+        @param check_kind: what an upstream's active health check is, by its name:
+            C{"http"} (a GET) when HTTP listeners use it, C{"tcp"} (a connect) otherwise.
         @param wrap: gives the endpoint wrapper of an upstream (its TLS), if any.
         @param budget: the process's descriptor budget, shared by every pool.
         @param previous: the router this one replaces on a reload: its groups whose
@@ -205,14 +383,19 @@ class Router:
         self._groups: dict[tuple[str, UpstreamConnector[Any]], UpstreamGroup[Any]] = {}
         #: The names whose groups were taken over from C{previous}.
         self.kept: set[str] = set()
+        #: The active health checks of each upstream that has them, one per server; they
+        #: run from L{start_checks} until the router is closed or replaced.
+        self.checks: dict[str, list[ActiveCheck]] = {}
         for name, config in self._configs.items():
             if previous is not None and previous._configs.get(name) == config:
                 self.kept.add(name)
                 self.servers[name] = previous.servers[name]
+                if name in previous.checks:
+                    self.checks[name] = previous.checks[name]
                 continue
             wrapper = wrap(config)
             servers = []
-            for host, port in config.servers:
+            for i, (host, port) in enumerate(config.servers):
                 tcp = tcp_endpoint(reactor, host, port, config.connect_timeout)
                 endpoint = tcp if wrapper is None else wrapper(tcp, host)
                 rebuilt = endpoint is tcp or callable(getattr(endpoint, "over", None))
@@ -221,8 +404,34 @@ class Router:
                         f"upstream {name}: send_proxy_protocol needs its endpoint "
                         f"({type(endpoint).__name__}) to be rebuilt over the header"
                     )
-                servers.append(Server(host, port, endpoint, tcp))
+                servers.append(
+                    Server(
+                        host,
+                        port,
+                        endpoint,
+                        config.max_fails,
+                        config.fail_timeout,
+                        log,
+                        config.weights[i] if config.weights else 1,
+                        bool(config.backups and config.backups[i]),
+                        tcp,
+                    )
+                )
             self.servers[name] = servers
+            check = config.health_check
+            if check is not None:
+                self.checks[name] = [
+                    ActiveCheck(
+                        reactor,
+                        server.health,
+                        server.endpoint.connect,
+                        check,
+                        check_kind(name),
+                        server.address,
+                        log,
+                    )
+                    for server in servers
+                ]
         if previous is not None:
             for key, group in previous._groups.items():
                 if key[0] in self.kept:
@@ -273,7 +482,16 @@ class Router:
     def groups(self) -> list[UpstreamGroup[Any]]:
         return list(self._groups.values())
 
+    def start_checks(self) -> None:
+        """Start the active health checks (those already running, taken over, go on)."""
+        for checks in self.checks.values():
+            for check in checks:
+                check.start()
+
     def close(self) -> None:
+        for checks in self.checks.values():
+            for check in checks:
+                check.stop()
         for group in self.groups:
             group.close()
 
@@ -283,6 +501,10 @@ class Router:
         returns their names.
         """
         retired = set()
+        for name, checks in self.checks.items():
+            if name not in successor.kept:
+                for check in checks:
+                    check.stop()
         for (name, _), group in self._groups.items():
             if name not in successor.kept:
                 group.retire()
@@ -356,5 +578,10 @@ class LiveUpstream(Generic[C]):
     def pools(self) -> list[ServerPool[C]]:
         return self._current().pools
 
-    def pick(self, key: Hashable | None = None) -> ServerPool[C] | KeyedPool[C]:
-        return self._current().pick(key)
+    def pick(
+        self,
+        client: str | None = None,
+        avoid: Collection[object] = (),
+        key: Hashable | None = None,
+    ) -> ServerPool[C] | KeyedPool[C]:
+        return self._current().pick(client, avoid, key)

@@ -58,6 +58,7 @@ from persistproxy.descriptors import DescriptorBudget, out_of_descriptors
 from persistproxy.interfaces import C, ConnectionWaiter
 from persistproxy.logs import EventLog
 from persistproxy.policy import Deadline
+from persistproxy.upstream.health import PassiveHealth
 from persistproxy.upstream.idle_estimate import IdleEstimate
 
 __all__ = ["SAFE_SHARE", "Connector", "KeyedConnector", "KeyedPool", "ServerPool"]
@@ -93,12 +94,15 @@ class ServerPool(Generic[C]):
         log: EventLog,
         budget: DescriptorBudget | None = None,
         keyed_connector: KeyedConnector[C] | None = None,
+        health: PassiveHealth | None = None,
     ) -> None:
         """
         @param budget: the process's descriptor budget, which counts this pool's sockets and
             may ask it to close its oldest idle connection; none if not given.
         @param keyed_connector: opens a connection for a key (one that starts with its
             client's PROXY protocol header); C{connector} is used for keys without it.
+        @param health: the server's passive health, shared by its pools of every protocol:
+            told of each connect that succeeds or fails.
         """
         self.address = address
         self.active = 0
@@ -124,6 +128,7 @@ class ServerPool(Generic[C]):
         self._closed = False
         self._budget = budget if budget is not None else DescriptorBudget()
         self._budget.add_pool(self)
+        self._health = health
         self._estimate = IdleEstimate(clock, config.idle_learn_window, config.idle_timeout)
         #: The longest the server has been seen to keep an idle pooled connection open.
         self._tolerated = 0.0
@@ -527,6 +532,8 @@ class ServerPool(Generic[C]):
         def connected(connection: C) -> None:
             self.connects += 1
             connection.on_lost = self._on_lost
+            if self._health is not None:
+                self._health.succeeded()
             if waiter.cancelled:
                 self.release(connection, True, key)
             else:
@@ -548,6 +555,8 @@ class ServerPool(Generic[C]):
             )
             if exhausted:
                 self._budget.shed_idle()
+            elif self._health is not None:
+                self._health.failed(self._clock.seconds())
             if not waiter.cancelled:
                 waiter.connection_failed(
                     f"cannot connect to {self.address}: {reason}", 503 if exhausted else 502
@@ -595,6 +604,11 @@ class KeyedPool(Generic[C]):
 
     def release(self, connection: C, reusable: bool) -> None:
         self._pool.release(connection, reusable, self.key)
+
+    @property
+    def server_pool(self) -> ServerPool[C]:
+        """The server's pool this is a key's share of (what C{pick(avoid=...)} compares)."""
+        return self._pool
 
     def forget(self) -> None:
         self._pool.forget()

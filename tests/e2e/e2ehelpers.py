@@ -477,8 +477,9 @@ class ManagedProc:
 class Origin(ManagedProc):
     name = "origin"
 
-    def __init__(self, idle_close: float | None = None, host: str = "127.0.0.1") -> None:
-        argv = [sys.executable, str(ORIGIN_PY), "--host", host]
+    def __init__(self, idle_close: float | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        argv = [sys.executable, str(ORIGIN_PY), "--host", host, "--port", str(port)]
         if idle_close is not None:
             argv += ["--idle-close", str(idle_close)]
         super().__init__(argv, merge_stderr=False)
@@ -588,6 +589,8 @@ def toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

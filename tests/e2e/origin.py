@@ -552,8 +552,10 @@ async def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--idle-close", type=float, default=None,
                     help="close any keep-alive connection idle for that many seconds")
+    ap.add_argument("--port", type=int, default=0,
+                    help="the port to listen on (0: any free one, the default)")
     OPTS = ap.parse_args()
-    server = await asyncio.start_server(on_connect, OPTS.host, 0, backlog=1024,
+    server = await asyncio.start_server(on_connect, OPTS.host, OPTS.port, backlog=1024,
                                         limit=MAX_HEAD)
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write(json.dumps({"port": port}) + "\n")

@@ -45,11 +45,15 @@ class FakeOrigin:
         self.config = config
         self.connections: list[UpstreamConnection] = []
         self.refuse = False
+        #: Ports whose connects are refused (a server that is down), whatever C{refuse} says.
+        self.refuse_ports: set[int] = set()
+        #: The port of each connection in C{connections}.
+        self.ports: list[int] = []
         self.pending: list[Deferred[UpstreamConnection]] | None = None
 
     def connector(self, host: str, port: int) -> Any:
         def connect() -> Deferred[UpstreamConnection]:
-            if self.refuse:
+            if self.refuse or port in self.refuse_ports:
                 return fail(ConnectionRefusedError("connection refused"))
             connection = UpstreamConnection(
                 self.clock,
@@ -61,6 +65,7 @@ class FakeOrigin:
             )
             connection.makeConnection(StringTransport())
             self.connections.append(connection)
+            self.ports.append(port)
             if self.pending is not None:
                 d: Deferred[UpstreamConnection] = Deferred()
                 self.pending.append(d)
@@ -105,7 +110,11 @@ class Harness:
         up = {"name": "app", "servers": (("127.0.0.1", 8081),), **(upstream or {})}
         self.upstream_config = UpstreamConfig(**up)
         self.origin = FakeOrigin(self.clock, self.upstream_config)
-        servers = [Server(host, port, None) for host, port in self.upstream_config.servers]
+        config = self.upstream_config
+        servers = [
+            Server(host, port, None, config.max_fails, config.fail_timeout, self.log)  # type: ignore[arg-type]
+            for host, port in config.servers
+        ]
         self.group = UpstreamGroup(
             self.clock,
             self.upstream_config,

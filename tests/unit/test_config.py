@@ -93,6 +93,18 @@ def test_idle_limit_keys_are_validated(tmp_path: Path) -> None:
     assert (up.idle_learn_window, up.assumed_idle_limit) == (0, 2.5)
 
 
+def test_passive_health_keys_are_validated(tmp_path: Path) -> None:
+    up = _load(tmp_path, GOOD).upstreams["app"]  # type: ignore[attr-defined]
+    assert (up.max_fails, up.fail_timeout) == (1, 10)
+    message = _error(tmp_path, GOOD + "max_fails = -1\n")
+    assert "upstream.app.max_fails: must be >= 0, got -1" in message
+    message = _error(tmp_path, GOOD + 'fail_timeout = "10s"\n')
+    assert "upstream.app.fail_timeout: expected a number of seconds" in message
+    config = _load(tmp_path, GOOD + "max_fails = 3\nfail_timeout = 30\n")
+    up = config.upstreams["app"]  # type: ignore[attr-defined]
+    assert (up.max_fails, up.fail_timeout) == (3, 30)
+
+
 def test_undefined_upstream_and_bad_servers(tmp_path: Path) -> None:
     message = _error(tmp_path, GOOD.replace('upstream = "app"', 'upstream = "api"', 1))
     assert "listener.web.upstream: no [[upstream]] is named 'api'" in message

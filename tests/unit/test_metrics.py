@@ -280,3 +280,18 @@ def test_idle_ages_are_read_from_the_idle_stack() -> None:
     assert sorted(h.pool.idle_ages()) == [2.5, 12.5]
     h.origin.connections[0].connectionLost(None)  # closed by the origin while idle
     assert h.pool.idle_ages() == [2.5]
+
+
+def test_upstream_up_is_one_per_server_in_the_rotation() -> None:
+    pools = [
+        PoolState("app", "s:1"),
+        PoolState("app", "s:2", health="down (fails)"),
+        PoolState("app", "s:3", health="down (check)"),
+    ]
+    samples = _scrape(ProxyStats(), pools)
+    up = {
+        dict(labels)["server"]: value
+        for (name, labels), value in samples.items()
+        if name == "persistproxy_upstream_up"
+    }
+    assert up == {"s:1": 1, "s:2": 0, "s:3": 0}

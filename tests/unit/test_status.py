@@ -145,3 +145,20 @@ def test_a_servers_learned_idle_limit_is_on_its_row() -> None:
 
     assert "<td>1.2 s</td>" in _servers_table([row(1.25)])
     assert "<td>-</td>" in _servers_table([row(None)])
+
+
+def test_the_page_and_the_metrics_show_whether_each_server_is_up() -> None:
+    clock = Clock()
+    service = _service(clock)
+    service.startService()
+    service.router.servers["app"][1].health.failed(clock.seconds())
+    view = status_view(service, started=0, now=clock.seconds())
+    rows = {r.server: r.health for r in view.servers}
+    assert rows == {"127.0.0.1:1": "up", "127.0.0.1:2": "down (fails)"}
+    page = render(view).decode()
+    assert '<td class="name warn">down (fails)</td>' in page
+    assert '<td class="name">up</td>' in page
+    states = {s.server: s.health for s in service.pool_gauges()}
+    assert states == rows
+    service.router.servers["app"][0].health.checked_up = False
+    assert {s.server: s.health for s in service.pool_gauges()}["127.0.0.1:1"] == "down (check)"

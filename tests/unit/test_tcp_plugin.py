@@ -51,6 +51,17 @@ class Origin:
     def __init__(self) -> None:
         self.pending: list[Deferred[TCPUpstream]] = []
         self.refuse = False
+        self.refuse_ports: set[int] = set()
+        self.dialled: list[int] = []
+
+    def dialer(self, port: int) -> Any:
+        def dial() -> Deferred[TCPUpstream]:
+            self.dialled.append(port)
+            if port in self.refuse_ports:
+                return fail(ConnectionRefusedError("connection refused"))
+            return self.dial()
+
+        return dial
 
     def dial(self) -> Deferred[TCPUpstream]:
         if self.refuse:
@@ -67,11 +78,13 @@ class Origin:
 
 
 class Harness:
-    def __init__(self, **listener: Any) -> None:
+    def __init__(self, ports: tuple[int, ...] = (9000,), **listener: Any) -> None:
         self.clock = Clock()
         self.out = io.StringIO()
         log = make_event_log(self.out, "debug")
-        self.upstream_config = UpstreamConfig(name="app", servers=(("127.0.0.1", 9000),))
+        self.upstream_config = UpstreamConfig(
+            name="app", servers=tuple(("127.0.0.1", port) for port in ports)
+        )
         self.origin = Origin()
         self.groups: list[UpstreamGroup[Any]] = []
         self.stats = ListenerStats()
@@ -81,9 +94,9 @@ class Harness:
             group: UpstreamGroup[Any] = UpstreamGroup(
                 self.clock,
                 self.upstream_config,
-                [Server("127.0.0.1", 9000, None)],  # type: ignore[arg-type]
+                [Server("127.0.0.1", port, None) for port in ports],  # type: ignore[arg-type]
                 log,
-                lambda server: self.origin.dial,
+                lambda server: self.origin.dialer(server.port),
             )
             self.groups.append(group)
             return group
@@ -246,6 +259,29 @@ def test_connect_failure_closes_the_client_with_an_access_line() -> None:
     assert (line["bytes_up"], line["bytes_down"]) == (0, 0)
     assert h.stats.upstream_errors == 1
     assert h.pool.active == 0
+
+
+def test_a_connect_failure_goes_to_the_next_server() -> None:
+    h = Harness(ports=(9000, 9001))
+    h.origin.refuse_ports = {9000}
+    connection, transport = h.client()
+    assert h.origin.dialled == [9000, 9001]
+    assert not transport.disconnecting
+    h.origin.answer()
+    assert connection.state == "RELAYING"
+    # 9000 is down now (max_fails = 1): the next client goes straight to 9001.
+    h.client()
+    assert h.origin.dialled == [9000, 9001, 9001]
+    assert h.stats.upstream_errors == 0
+
+
+def test_every_server_refusing_closes_the_client_after_one_try_each() -> None:
+    h = Harness(ports=(9000, 9001))
+    h.origin.refuse_ports = {9000, 9001}
+    _, transport = h.client()
+    assert h.origin.dialled == [9000, 9001]
+    assert transport.disconnecting
+    assert h.stats.upstream_errors == 1
 
 
 def test_a_client_gone_before_the_connect_cancels_its_wait() -> None:

@@ -69,7 +69,7 @@ def test_each_connection_starts_with_the_header_of_the_client_it_serves(version:
     reactor = MemoryReactorClock()
     group = _router(reactor, version).group("app", HTTPConnector(reactor))
     waiter = Waiter()
-    group.pick(CLIENT).acquire(waiter)
+    group.pick(key=CLIENT).acquire(waiter)
     transport = _complete_connect(reactor)
     [(connection, reused)] = waiter.got
     assert isinstance(connection, UpstreamConnection) and not reused
@@ -93,17 +93,17 @@ def test_connections_are_pooled_per_client() -> None:
     reactor = MemoryReactorClock()
     group = _router(reactor, "v2").group("app", HTTPConnector(reactor))
     first = Waiter()
-    group.pick(CLIENT).acquire(first)
+    group.pick(key=CLIENT).acquire(first)
     _complete_connect(reactor)
     [(connection, _)] = first.got
     connection.state = "IDLE"
-    group.pick(CLIENT).release(connection, True)
+    group.pick(key=CLIENT).release(connection, True)
     other = ClientAddresses(IPv6Address("TCP", "2001:db8::7", 1), CLIENT.destination)
-    group.pick(other).acquire(Waiter())
+    group.pick(key=other).acquire(Waiter())
     assert len(reactor.tcpClients) == 2, "another client gets its own connection"
     assert encode("v2", other.source, other.destination) == _complete_connect(reactor).value()
     again = Waiter()
-    group.pick(CLIENT).acquire(again)
+    group.pick(key=CLIENT).acquire(again)
     assert again.got == [(connection, True)] and len(reactor.tcpClients) == 2
 
 
@@ -116,7 +116,7 @@ def test_with_tls_the_header_goes_in_clear_before_the_handshake() -> None:
     assert isinstance(server.endpoint, TLSClientEndpoint)
     assert isinstance(endpoint.wrapped, HeaderFirstEndpoint)
     assert endpoint.creator is server.endpoint.creator, "one session memory: resumption"
-    router.group("app", HTTPConnector(reactor)).pick(CLIENT).acquire(Waiter())
+    router.group("app", HTTPConnector(reactor)).pick(key=CLIENT).acquire(Waiter())
     sent = _complete_connect(reactor).value()
     header = encode("v1", CLIENT.source, CLIENT.destination)
     assert sent.startswith(header)
@@ -250,7 +250,36 @@ def test_tcp_picks_its_upstream_connection_for_its_client() -> None:
     group = h.groups[-1]
     picked: list[Any] = []
     pick = group.pick
-    group.pick = lambda key=None: picked.append(key) or pick(key)  # type: ignore[method-assign]
+    def spy(client: str | None = None, avoid: Any = (), key: Any = None) -> Any:
+        picked.append(key)
+        return pick(client, avoid, key)
+
+    group.pick = spy  # type: ignore[method-assign]
     _, transport = h.client()
     assert picked == [ClientAddresses(IPv4Address("TCP", "10.1.2.3", 5555), transport.getHost())]
     assert h.pool.waiting == 0 and len(h.origin.pending) == 1
+
+
+def test_avoid_skips_the_server_of_a_keyed_pool() -> None:
+    """
+    A request that failed to connect avoids what pick gave it, a key's share: the next pick
+    must skip that whole server, not just that (new, unequal) share object. ip_hash would
+    otherwise give the same client the same server again.
+    """
+    reactor = MemoryReactorClock()
+    config = UpstreamConfig(
+        name="app",
+        servers=(("127.0.0.1", 9000), ("127.0.0.1", 9001)),
+        send_proxy_protocol="v2",
+        balance="ip_hash",
+    )
+    router = Router(reactor, {"app": config}, make_event_log(io.StringIO()))
+    group = router.group("app", HTTPConnector(reactor))
+    first = group.pick("10.1.2.3", key=CLIENT)
+    assert group.pick("10.1.2.3", key=CLIENT).address == first.address
+    second = group.pick("10.1.2.3", avoid=[first], key=CLIENT)
+    assert second.address != first.address
+    assert group.pick("10.1.2.3", avoid=[first, second], key=CLIENT).address in {
+        "127.0.0.1:9000",
+        "127.0.0.1:9001",
+    }
