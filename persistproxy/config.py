@@ -10,6 +10,7 @@ journal needs.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -77,6 +78,9 @@ class UpstreamConfig:
     tls_verify: bool = True
     tls_ca: str = ""
     tls_server_name: str = ""
+    #: "v1" or "v2": each connection starts with a PROXY protocol header naming the client it
+    #: serves (and is then never lent to another client); "" sends none.
+    send_proxy_protocol: str = ""
     #: Passive health (nginx's meaning): this many failed connects within fail_timeout
     #: seconds take a server out of the rotation for fail_timeout seconds; 0 = never.
     max_fails: int = 1
@@ -93,6 +97,10 @@ class UpstreamConfig:
 
 #: The values of an upstream's C{balance}.
 BALANCE_METHODS = ("round_robin", "least_conn", "ip_hash", "random_two")
+
+#: Who may send a PROXY protocol header by default: this host only (see README, "PROXY
+#: protocol": HAProxy's accept-proxy trusts whoever connects; here the senders are named).
+DEFAULT_PROXY_PROTOCOL_FROM = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,11 @@ class ListenerConfig:
     tls: Mapping[str, Any] | None = None
     #: A byte relay (a tcp listener; HTTP's tunnels later) idle both ways this long is closed.
     tunnel_idle_timeout: float = 3600.0
+    #: Every connection starts with a PROXY protocol header (v1 or v2), read before TLS and
+    #: admission; its address is the client's.
+    proxy_protocol: bool = False
+    #: The networks whose connections may send that header (others are closed at accept).
+    proxy_protocol_from: tuple[str, ...] = DEFAULT_PROXY_PROTOCOL_FROM
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -379,6 +392,7 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
         tls_verify=s.boolean("tls_verify"),
         tls_ca=_tls_ca(s, base),
         tls_server_name=s.string("tls_server_name", ""),
+        send_proxy_protocol=_send_proxy_protocol(s),
         max_fails=s.integer("max_fails"),
         fail_timeout=s.seconds("fail_timeout"),
         health_check=_health_check(s),
@@ -393,6 +407,37 @@ def _upstream(source: str, index: int, table: Any, base: Path) -> UpstreamConfig
             if getattr(result, key):
                 raise s.fail(key, "set, but tls is false: set tls = true, or remove it")
     return result
+
+
+def _send_proxy_protocol(s: _Section) -> str:
+    """C{"v1"}, C{"v2"}, or off: C{false} or C{""} (the default, as C{--check --verbose} says)."""
+    value = s._get("send_proxy_protocol", (str, bool), '"v1" or "v2"', False)
+    if value is False or value == "":
+        return ""
+    if value not in ("v1", "v2"):
+        raise s.fail("send_proxy_protocol", f'expected "v1" or "v2", got {value!r}')
+    return str(value)
+
+
+def _proxy_protocol_from(s: _Section, enabled: bool) -> tuple[str, ...]:
+    """
+    The CIDRs allowed to send a PROXY protocol header, each checked (a bare address is one
+    host). Others than the default without C{proxy_protocol = true} are a mistake worth
+    saying: whoever wrote them expects the header to be read.
+    """
+    if "proxy_protocol_from" not in s._table:
+        return DEFAULT_PROXY_PROTOCOL_FROM
+    networks = []
+    for text in s.string_list("proxy_protocol_from"):
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise s.fail(
+                "proxy_protocol_from", f"{text!r} is not an IP network (as 10.0.0.0/8 or ::1)"
+            ) from None
+    if not enabled and tuple(networks) != DEFAULT_PROXY_PROTOCOL_FROM:
+        raise s.fail("proxy_protocol_from", "set, but proxy_protocol is false")
+    return tuple(networks)
 
 
 def _tls_ca(s: _Section, base: Path) -> str:
@@ -459,6 +504,7 @@ def _listener(
             "count": ks.integer("count", 10, 1),
         }
         ks.reject_unknown()
+    proxy_protocol = s.boolean("proxy_protocol")
     listener = ListenerConfig(
         name=name,
         bind=bind,
@@ -488,8 +534,14 @@ def _listener(
         tcp_keepalive=tcp_keepalive,
         tls=_listener_tls(s, source, name, protocol, base),
         tunnel_idle_timeout=s.seconds("tunnel_idle_timeout"),
+        proxy_protocol=proxy_protocol,
+        proxy_protocol_from=_proxy_protocol_from(s, proxy_protocol),
         extra=s.unused(),
     )
+    if listener.proxy_protocol and not listener.header_timeout:
+        raise s.fail(
+            "header_timeout", "must be > 0 with proxy_protocol = true: it bounds the header's wait"
+        )
     if protocols is not None:
         if protocol not in protocols:
             known = ", ".join(sorted(protocols))

@@ -10,7 +10,9 @@ directory on C{sys.path} adds a protocol that listeners name with C{protocol = "
 What the listener does for every protocol, around whatever factory the plugin returns (the
 plugin writes none of it): admission (C{max_connections} with holding, per-client limits and
 the refusal), drain registration and the drain cut, TLS termination, TCP keep-alive and
-C{TCP_NODELAY}, and the client-connection counters. What the plugin supplies is only what is
+C{TCP_NODELAY}, the client-connection counters, and with C{proxy_protocol} the PROXY protocol
+header (the plugin's C{buildProtocol(addr)} then gets the carried address, which
+C{transport.getPeer()} says too). What the plugin supplies is only what is
 protocol-specific: the bytes of a refusal, the answer to plain text on a TLS port, how to close
 when idle, and its own traffic.
 
@@ -21,7 +23,7 @@ itself is a zope interface, as Twisted's plugin system wants.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "C",
+    "ClientAddresses",
     "ConfigError",
     "ConnectionWaiter",
     "DrainAware",
@@ -172,8 +175,31 @@ class Pool(Protocol[C]):
         """A lent connection died; it is not coming back."""
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAddresses:
+    """
+    Whose connection an upstream connection serves: the client's address and the address it
+    connected to (Twisted's C{IPv4Address}/C{IPv6Address}; with C{proxy_protocol}, those the
+    header carried: the client's C{transport.getPeer()} and C{getHost()}).
+
+    The key a protocol passes to L{Upstream.pick} when the group's
+    C{config.send_proxy_protocol} is set: each connection then starts with a PROXY protocol
+    header stating these, and is lent again only for the same key (the same client
+    connection, as HAProxy reuses such connections), never to another client.
+    """
+
+    source: Any
+    destination: Any
+
+
 class Upstream(Protocol[C]):
-    """An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each."""
+    """
+    An C{[[upstream]]} group as one protocol sees it: its servers, with a pool each.
+
+    A group whose C{config.send_proxy_protocol} is set wants a L{ClientAddresses} key with
+    every C{pick}: a connection picked without one starts with a header that names no client
+    (v1 C{UNKNOWN}), so the server sees the proxy's own address.
+    """
 
     @property
     def config(self) -> UpstreamConfig:
@@ -187,13 +213,23 @@ class Upstream(Protocol[C]):
     def pools(self) -> Sequence[Pool[C]]:
         """One per server, in the order of C{servers}."""
 
-    def pick(self, client: str | None = None, avoid: Collection[Pool[C]] = ()) -> Pool[C]:
+    def pick(
+        self,
+        client: str | None = None,
+        avoid: Collection[Pool[C]] = (),
+        key: Hashable | None = None,
+    ) -> Pool[C]:
         """
         The pool of the server the next connection should go to (balancing), skipping
         servers that are down and the pools in C{avoid} (those this work already failed to
         connect to) while another can be had.
 
         @param client: the client's address (host), which some balancing methods use.
+        @param avoid: pools this work already failed to connect to, as C{pick} returned
+            them (a keyed pool stands for its server's pool).
+        @param key: lend and open only connections for this key: a L{ClientAddresses} for a
+            group with C{send_proxy_protocol}; anything hashable otherwise (connections
+            opened for one key are never lent for another).
         """
 
 

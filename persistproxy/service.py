@@ -23,7 +23,7 @@ from persistproxy.descriptors import DescriptorBudget, Process
 from persistproxy.interfaces import IProtocolPlugin, ProxyContext
 from persistproxy.listener.admission import ConnectionRegistry
 from persistproxy.listener.limits import ConnectionLimits
-from persistproxy.listener.service import ListenerService
+from persistproxy.listener.service import ListenerService, proxy_protocol_problem
 from persistproxy.logs import AccessLog, EventLog
 from persistproxy.metrics import PoolState, ProxyStats
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS, TLSLoadError
@@ -298,6 +298,9 @@ class ProxyService(MultiService):
                 else:
                     slot = self._slots[listener.name]
                 if service is not None and service.config.bind == listener.bind:
+                    unusable = proxy_protocol_problem(listener)
+                    if unusable is not None:
+                        raise ReloadError(unusable)
                     if tls is None and listener.tls is not None:
                         tls = ServerTLS(
                             ListenerTLSSettings.from_mapping(listener.tls), listener.name

@@ -49,6 +49,7 @@ from persistproxy.http.request_head import (
     unknown_method_line,
 )
 from persistproxy.http.upstream_connection import UpstreamConnection
+from persistproxy.interfaces import ClientAddresses
 from persistproxy.net.fastwrite import (
     backlogged,
     can_write_directly,
@@ -84,6 +85,7 @@ class ClientConnection(ClientClosing, Protocol):
         "_feeding",
         "_held",
         "_in_message",
+        "_key",
         "_out",
         "_parser",
         "_peer",
@@ -130,6 +132,9 @@ class ClientConnection(ClientClosing, Protocol):
         self._out: list[bytes] | None = None
         #: Fields added to each access line of this connection (TLS facts, for instance).
         self.log_extra: dict[str, Any] | None = None
+        #: What its exchanges pick upstream connections for, when the upstream sends a PROXY
+        #: protocol header (then lent to this connection only).
+        self._key: ClientAddresses | None = None
         self._born = 0.0
         #: What the client sent after an Upgrade request, held until the answer.
         self._held: list[bytes] | None = None
@@ -150,6 +155,10 @@ class ClientConnection(ClientClosing, Protocol):
             self._peer_str = getattr(peer, "host", None) or "unix"  # a UNIX socket has no host
         self._peer = self._peer_str.encode("latin-1")
         ctx = self._ctx
+        if ctx.keyed:
+            # getPeer() is the client's address as the listener took it (a PROXY header's).
+            ends: Any = transport
+            self._key = ClientAddresses(ends.getPeer(), ends.getHost())
         self._born = ctx.clock.seconds()
         # A new connection must start its first request as promptly as a head must complete.
         self._wait(ctx.header_queue if ctx.header_queue is not None else ctx.idle_queue)
@@ -644,6 +653,11 @@ class ClientConnection(ClientClosing, Protocol):
     def peer(self) -> str:
         """The client's address, as limits count it."""
         return self._peer_str
+
+    @property
+    def upstream_key(self) -> ClientAddresses | None:
+        """What upstream connections are picked for (see L{ListenerContext.keyed})."""
+        return self._key
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -93,6 +93,8 @@ class ListenerContext:
     #: Runs a function once the current I/O event is handled (ProxyReactor.call_after_event;
     #: the next turn with any other reactor).
     after_event: Callable[[Callable[[], object]], object] = field(init=False)
+    #: The upstream sends a PROXY protocol header: connections are picked for each client.
+    keyed: bool = field(init=False)
 
     def __post_init__(self) -> None:
         config = self.config
@@ -116,6 +118,7 @@ class ListenerContext:
         self.keepalive_header = self.keepalive.header()
         self.name = self.config.name
         self.after_event = after_event_caller(clock)
+        self.keyed = bool(self.group.config.send_proxy_protocol)
 
     @staticmethod
     def log_path(target: bytes) -> str:

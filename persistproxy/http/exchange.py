@@ -11,6 +11,7 @@ It decides nothing about timeouts or retries by itself: it asks the listener's p
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -41,6 +42,9 @@ class ExchangeOwner(Protocol):
     @property
     def transport(self) -> Any:
         """What the exchange registers itself with as a producer, when the client is slow."""
+
+    @property
+    def upstream_key(self) -> Hashable | None: ...
 
     @property
     def peer(self) -> str:
@@ -233,8 +237,10 @@ class Exchange:
             self.bytes_out = len(self.error)
             self._client.exchange_finished(self)
             return
-        self._pool = self._ctx.group.pick(self._client.peer)
-        self._pool.acquire(self, replayable=self._ctx.retry.replayable(self.method, self.has_body))
+        ctx = self._ctx
+        key = self._client.upstream_key if ctx.keyed else None
+        self._pool = ctx.group.pick(self._client.peer, key=key)
+        self._pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
 
     def request_body(self, data: bytes) -> int:
         """
@@ -346,7 +352,8 @@ class Exchange:
                     path=ctx.log_path(self.target),
                     reason=reason,
                 )
-                pool = self._pool = group.pick(self._client.peer, failed)
+                key = self._client.upstream_key if ctx.keyed else None
+                pool = self._pool = group.pick(self._client.peer, failed, key)
                 pool.acquire(self, replayable=ctx.retry.replayable(self.method, self.has_body))
                 return
         self._ctx.stats.upstream_errors += 1
@@ -518,7 +525,8 @@ class Exchange:
                 stale_connection=self.reused,
             )
             if not self.reused:
-                pool = self._pool = ctx.group.pick(self._client.peer)
+                key = self._client.upstream_key if ctx.keyed else None
+                pool = self._pool = ctx.group.pick(self._client.peer, key=key)
             pool.acquire(self, fresh=True)
             return
         ctx.stats.upstream_errors += 1

@@ -70,6 +70,7 @@ from persistproxy.http.h2_defences import (
     header_block_probe,
 )
 from persistproxy.http.h2_stream import MORE, H2Stream
+from persistproxy.interfaces import ClientAddresses
 from persistproxy.net.fastwrite import can_write_directly, write_directly
 from persistproxy.policy import Deadline
 
@@ -137,12 +138,19 @@ class H2Connection(Protocol):
         self.log_extra: dict[str, Any] | None = None
         #: Which connection of the process this is: its streams' access lines say so.
         self.serial = next(_SERIALS)
+        #: What its streams pick upstream connections for, when the upstream sends a PROXY
+        #: protocol header (then lent to this connection's streams only).
+        self.upstream_key: ClientAddresses | None = None
 
     # -- Twisted protocol ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         ctx = self._ctx
         config = ctx.config
+        if ctx.keyed:
+            # getPeer() is the client's address as the listener took it (a PROXY header's).
+            ends: Any = self.transport
+            self.upstream_key = ClientAddresses(ends.getPeer(), ends.getHost())
         streams = ctx.h2_max_concurrent_streams
         # The header list as RFC 9113 counts it: names and values plus 32 bytes per field.
         limit = config.max_head_size + 32 * config.max_header_count

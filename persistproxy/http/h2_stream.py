@@ -40,6 +40,7 @@ from persistproxy.http.h2_headers import (
     trailer_fields,
 )
 from persistproxy.http.request_head import BadRequest
+from persistproxy.interfaces import ClientAddresses
 
 if TYPE_CHECKING:
     from h2.connection import H2Connection as H2Machine
@@ -312,6 +313,11 @@ class H2Stream:
         return self._conn.write_paused or self._data_bytes > self._conn.window(self.stream_id)
 
     # -- ExchangeOwner ----------------------------------------------------------------------
+
+    @property
+    def upstream_key(self) -> ClientAddresses | None:
+        """Its connection's: the streams of one client connection share its connections."""
+        return self._conn.upstream_key
 
     @property
     def transport(self) -> H2Stream:

@@ -8,6 +8,11 @@ L{ListenerFactory} wraps the factory a protocol plugin returns; each admitted co
 an L{Admitted} around the plugin's protocol. The plugin's protocol is given the real
 transport, so it writes straight to the socket (or the TLS transport); only C{dataReceived}
 and the close events pass through the wrapper, one Python call each.
+
+On a listener with C{proxy_protocol = true}, a L{persistproxy.listener.proxied} reader comes
+first: it takes the connection's place among C{max_connections} (holding it unread when full),
+reads the header, and only then builds the rest of the chain with the carried address; this
+factory is then told C{identified=True} and counts that address for the per-client limit.
 """
 
 from __future__ import annotations
@@ -32,22 +37,23 @@ __all__ = ["Admitted", "ConnectionRegistry", "ListenerFactory"]
 
 class ConnectionRegistry:
     """
-    The open connections of every listener, for the graceful drain; or of one listener,
-    whose C{parent} is the registry of all (a listener a reload removes drains alone).
+    The open connections of every listener, for the graceful drain (admitted ones, and those
+    whose PROXY protocol header is still awaited); or of one listener, whose C{parent} is the
+    registry of all (a listener a reload removes drains alone).
     """
 
     def __init__(self, parent: ConnectionRegistry | None = None) -> None:
-        self._open: set[Admitted] = set()
+        self._open: set[DrainAware] = set()
         self._parent = parent
         #: Called when the last registered connection closes (the drain waits on it).
         self.on_empty: Any = None
 
-    def add(self, connection: Admitted) -> None:
+    def add(self, connection: DrainAware) -> None:
         self._open.add(connection)
         if self._parent is not None:
             self._parent.add(connection)
 
-    def discard(self, connection: Admitted) -> None:
+    def discard(self, connection: DrainAware) -> None:
         self._open.discard(connection)
         if not self._open and self.on_empty is not None:
             on_empty, self.on_empty = self.on_empty, None
@@ -58,7 +64,7 @@ class ConnectionRegistry:
     def __len__(self) -> int:
         return len(self._open)
 
-    def snapshot(self) -> list[Admitted]:
+    def snapshot(self) -> list[DrainAware]:
         return list(self._open)
 
 
@@ -78,10 +84,14 @@ class ListenerFactory:
         stats: ListenerStats,
         registry: ConnectionRegistry,
         refusal: Any,
+        identified: bool = False,
     ) -> None:
         """
         @param refusal: the plugin's C{refusal(reason) -> bytes}.
+        @param identified: every connection was admitted already, without a client (a PROXY
+            protocol header was read first): only the per-client limit is left to apply.
         """
+        self._identified = identified
         self.wrappedFactory = wrapped
         self.limits = limits
         self.stats = stats
@@ -102,7 +112,7 @@ class ListenerFactory:
 
     def buildProtocol(self, addr: Any) -> IProtocol | None:
         host = getattr(addr, "host", None) or ""
-        verdict = self.limits.admit(host)
+        verdict = self.limits.identify(host) if self._identified else self.limits.admit(host)
         if verdict is not None and verdict != HOLD:
             return Rejection(
                 self._clock, self._refusal(verdict), on_close=self.limits.refusal_closed

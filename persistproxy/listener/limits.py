@@ -41,7 +41,9 @@ class Reapable(Protocol):
 
 class Holdable(Protocol):
     @property
-    def peer(self) -> str: ...
+    def peer(self) -> str | None:
+        """The client's address; L{None} while it is not known (a PROXY header awaited)."""
+
 
     def unhold(self) -> None:
         """Start serving: a connection slot is free."""
@@ -102,11 +104,15 @@ class ConnectionLimits:
         if self._accepting and not self._has_room():
             self._set_accepting(False)
 
-    def admit(self, host: str) -> str | None:
+    def admit(self, host: str | None) -> str | None:
         """
         Count a new connection from C{host}, or say why it is refused.
+
+        @param host: L{None} for a connection whose client is not known yet (its PROXY
+            protocol header is awaited): it takes its place among C{max_connections} and in
+            the descriptor budget now, and L{identify} counts it for its client later.
         """
-        if self.per_client and self._clients.get(host, 0) >= self.per_client:
+        if host is not None and self.per_client and self._clients.get(host, 0) >= self.per_client:
             self._refused(host, "per-client connection limit")
             # Its socket lingers for the answer (see Rejection): a flood of refused
             # connections must not take the descriptors of admitted ones.
@@ -117,6 +123,23 @@ class ConnectionLimits:
             # before reading from the port stopped: it waits, unread, as if in the backlog.
             return HOLD
         self._count(host)
+        return None
+
+    def identify(self, host: str) -> str | None:
+        """
+        A connection admitted without a client (C{admit(None)}) now has one: count it for
+        C{host}, or say why it is refused. A refused one leaves C{max_connections} at once
+        and the descriptor budget when its refusal closes (L{refusal_closed}), as a
+        connection refused by L{admit}.
+        """
+        if not self.per_client:
+            return None
+        if self._clients.get(host, 0) >= self.per_client:
+            self._refused(host, "per-client connection limit")
+            self.total -= 1
+            self.budget_freed()
+            return "too many connections from your address"
+        self._clients[host] = self._clients.get(host, 0) + 1
         return None
 
     def _has_room(self) -> bool:
@@ -135,9 +158,10 @@ class ConnectionLimits:
         with contextlib.suppress(ValueError):
             self._held.remove(connection)
 
-    def release(self, host: str) -> None:
+    def release(self, host: str | None) -> None:
+        """A counted connection closed (L{None}: one never identified)."""
         self.total -= 1
-        if self.per_client:
+        if self.per_client and host is not None:
             left = self._clients.get(host, 1) - 1
             if left:
                 self._clients[host] = left
@@ -151,9 +175,9 @@ class ConnectionLimits:
         self._budget.left(self)
         self.budget_freed()
 
-    def _count(self, host: str) -> None:
+    def _count(self, host: str | None) -> None:
         self.total += 1
-        if self.per_client:
+        if self.per_client and host is not None:
             self._clients[host] = self._clients.get(host, 0) + 1
         self._budget.admitted()
         if self.max_connections and self.total >= self.max_connections and self._accepting:

@@ -27,13 +27,29 @@ from persistproxy.errors import StartupError
 from persistproxy.interfaces import IProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
+from persistproxy.listener.proxied import ProxyHeaderFactory, Senders
 from persistproxy.logs import EventLog
 from persistproxy.metrics import ListenerStats
+from persistproxy.net.selfcheck import problem
 from persistproxy.net.sockopts import configure_listening_socket, with_default_backlog
 from persistproxy.tls.server import ListenerTLSSettings, ServerTLS
 from persistproxy.tls.transport import TLSListenerFactory
 
-__all__ = ["ListenerService"]
+__all__ = ["ListenerService", "proxy_protocol_problem"]
+
+
+def proxy_protocol_problem(config: ListenerConfig) -> str | None:
+    """
+    Why a listener with C{proxy_protocol = true} cannot run (the start-up self-check found
+    Twisted's PROXY protocol parsers changed), as one line naming the key; L{None} if it can.
+    """
+    finding = problem("proxyproto") if config.proxy_protocol else None
+    if finding is None:
+        return None
+    return (
+        f"listener.{config.name}.proxy_protocol: Twisted's PROXY protocol parsers are not "
+        f"usable: {finding}"
+    )
 
 
 @implementer(IProtocolFactory, ILoggingContext)
@@ -74,7 +90,9 @@ class _CurrentFactory:
 class ListenerService(Service):
     """
     Binds one listener's endpoint to the factory its protocol plugin built, wrapped in what
-    every protocol gets: admission, drain registration, counters, then TLS.
+    every protocol gets: admission, drain registration, counters, then TLS, and with
+    C{proxy_protocol = true} the PROXY protocol header's reader outermost (it comes in clear,
+    before the TLS handshake).
 
     A reload that changes the listener but not its C{bind} calls L{switch}: the port stays,
     and the connections it accepts from then on get the new settings. One that changes the
@@ -120,24 +138,43 @@ class ListenerService(Service):
         factory: IProtocolFactory,
         tls: ServerTLS | None,
     ) -> IProtocolFactory:
-        admitted = ListenerFactory(
-            factory, self._reactor, self._limits, self._stats, self.registry, plugin.refusal
+        wrapped: IProtocolFactory = ListenerFactory(
+            factory,
+            self._reactor,
+            self._limits,
+            self._stats,
+            self.registry,
+            plugin.refusal,
+            identified=config.proxy_protocol,
         )
         if config.tls is None:
             self.tls = None
-            return admitted
-        if tls is None:
-            tls = ServerTLS(ListenerTLSSettings.from_mapping(config.tls), config.name)
-        self.tls = tls
-        return TLSListenerFactory(  # type: ignore[return-value]
-            tls,
-            admitted,
-            self._stats,
-            self._log,
-            self._reactor,
-            log_facts=config.access_log,
-            plaintext_answer=plugin.plaintext_answer,
-        )
+        else:
+            if tls is None:
+                tls = ServerTLS(ListenerTLSSettings.from_mapping(config.tls), config.name)
+            self.tls = tls
+            wrapped = TLSListenerFactory(  # type: ignore[assignment]
+                tls,
+                wrapped,
+                self._stats,
+                self._log,
+                self._reactor,
+                log_facts=config.access_log,
+                plaintext_answer=plugin.plaintext_answer,
+            )
+        if config.proxy_protocol:
+            wrapped = ProxyHeaderFactory(
+                wrapped,
+                self._reactor,
+                self._limits,
+                self._stats,
+                self.registry,
+                self._log,
+                config.name,
+                Senders(config.proxy_protocol_from),
+                config.header_timeout,
+            )
+        return wrapped
 
     def switch(
         self,
@@ -165,6 +202,9 @@ class ListenerService(Service):
         """
         if self.port is not None:
             return None
+        unusable = proxy_protocol_problem(self.config)
+        if unusable is not None:
+            return unusable
         try:
             endpoint = serverFromString(self._reactor, with_default_backlog(self.config.bind))
             d = endpoint.listen(self._current)
@@ -197,6 +237,7 @@ class ListenerService(Service):
             host=getattr(address, "host", None),
             port=getattr(address, "port", None),
             tls=bool(self.config.tls),
+            proxy_protocol=self.config.proxy_protocol,
         )
         return None
 

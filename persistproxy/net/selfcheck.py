@@ -317,6 +317,48 @@ def _probe_exit_signal() -> None:
     )
 
 
+# -- net/proxyproto.py -------------------------------------------------------------------------
+
+
+def _probe_proxyproto() -> None:
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from persistproxy.net import proxyproto
+
+    imported: Any = proxyproto  # what it imported from Twisted, if anything
+    for name in ("V1Parser", "V2Parser", "InvalidProxyHeader"):
+        expect(
+            getattr(imported, name) is not None,
+            f"twisted.protocols.haproxy has no {name} where persistproxy imports it",
+        )
+    need(imported.V1Parser, "twisted.protocols.haproxy._v1parser.V1Parser", "parse")
+    need(imported.V2Parser, "twisted.protocols.haproxy._v2parser.V2Parser", "parse")
+    pairs: list[tuple[Any, Any]] = [
+        (IPv4Address("TCP", "192.0.2.1", 51000), IPv4Address("TCP", "198.51.100.2", 443)),
+        (IPv6Address("TCP", "2001:db8::1", 51000), IPv6Address("TCP", "2001:db8::2", 443)),
+    ]
+    for version in ("v1", "v2"):
+        for source, destination in pairs:
+            header = proxyproto.encode(version, source, destination)
+            found = proxyproto.HeaderParser().feed(header + b"GET")
+            expect(found is not None, f"a {version} header for {source.host} was not read")
+            assert found is not None
+            parsed, rest = found
+            expect(
+                (parsed.source, parsed.destination, rest) == (source, destination, b"GET"),
+                f"a {version} header for {source.host} read as {parsed}",
+            )
+    local = proxyproto.V2_SIGNATURE + b"\x20\x00\x00\x00"
+    found = proxyproto.HeaderParser().feed(local)
+    expect(found is not None and found[0].kind == "LOCAL", "a v2 LOCAL header was not read")
+    try:
+        proxyproto.HeaderParser().feed(b"PROXY TCP4 192.0.2.1 198.51.100.2 x 443\r\n")
+    except proxyproto.InvalidHeader:
+        pass
+    else:
+        raise ProbeFailed("a v1 header with a non-numeric port was accepted")
+
+
 # -- the list ---------------------------------------------------------------------------------
 
 #: Every private internal, by the name its fast path asks L{usable} for.
@@ -372,6 +414,14 @@ INTERNALS: dict[str, Internal] = {
             "_tlsConnection, _reason",
             "Twisted's TLSMemoryBIOProtocol with an IHandshakeListener protocol wrapper",
             _tls_probe("probe_upstream"),
+        ),
+        Internal(
+            "proxyproto",
+            "persistproxy.net.proxyproto",
+            "twisted.protocols.haproxy._v1parser.V1Parser.parse(), "
+            "_v2parser.V2Parser.parse(), _exceptions.InvalidProxyHeader",
+            "none: a listener with proxy_protocol = true does not start (other listeners do)",
+            _probe_proxyproto,
         ),
         Internal(
             "exit_signal",

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.interfaces import (
+    ClientAddresses,
     ConfigError,
     IProtocolPlugin,
     ListenerConfig,
@@ -152,6 +153,8 @@ class _Listener:
     context: ProxyContext
     access_log: bool
     idle: Any
+    #: The upstream sends a PROXY protocol header: each connection is picked for its client.
+    keyed: bool = False
 
 
 # TCPConnection states.
@@ -184,6 +187,8 @@ class TCPConnection(TwistedProtocol):
         #: The pools whose connect failed for this connection (each server is tried once).
         self._failed: list[Pool[TCPUpstream]] = []
         self._client_host: str | None = None
+        #: What upstream connections are picked for (its client, when the upstream is keyed).
+        self._key: ClientAddresses | None = None
         self._upstream: TCPUpstream | None = None
         self._started = 0.0
         self._reason: str | None = None
@@ -197,9 +202,11 @@ class TCPConnection(TwistedProtocol):
         transport.pauseProducing()
         self._started = self._listener.clock.seconds()
         self.side = RelaySide(transport, "client")
-        peer = getattr(transport.getPeer(), "host", None)
-        self._client_host = peer
-        self._pool = self._listener.group.pick(peer)
+        peer = transport.getPeer()
+        self._client_host = getattr(peer, "host", None)
+        if self._listener.keyed:
+            self._key = ClientAddresses(peer, transport.getHost())
+        self._pool = self._listener.group.pick(self._client_host, key=self._key)
         self._pool.acquire(self, fresh=True)
 
     # -- the pool's waiter --------------------------------------------------------------------
@@ -229,7 +236,7 @@ class TCPConnection(TwistedProtocol):
                     server=pool.address,
                     reason=reason,
                 )
-                self._pool = group.pick(self._client_host, self._failed)
+                self._pool = group.pick(self._client_host, self._failed, self._key)
                 self._pool.acquire(self, fresh=True)
                 return
         self.state = _CLOSING
@@ -382,6 +389,8 @@ class TCPProtocolPlugin:
         for key in listener.extra:
             raise ConfigError(f"{key}: unknown key")
         for key in _HTTP_KEYS:
+            if key == "header_timeout" and listener.proxy_protocol:
+                continue  # the PROXY protocol header's wait
             if getattr(listener, key) != _DEFAULTS[key]:
                 raise ConfigError(f"{key}: an HTTP setting, not used by protocol tcp")
 
@@ -395,6 +404,7 @@ class TCPProtocolPlugin:
                 context=context,
                 access_log=listener.access_log,
                 idle=idle_queue(context.clock, listener.tunnel_idle_timeout),
+                keyed=bool(group.config.send_proxy_protocol),
             )
         )
 

@@ -310,6 +310,15 @@ class TLSClientEndpoint:
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         return _Attempt(self, protocolFactory).result
 
+    def over(self, wrapped: IStreamClientEndpoint) -> TLSClientEndpoint:
+        """
+        The same TLS, over another endpoint (one that writes a PROXY protocol header first):
+        its session memory is this one's, so connections made either way resume each other.
+        """
+        return TLSClientEndpoint(
+            self.clock, wrapped, self.creator, self.name, self.timeout, self._log, self.trust
+        )
+
 
 class _Attempt:
     """

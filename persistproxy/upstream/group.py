@@ -7,6 +7,10 @@ A L{Server} is shared by every protocol that uses the group (its address, the en
 dial, its state); the pools are per protocol, because a pooled HTTP connection cannot be lent
 to a Redis plugin. The core never imports a protocol: it dials with whatever
 L{persistproxy.interfaces.UpstreamConnector} the plugin passes to C{context.upstream()}.
+
+A group with C{send_proxy_protocol} dials each connection with the PROXY protocol header of
+the key it is picked for (L{persistproxy.upstream.header}), and its pools lend a connection
+only for the key it was opened for (L{persistproxy.upstream.pool.KeyedPool}).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, Generic
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -26,8 +30,9 @@ from persistproxy.config import UpstreamConfig
 from persistproxy.descriptors import DescriptorBudget
 from persistproxy.interfaces import C, UpstreamConnector
 from persistproxy.logs import EventLog
+from persistproxy.upstream.header import HeaderFirstEndpoint, header_for
 from persistproxy.upstream.health import ActiveCheck, PassiveHealth
-from persistproxy.upstream.pool import Connector, ServerPool
+from persistproxy.upstream.pool import Connector, KeyedConnector, KeyedPool, ServerPool
 
 __all__ = [
     "EndpointWrapper",
@@ -61,7 +66,17 @@ class Server:
     One server of an upstream group, shared by every protocol that dials it.
     """
 
-    __slots__ = ("address", "backup", "endpoint", "health", "host", "pools", "port", "weight")
+    __slots__ = (
+        "address",
+        "backup",
+        "endpoint",
+        "health",
+        "host",
+        "pools",
+        "port",
+        "tcp",
+        "weight",
+    )
 
     def __init__(
         self,
@@ -73,12 +88,17 @@ class Server:
         log: EventLog | None = None,
         weight: int = 1,
         backup: bool = False,
+        tcp: IStreamClientEndpoint | None = None,
     ) -> None:
+        """
+        @param tcp: the plain TCP endpoint under C{endpoint}, if that is TLS over it.
+        """
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         #: TCP, or TLS over TCP when the upstream says C{tls = true}.
         self.endpoint = endpoint
+        self.tcp = tcp if tcp is not None else endpoint
         #: Passive health, reported to by the server's pools of every protocol.
         self.health = PassiveHealth(self.address, max_fails, fail_timeout, log)
         #: Its share of the group's connections, relative to the others' (C{weight}).
@@ -88,6 +108,17 @@ class Server:
         #: Its pools, one per protocol (connector) that dials it: C{least_conn} and
         #: C{random_two} count the connections in use over all of them.
         self.pools: list[ServerPool[Any]] = []
+
+    def with_header(self, header: bytes) -> IStreamClientEndpoint:
+        """
+        The endpoint that writes C{header} first on the TCP connection, then goes on as
+        C{endpoint} does: its TLS, if any, rebuilt over the header with the endpoint's
+        C{over(endpoint)} (L{persistproxy.tls.upstream.TLSClientEndpoint.over}).
+        """
+        first = HeaderFirstEndpoint(self.tcp, header)
+        if self.endpoint is self.tcp:
+            return first
+        return self.endpoint.over(first)  # type: ignore[attr-defined, no-any-return]
 
     def active(self) -> int:
         """Connections to the server in use or being opened, over every protocol."""
@@ -130,6 +161,7 @@ class UpstreamGroup(Generic[C]):
         log: EventLog,
         connect: Callable[[Server], Connector[C]],
         budget: DescriptorBudget | None = None,
+        connect_keyed: Callable[[Server], KeyedConnector[C]] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """
@@ -137,12 +169,23 @@ class UpstreamGroup(Generic[C]):
         @param connect: makes the function that opens a connection to a server; the
             connector's factory over the server's endpoint, or an in-memory one in tests.
         @param budget: the process's descriptor budget, which every pool reports to.
+        @param connect_keyed: makes the function that opens a connection to a server for a
+            key (with its PROXY protocol header); keyed connections use C{connect} without.
         """
         self.config = config
         self.servers = servers
         self._clock = clock
         self.pools: list[ServerPool[C]] = [
-            ServerPool(clock, server.address, config, connect(server), log, budget, server.health)
+            ServerPool(
+                clock,
+                server.address,
+                config,
+                connect(server),
+                log,
+                budget,
+                connect_keyed(server) if connect_keyed is not None else None,
+                server.health,
+            )
             for server in servers
         ]
         for server, pool in zip(servers, self.pools, strict=True):
@@ -151,7 +194,12 @@ class UpstreamGroup(Generic[C]):
         self._current_weights = [0] * len(servers)
         self._random = rng if rng is not None else random.Random()
 
-    def pick(self, client: str | None = None, avoid: Collection[object] = ()) -> ServerPool[C]:
+    def pick(
+        self,
+        client: str | None = None,
+        avoid: Collection[object] = (),
+        key: Hashable | None = None,
+    ) -> ServerPool[C] | KeyedPool[C]:
         """
         The pool of the server the next connection goes to, by the group's C{balance},
         among the servers that are up (passive health) and not backups, skipping the pools
@@ -162,10 +210,20 @@ class UpstreamGroup(Generic[C]):
 
         @param client: the client's address (host), which C{ip_hash} uses; without one it
             balances round-robin.
+        @param avoid: pools as C{pick} returned them: a L{KeyedPool} stands for its server's
+            pool (a request that failed to connect for its key avoids the whole server).
+        @param key: give the chosen pool's share for it (connections opened for C{key}, lent
+            only to it; see L{ServerPool.keyed}).
         """
+        pool = self._choose(client, avoid)
+        return pool if key is None else pool.keyed(key)
+
+    def _choose(self, client: str | None, avoid: Collection[object]) -> ServerPool[C]:
+        """The server pool L{pick} gives (or gives a key's share of)."""
         pools = self.pools
         if len(pools) == 1:
             return pools[0]
+        avoided = [p.server_pool if isinstance(p, KeyedPool) else p for p in avoid]
         servers = self.servers
         now = self._clock.seconds()
         # One pass over the servers (a handful): this runs for every request.
@@ -173,7 +231,7 @@ class UpstreamGroup(Generic[C]):
         backups: list[int] = []
         allowed: list[int] = []
         for i, server in enumerate(servers):
-            if avoid and pools[i] in avoid:
+            if avoided and pools[i] in avoided:
                 continue
             allowed.append(i)
             health = server.health
@@ -338,9 +396,14 @@ class Router:
             wrapper = wrap(config)
             servers = []
             for i, (host, port) in enumerate(config.servers):
-                endpoint = tcp_endpoint(reactor, host, port, config.connect_timeout)
-                if wrapper is not None:
-                    endpoint = wrapper(endpoint, host)
+                tcp = tcp_endpoint(reactor, host, port, config.connect_timeout)
+                endpoint = tcp if wrapper is None else wrapper(tcp, host)
+                rebuilt = endpoint is tcp or callable(getattr(endpoint, "over", None))
+                if config.send_proxy_protocol and not rebuilt:
+                    raise ValueError(
+                        f"upstream {name}: send_proxy_protocol needs its endpoint "
+                        f"({type(endpoint).__name__}) to be rebuilt over the header"
+                    )
                 servers.append(
                     Server(
                         host,
@@ -351,6 +414,7 @@ class Router:
                         log,
                         config.weights[i] if config.weights else 1,
                         bool(config.backups and config.backups[i]),
+                        tcp,
                     )
                 )
             self.servers[name] = servers
@@ -386,13 +450,30 @@ class Router:
         if found is not None:
             return found  # type: ignore[no-any-return]
         config = self._configs[name]
+        version = config.send_proxy_protocol
+
+        def connect(server: Server) -> Connector[C]:
+            factory = connector.factory_for(server, config)
+            if not version:
+                return dial(server.endpoint, factory)
+            return dial(server.with_header(header_for(version, None)), factory)
+
+        def connect_keyed(server: Server) -> KeyedConnector[C]:
+            factory = connector.factory_for(server, config)
+
+            def open_for(key: Hashable) -> Deferred[C]:
+                return dial(server.with_header(header_for(version, key)), factory)()
+
+            return open_for
+
         group: UpstreamGroup[C] = UpstreamGroup(
             self._reactor,
             config,
             self.servers[name],
             self._log,
-            lambda server: dial(server.endpoint, connector.factory_for(server, config)),
+            connect,
             self._budget,
+            connect_keyed if version else None,
         )
         self._groups[key] = group
         return group
@@ -497,5 +578,10 @@ class LiveUpstream(Generic[C]):
     def pools(self) -> list[ServerPool[C]]:
         return self._current().pools
 
-    def pick(self, client: str | None = None, avoid: Collection[object] = ()) -> ServerPool[C]:
-        return self._current().pick(client, avoid)
+    def pick(
+        self,
+        client: str | None = None,
+        avoid: Collection[object] = (),
+        key: Hashable | None = None,
+    ) -> ServerPool[C] | KeyedPool[C]:
+        return self._current().pick(client, avoid, key)

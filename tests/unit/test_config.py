@@ -334,3 +334,94 @@ def test_a_minimal_file_gets_every_default_of_the_config_classes() -> None:
             skip = ("source", "base", "upstream")  # what the file itself sets
             if f.default is not dataclasses.MISSING and f.name not in skip:
                 assert getattr(value, f.name) == f.default, (cls.__name__, f.name)
+
+
+# -- the PROXY protocol ----------------------------------------------------------------------
+
+
+def test_proxy_protocol_is_off_by_default_and_trusts_only_this_host_once_on(
+    tmp_path: Path,
+) -> None:
+    config: Any = _load(tmp_path, GOOD)
+    listener = config.listeners[0]
+    assert listener.proxy_protocol is False
+    assert config.upstreams["app"].send_proxy_protocol == ""
+    text = GOOD.replace('upstream = "app"\n', 'upstream = "app"\nproxy_protocol = true\n', 1)
+    on: Any = _load(tmp_path, text)
+    assert on.listeners[0].proxy_protocol is True
+    assert on.listeners[0].proxy_protocol_from == ("127.0.0.0/8", "::1/128")
+
+
+def test_proxy_protocol_keys_are_read_and_checked(tmp_path: Path) -> None:
+    listener = 'upstream = "app"\nproxy_protocol = true\n'
+    text = GOOD.replace('upstream = "app"\n', listener, 1)
+    nets = text.replace(
+        "proxy_protocol = true\n",
+        'proxy_protocol = true\nproxy_protocol_from = ["10.0.0.1/8", "2001:db8::1", "192.0.2.7"]\n',
+    )
+    config: Any = _load(tmp_path, nets + 'send_proxy_protocol = "v2"\n')
+    assert config.listeners[0].proxy_protocol_from == (
+        "10.0.0.0/8",
+        "2001:db8::1/128",
+        "192.0.2.7/32",
+    )
+    assert config.upstreams["app"].send_proxy_protocol == "v2"
+    off: Any = _load(tmp_path, GOOD + "send_proxy_protocol = false\n")
+    assert off.upstreams["app"].send_proxy_protocol == ""
+    off = _load(tmp_path, GOOD + 'send_proxy_protocol = ""\n')  # as --check --verbose says it
+    assert off.upstreams["app"].send_proxy_protocol == ""
+    default = 'upstream = "app"\nproxy_protocol_from = ["127.0.0.0/8", "::1/128"]\n'
+    assert _load(tmp_path, GOOD.replace('upstream = "app"\n', default, 1))
+
+
+SEND = 'upstream.app.send_proxy_protocol: expected "v1" or "v2", '
+
+
+@pytest.mark.parametrize(
+    ("listener", "upstream", "error"),
+    [
+        ("proxy_protocol = 1", "", "listener.web.proxy_protocol: expected true or false, got 1"),
+        (
+            'proxy_protocol_from = ["10.0.0.0/8"]',
+            "",
+            "listener.web.proxy_protocol_from: set, but proxy_protocol is false",
+        ),
+        (
+            'proxy_protocol = true\nproxy_protocol_from = ["10.0.0.0/33"]',
+            "",
+            "listener.web.proxy_protocol_from: '10.0.0.0/33' is not an IP network",
+        ),
+        (
+            'proxy_protocol = true\nproxy_protocol_from = ["lb.example"]',
+            "",
+            "listener.web.proxy_protocol_from: 'lb.example' is not an IP network",
+        ),
+        (
+            "proxy_protocol = true\nproxy_protocol_from = []",
+            "",
+            "listener.web.proxy_protocol_from: expected a non-empty list of strings, got []",
+        ),
+        (
+            "proxy_protocol = true\nheader_timeout = 0",
+            "",
+            "listener.web.header_timeout: must be > 0 with proxy_protocol = true",
+        ),
+        ("", 'send_proxy_protocol = "v3"', SEND + "got 'v3'"),
+        ("", "send_proxy_protocol = true", SEND + "got True"),
+    ],
+)
+def test_proxy_protocol_mistakes_are_one_line(
+    tmp_path: Path, listener: str, upstream: str, error: str
+) -> None:
+    text = GOOD.replace('upstream = "app"\n', f'upstream = "app"\n{listener}\n', 1)
+    message = _error(tmp_path, text + upstream + "\n")
+    assert error in message, message
+
+
+def test_a_tcp_listener_may_set_header_timeout_only_with_proxy_protocol(tmp_path: Path) -> None:
+    keys = 'upstream = "app"\nprotocol = "tcp"\nheader_timeout = 3\n'
+    tcp = GOOD.replace('upstream = "app"\n', keys, 1)
+    assert "header_timeout: an HTTP setting" in _error(tmp_path, tcp)
+    on = tcp.replace("header_timeout = 3\n", "header_timeout = 3\nproxy_protocol = true\n")
+    config: Any = _load(tmp_path, on)
+    assert config.listeners[0].header_timeout == 3

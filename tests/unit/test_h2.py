@@ -725,3 +725,26 @@ def test_check_summary_says_which_listeners_offer_http2() -> None:
     }
     config = parse_config(document, "t.toml", {"http": HTTPProtocolPlugin().validate})
     assert "HTTP/2 with prior knowledge (h2c)" in next(iter(summary(config)))
+
+
+def test_with_send_proxy_protocol_streams_pick_connections_of_their_client_connection() -> None:
+    """The streams of one HTTP/2 connection share its upstream connections (their PROXY
+    protocol header names that connection); another client connection never gets them."""
+    from persistproxy.interfaces import ClientAddresses
+
+    h = Harness(upstream={"send_proxy_protocol": "v2"})
+    c = Client(h)
+    assert c.server.upstream_key == ClientAddresses(
+        IPv4Address("TCP", "10.1.2.3", 5555), c.transport.getHost()
+    )
+    c.get(1)
+    h.origin.respond(OK_RESPONSE)
+    c.pump()
+    c.get(3)
+    assert len(h.origin.connections) == 1, "the next stream reuses its connection's"
+    h.origin.respond(OK_RESPONSE)
+    c.pump()
+    other = Client(h)  # connected from the same fake address: say it is another client's
+    other.server.upstream_key = ClientAddresses(IPv4Address("TCP", "10.9.9.9", 1), None)
+    other.get(1)
+    assert len(h.origin.connections) == 2, "another client opens its own"

@@ -2,7 +2,8 @@
 A listening endpoint (listener/service.py), in a memory reactor: it binds in
 C{privilegedStartService} (before twistd drops privileges) with the plugin's factory wrapped
 in admission and, for a TLS listener, TLS; it says where it listens; a bind failure is one
-line and exit status 1; stopping it stops accepting and leaves open connections alone.
+line and exit status 1; stopping it stops accepting and leaves open connections alone; with
+C{proxy_protocol = true} the header's reader comes first, before TLS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from persistproxy.errors import StartupError
 from persistproxy.http.plugin import HTTPProtocolPlugin
 from persistproxy.listener.admission import ConnectionRegistry, ListenerFactory
 from persistproxy.listener.limits import ConnectionLimits
+from persistproxy.listener.proxied import ProxyHeaderFactory
 from persistproxy.listener.service import ListenerService
 from persistproxy.logs import make_event_log
 from persistproxy.metrics import ListenerStats
@@ -136,3 +138,43 @@ def test_stopping_stops_accepting_once(memory_reactor: MemoryReactorClock) -> No
     again: list[Any] = []
     listener.service.stopService().addBoth(again.append)  # at shutdown, after the drain
     assert again == [None] and not listener.service.running
+
+
+def test_the_proxy_protocol_header_is_read_before_tls_and_admission(
+    memory_reactor: MemoryReactorClock, pki: PKI
+) -> None:
+    tls = {"certificates": [{"cert": pki.site[0], "key": pki.site[1]}]}
+    listener = _Listener(memory_reactor, tls=tls, proxy_protocol=True, header_timeout=4.0)
+    listener.service.privilegedStartService()
+    [(_, behind_the_port, _, _)] = memory_reactor.tcpServers
+    factory = behind_the_port.current
+    assert isinstance(factory, ProxyHeaderFactory), "the header comes in clear, first"
+    assert factory.timeout == 4.0 and factory.limits is listener.limits
+    assert isinstance(factory.wrappedFactory, TLSListenerFactory)
+    admission = factory.wrappedFactory.wrappedFactory
+    assert isinstance(admission, ListenerFactory) and admission._identified
+    [started] = [e for e in listener.events() if e["event"] == "listener.started"]
+    assert started["proxy_protocol"] is True
+
+
+def test_without_usable_twisted_parsers_a_proxy_protocol_listener_does_not_start(
+    memory_reactor: MemoryReactorClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fakes import force_fallback
+
+    from persistproxy.net.selfcheck import problem
+
+    force_fallback(monkeypatch, "proxyproto", "no V1Parser")
+    try:
+        plain = _Listener(memory_reactor)
+        plain.service.privilegedStartService()  # a listener without it is not affected
+        listener = _Listener(memory_reactor, proxy_protocol=True)
+        with pytest.raises(StartupError) as error:
+            listener.service.privilegedStartService()
+    finally:
+        monkeypatch.undo()
+        problem.cache_clear()
+    assert str(error.value) == (
+        "listener.web.proxy_protocol: Twisted's PROXY protocol parsers are not usable: "
+        "no V1Parser"
+    )

@@ -309,3 +309,113 @@ def test_a_full_pool_keeps_the_young_connection_and_closes_the_oldest() -> None:
     assert h.pool.idle == 1
     got, reused = _take(h.pool)
     assert got is b and reused
+
+
+# -- lent by key (a PROXY protocol header per client) -------------------------------------------
+
+
+def _take_for(pool: Any, key: str, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+    w = Waiter()
+    pool.keyed(key).acquire(w, fresh)
+    assert len(w.got) == 1, w.failed
+    return w.got[0]
+
+
+def test_a_keyed_connection_is_lent_again_only_for_its_key() -> None:
+    h = Harness()
+    a, _ = _take_for(h.pool, "alice")
+    h.pool.keyed("alice").release(a, True)
+    b, reused = _take_for(h.pool, "bob")
+    assert b is not a and not reused, "never lent to another client"
+    again, reused = _take_for(h.pool, "alice")
+    assert again is a and reused
+    plain, reused = _take(h.pool)
+    assert plain is not a and not reused, "nor to a pick without a key"
+    h.pool.release(plain, True)
+    assert _take_for(h.pool, "carol")[0] is not plain, "and unkeyed ones not to a key"
+    assert h.pool.keyed("alice").address == h.pool.address
+
+
+def test_a_freed_slot_opens_a_connection_for_the_next_waiter_of_another_key() -> None:
+    h = Harness(upstream={"max_connections": 1})
+    a, _ = _take_for(h.pool, "alice")
+    bob = Waiter()
+    h.pool.keyed("bob").acquire(bob)
+    assert bob.got == [] and h.pool.waiting == 1
+    h.pool.keyed("alice").release(a, True)
+    assert h.pool.idle == 1, "alice's connection stays hers"
+    [(b, reused)] = bob.got
+    assert b is not a and not reused and h.pool.active == 1
+
+
+def test_a_waiter_of_the_same_key_gets_the_connection_at_once() -> None:
+    h = Harness(upstream={"max_connections": 1})
+    a, _ = _take_for(h.pool, "alice")
+    alice = Waiter()
+    h.pool.keyed("alice").acquire(alice)
+    h.pool.keyed("alice").release(a, True)
+    assert alice.got == [(a, True)] and h.pool.idle == 0
+
+
+def test_past_pool_size_the_least_recently_idle_key_is_closed() -> None:
+    h = Harness(upstream={"pool_size": 2})
+    taken = {key: _take_for(h.pool, key)[0] for key in ("a", "b", "c")}
+    for key in ("a", "b", "c"):
+        h.pool.keyed(key).release(taken[key], True)
+        h.clock.advance(1)
+    assert h.pool.idle == 2
+    assert taken["a"].transport.disconnecting  # type: ignore[union-attr]
+    assert not taken["c"].transport.disconnecting  # type: ignore[union-attr]
+    assert _take_for(h.pool, "a")[1] is False, "a's was closed"
+    assert _take_for(h.pool, "b")[0] is taken["b"]
+
+
+def test_keyed_idle_connections_are_reaped_after_idle_timeout() -> None:
+    h = Harness(upstream={"idle_timeout": 60})
+    a, _ = _take_for(h.pool, "a")
+    plain, _ = _take(h.pool)
+    h.pool.keyed("a").release(a, True)
+    h.clock.advance(10)
+    h.pool.release(plain, True)
+    h.clock.advance(49.9)
+    assert not a.transport.disconnecting  # type: ignore[union-attr]
+    h.clock.advance(0.2)
+    assert a.transport.disconnecting and h.pool.idle == 1  # type: ignore[union-attr]
+    h.clock.advance(10)
+    assert plain.transport.disconnecting and h.pool.idle == 0  # type: ignore[union-attr]
+    assert _take_for(h.pool, "a")[1] is False
+
+
+def test_a_keyed_connection_closed_by_the_origin_while_idle_leaves_at_once() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    h = Harness()
+    a, _ = _take_for(h.pool, "a")
+    h.pool.keyed("a").release(a, True)
+    a.connectionLost(Failure(ConnectionDone()))
+    assert h.pool.idle == 0
+    assert _take_for(h.pool, "a")[0] is not a
+
+
+def test_the_descriptor_budget_sheds_the_oldest_idle_keyed_or_not() -> None:
+    h = Harness()
+    a, _ = _take_for(h.pool, "a")
+    plain, _ = _take(h.pool)
+    h.pool.keyed("a").release(a, True)
+    h.clock.advance(1)
+    h.pool.release(plain, True)
+    assert h.pool.oldest_idle_since() == 0
+    h.pool.shed_oldest_idle()
+    assert a.transport.disconnecting and h.pool.idle == 1  # type: ignore[union-attr]
+    assert h.pool.oldest_idle_since() == 1
+    h.pool.shed_oldest_idle()
+    assert plain.transport.disconnecting and h.pool.idle == 0  # type: ignore[union-attr]
+
+
+def test_closing_the_pool_closes_keyed_idle_connections() -> None:
+    h = Harness()
+    a, _ = _take_for(h.pool, "a")
+    h.pool.keyed("a").release(a, True)
+    h.pool.close()
+    assert a.transport.disconnecting and h.pool.idle == 0  # type: ignore[union-attr]

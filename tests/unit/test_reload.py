@@ -489,3 +489,34 @@ def test_a_tls_listener_keeps_its_session_context_unless_its_tls_table_changed(
     )
     assert summary.kept_tls == [] and web.tls is not before
     assert web.tls is not None and web.tls.settings.min_version == "TLSv1.3"
+
+
+def test_a_reload_that_turns_on_proxy_protocol_applies_to_new_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fakes import force_fallback
+
+    from persistproxy.listener.admission import Admitted
+    from persistproxy.listener.proxied import HeaderReader
+    from persistproxy.net.selfcheck import problem
+
+    p = Proxy(config([{"name": "web", "bind": "tcp:8001"}]))
+    before, _ = p.accept("web")
+    on = {"name": "web", "bind": "tcp:8001", "proxy_protocol": True}
+    on["proxy_protocol_from"] = ["10.0.0.0/8"]
+    p.service.reload(config([on]))
+    after, _ = p.accept("web")
+    assert isinstance(before, Admitted) and isinstance(after, HeaderReader)
+    after.dataReceived(b"PROXY TCP4 192.0.2.9 10.0.0.2 5000 80\r\n" + GET)
+    sent = p.origins.connections[-1][1].transport.value()  # type: ignore[attr-defined]
+    assert b"X-Forwarded-For: 192.0.2.9\r\n" in sent
+    # A reload cannot turn it on where Twisted's parsers are not usable: nothing changes.
+    force_fallback(monkeypatch, "proxyproto", "no V1Parser")
+    try:
+        other = {**on, "name": "web", "add_via": False}
+        p.service.reload(config([{"name": "web", "bind": "tcp:8001"}]))
+        with pytest.raises(ReloadError, match=r"listener\.web\.proxy_protocol: Twisted's PROXY"):
+            p.service.reload(config([other]))
+    finally:
+        monkeypatch.undo()
+        problem.cache_clear()

@@ -592,3 +592,41 @@ def test_the_fast_paths_consult_one_cached_result() -> None:
         assert isinstance(port, ProxyPort)
     finally:
         port.stopListening()
+
+
+# -- net/proxyproto.py ------------------------------------------------------------------------
+
+
+def test_the_proxyproto_probe_finds_twisteds_parsers_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from persistproxy.net import proxyproto
+
+    monkeypatch.setattr(proxyproto, "V1Parser", None)
+    line = _logged_once("proxyproto")
+    assert line["finding"] == (
+        "twisted.protocols.haproxy has no V1Parser where persistproxy imports it"
+    )
+    assert "does not start" in line["fallback"]
+
+
+def test_the_proxyproto_probe_finds_a_parser_that_reads_addresses_differently(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from twisted.protocols.haproxy._info import ProxyInfo
+    from twisted.protocols.haproxy._v2parser import V2Parser
+
+    from persistproxy.net import proxyproto
+
+    class Swapped:
+        """A parser that, say, swapped source and destination."""
+
+        @staticmethod
+        def parse(line: bytes) -> ProxyInfo:
+            info = V2Parser.parse(line)
+            return ProxyInfo(info.header, info.destination, info.source)
+
+    monkeypatch.setattr(proxyproto, "V2Parser", Swapped)
+    finding = problem("proxyproto")
+    assert finding is not None and finding.startswith("a v2 header for 192.0.2.1 read as")
+    assert not usable("proxyproto")
