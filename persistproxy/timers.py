@@ -8,6 +8,9 @@ they expire. A L{TimeoutQueue} keeps them in that order (an ordered dict: O(1) t
 and disarm) with a single delayed call aimed at the first. Compared with a delayed call per
 connection this takes no reactor heap operation per request and ~0.4 KiB less memory per idle
 connection, and reaping stays O(1) per event: nothing ever scans all connections.
+
+Public to protocol plugins, like L{persistproxy.relay}: the Redis example times its command
+bursts with it.
 """
 
 from __future__ import annotations

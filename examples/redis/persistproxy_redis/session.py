@@ -52,8 +52,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.interfaces import Pool, ProxyContext, Upstream
+from persistproxy.timers import TimeoutQueue
 from persistproxy_redis import commands as C
-from persistproxy_redis.timeouts import TimeoutQueue
 from persistproxy_redis.upstream import MORE, RedisUpstream
 
 __all__ = ["RedisFactory", "RedisSession", "Settings"]

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from persistproxy.interfaces import Pool, UpstreamConfig, UpstreamServer
-from persistproxy_redis.timeouts import TimeoutQueue
+from persistproxy.timers import TimeoutQueue
 
 __all__ = ["RedisConnector", "RedisUpstream", "ReplySink"]
 
